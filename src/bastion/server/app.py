@@ -1,0 +1,141 @@
+"""The FastAPI app and the uvicorn server around it.
+
+Public entry points (what the CLI calls):
+* `build_app(engine, server_config)` -> FastAPI app (no I/O, no threads);
+* `run_server(engine, server_config)` -> blocks serving until SIGINT/SIGTERM, then
+  shuts down gracefully; `serve(...)` is the same as a coroutine;
+* `make_server(...)` -> the `BastionServer` itself, for callers that bring their own
+  sockets or loop (tests).
+
+Graceful shutdown: on the signal, /health turns 503 and new requests get 503, the
+listening socket closes, and `engine.shutdown(grace_s)` runs *while* uvicorn waits for
+open connections. In-flight requests finish within the grace period or are aborted by
+the engine; aborted streams end with finish_reason "abort" and [DONE], aborted
+non-streaming requests get a 503. No request is left hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.responses import JSONResponse, Response
+
+from bastion.config import ServerConfig
+from bastion.server import routes_chat, routes_completions
+from bastion.server.auth import ApiKeyMiddleware, resolve_api_key
+from bastion.server.errors import CatchAllMiddleware, install_error_handlers
+from bastion.server.metrics import ServerMetrics
+from bastion.server.protocol import ModelList
+from bastion.server.served_models import ServedModel, ServedModels
+from bastion.server.state import ServerState, get_state
+
+logger = logging.getLogger("bastion.server")
+
+
+def build_app(engine: Any, server_config: ServerConfig | None = None, *,
+              extra_models: Iterable[ServedModel] = ()) -> FastAPI:
+    """The OpenAI-compatible app serving `engine` under the id `engine.model_name`.
+    The app drives the engine but does not own it: shutting the engine down is the
+    job of whoever runs the server (`run_server` does)."""
+    config = server_config or ServerConfig()
+    models = ServedModels(ServedModel(id=engine.model_name, engine=engine))
+    for extra in extra_models:
+        models.add(extra)
+    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine))
+
+    # No /docs or /openapi.json: a private inference server has no reason to publish
+    # its schema to whoever can reach the port.
+    app = FastAPI(title="Bastion", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.bastion = state
+    install_error_handlers(app)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_completions.router)
+    _add_info_routes(app)
+
+    # add_middleware wraps: the last added runs first. Order on the way in:
+    # catch-all (so even auth failures of ours become JSON) -> API key -> routes.
+    api_key = resolve_api_key(config.api_key)
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    app.add_middleware(CatchAllMiddleware, log_requests=config.log_requests)
+    return app
+
+
+def _add_info_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        if get_state(request).draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> Response:
+        cards = [m.card() for m in get_state(request).models.all()]
+        return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
+
+    # `:path` because HF-style ids contain a slash ("HuggingFaceTB/SmolLM2-135M-Instruct").
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> Response:
+        card = get_state(request).models.resolve(model_id).card()
+        return Response(card.model_dump_json(), media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class BastionServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown also drains the engine (see module docstring)."""
+
+    def __init__(self, config: uvicorn.Config, *, state: ServerState, engine: Any, grace_s: float) -> None:
+        super().__init__(config)
+        self._state = state
+        self._engine = engine
+        self._grace_s = grace_s
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self._state.draining = True
+        # Concurrently with uvicorn's wait for open connections: the engine finishing
+        # or aborting in-flight requests is what lets those connections close.
+        engine_done = asyncio.ensure_future(self._engine.shutdown(self._grace_s))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            try:
+                await engine_done
+            except Exception:  # noqa: BLE001 - shutting down anyway; say why it was unclean
+                logger.exception("engine shutdown failed")
+
+
+def make_server(engine: Any, server_config: ServerConfig | None = None, *, app: FastAPI | None = None,
+                log_level: str = "info", access_log: bool = True) -> BastionServer:
+    config = server_config or ServerConfig()
+    app = app if app is not None else build_app(engine, config)
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level=log_level,
+        access_log=access_log,  # method, path and status only: no prompt ever appears there
+        lifespan="off",
+        # A backstop only: the engine aborts what is left after grace_s, which ends
+        # every stream; uvicorn cancels whatever still hangs a little later.
+        timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
+    )
+    return BastionServer(uv_config, state=app.state.bastion, engine=engine, grace_s=config.shutdown_grace_s)
+
+
+async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:
+    await make_server(engine, server_config, **kwargs).serve()
+
+
+def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:
+    """Serve until SIGINT/SIGTERM, then shut down gracefully (blocking)."""
+    make_server(engine, server_config, **kwargs).run()

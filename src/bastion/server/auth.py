@@ -1,0 +1,51 @@
+"""Optional Bearer API key.
+
+A pure ASGI middleware rather than a FastAPI dependency: dependencies run after
+FastAPI has parsed the body, so an unauthenticated client would learn about JSON
+errors (400) before being told it is not allowed in (401). Here the key is checked
+first, for every path except the open ones (/health, for load balancers and probes).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from bastion.server.errors import error_body
+
+API_KEY_ENV = "BASTION_API_KEY"
+OPEN_PATHS = frozenset({"/health"})
+
+
+def resolve_api_key(configured: str | None) -> str | None:
+    """The key in force: the config's, else $BASTION_API_KEY, else None (no auth)."""
+    key = configured if configured else os.environ.get(API_KEY_ENV) or None
+    return key
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, *, api_key: str) -> None:
+        self.app = app
+        self._expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                given = value
+                break
+        # compare_digest: the time taken must not reveal how much of the key matched.
+        if hmac.compare_digest(given, self._expected):
+            await self.app(scope, receive, send)
+            return
+        message = "Missing API key." if not given else "Incorrect API key provided."
+        body = json.dumps(error_body(message, "invalid_request_error", None, "invalid_api_key")).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+        await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,94 @@
+"""From a validated request to what the engine takes: prompt token ids and
+SamplingParams, with the context-length rules applied.
+
+Length rules (all against the served engine's max_model_len):
+* max_tokens > max_model_len is a bad value whatever the prompt: 400;
+* prompt + max_tokens > max_model_len: the request cannot fit: 413;
+* max_tokens omitted: min(ServerConfig.max_tokens_default, room left in the context),
+  and a prompt that leaves no room at all is 413.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jinja2
+
+from bastion.engine.sampling_params import SamplingParams
+from bastion.server.errors import bad_request, context_too_long
+from bastion.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+
+
+def reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
+    problem = req.unsupported()
+    if problem is not None:
+        param, message = problem
+        raise bad_request(message, param=param, code="unsupported_parameter")
+
+
+def check_max_tokens(requested: int | None, max_model_len: int) -> None:
+    if requested is not None and requested > max_model_len:
+        raise bad_request(f"max_tokens ({requested}) exceeds the model's context length ({max_model_len}).",
+                          param="max_tokens")
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int,
+                       prompt_param: str) -> int:
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise context_too_long(
+            f"The prompt is {prompt_len} tokens but the model's context length is {max_model_len} tokens, "
+            "leaving no room to generate.", prompt_param)
+    if requested is None:
+        return min(default, room)
+    if requested > room:
+        raise context_too_long(
+            f"This request needs {prompt_len + requested} tokens ({prompt_len} in the prompt + {requested} "
+            f"max_tokens) but the model's context length is {max_model_len} tokens.", prompt_param)
+    return requested
+
+
+def encode_chat(engine: Any, req: ChatCompletionRequest) -> list[int]:
+    try:
+        ids = engine.encode_chat([m.as_template_dict() for m in req.messages])
+    except (ValueError, TypeError, jinja2.TemplateError) as exc:
+        # Chat templates reject e.g. non-alternating roles by raising TemplateError.
+        raise bad_request(f"Invalid messages: {exc}", param="messages") from None
+    return _non_empty(list(ids), "messages")
+
+
+def encode_prompt(engine: Any, prompt: str | list[int]) -> list[int]:
+    try:
+        ids = engine.encode_prompt(prompt)
+    except (ValueError, TypeError) as exc:
+        raise bad_request(f"Invalid prompt: {exc}", param="prompt") from None
+    return _non_empty(list(ids), "prompt")
+
+
+def _non_empty(ids: list[int], param: str) -> list[int]:
+    if not ids:
+        raise bad_request("The prompt is empty after tokenization.", param=param)
+    return ids
+
+
+def sampling_params(req: _SamplingRequest, *, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None) -> SamplingParams:
+    """Build SamplingParams; its own checks (e.g. min_tokens <= max_tokens) become 400s."""
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=-1 if req.top_k is None else req.top_k,
+            seed=req.seed,
+            stop=tuple(req.stop_list()),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            ignore_eos=req.ignore_eos,
+            min_tokens=req.min_tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+        )
+    except ValueError as exc:
+        # SamplingParams messages start with the field name ("top_p must be ...").
+        raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from None
