@@ -11,6 +11,7 @@ server never shuts an engine down: engines belong to their fixtures.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -25,6 +26,7 @@ import uvicorn
 
 from bastion.config import ServerConfig
 from bastion.server import build_app
+from bastion.server.auth import API_KEY_ENV
 from .fake_engine import FakeEngine
 
 
@@ -71,6 +73,15 @@ class ServerThread:
 
     def http(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=kw.pop("timeout", 30), **kw)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_ambient_api_key() -> Iterator[None]:
+    """A developer's exported BASTION_API_KEY would put every test server behind a key."""
+    saved = os.environ.pop(API_KEY_ENV, None)
+    yield
+    if saved is not None:
+        os.environ[API_KEY_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -115,21 +115,23 @@ class BastionServer(uvicorn.Server):
 
 
 def make_server(engine: Any, server_config: ServerConfig | None = None, *, app: FastAPI | None = None,
-                log_level: str = "info", access_log: bool = True) -> BastionServer:
+                **uvicorn_options: Any) -> BastionServer:
+    """A BastionServer for `engine`; `uvicorn_options` override uvicorn.Config
+    arguments (log_level, log_config, access_log, ...)."""
     config = server_config or ServerConfig()
     app = app if app is not None else build_app(engine, config)
-    uv_config = uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        log_level=log_level,
-        access_log=access_log,  # method, path and status only: no prompt ever appears there
-        lifespan="off",
+    options: dict[str, Any] = {
+        "host": config.host,
+        "port": config.port,
+        "access_log": True,  # method, path and status only: no prompt ever appears there
+        "lifespan": "off",
         # A backstop only: the engine aborts what is left after grace_s, which ends
         # every stream; uvicorn cancels whatever still hangs a little later.
-        timeout_graceful_shutdown=int(config.shutdown_grace_s) + 5,
-    )
-    return BastionServer(uv_config, state=app.state.bastion, engine=engine, grace_s=config.shutdown_grace_s)
+        "timeout_graceful_shutdown": int(config.shutdown_grace_s) + 5,
+    }
+    options.update(uvicorn_options)
+    return BastionServer(uvicorn.Config(app, **options), state=app.state.bastion, engine=engine,
+                         grace_s=config.shutdown_grace_s)
 
 
 async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:

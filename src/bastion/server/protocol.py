@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_serializer
 
 # Token ids and seeds go to torch as int64; bound them here so an absurd JSON number
 # is a 400, not an OverflowError deep inside the engine.
@@ -26,13 +26,15 @@ _MAX_STOP = 64  # stop strings are matched on every detokenized delta
 
 
 class _Request(BaseModel):
+    # Booleans are StrictBool: lax parsing would turn strings such as "yes" or "off"
+    # into booleans, and a guessed `stream` or `logprobs` is worse than a 400.
     # allow_inf_nan=False: Python's json parser accepts `NaN`; NaN must never reach
     # the sampler (a NaN temperature would fail every comparison we rely on).
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class _SamplingRequest(_Request):
@@ -46,12 +48,12 @@ class _SamplingRequest(_Request):
     seed: int | None = Field(default=None, ge=_I64_MIN, le=_U64_MAX)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
+    ignore_eos: StrictBool = False
     min_tokens: int = Field(default=0, ge=0)
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: StrictBool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
     n: int = Field(default=1, ge=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; never logged
     # Accepted so clients that always send the defaults work; non-defaults rejected.
@@ -115,7 +117,7 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
-    logprobs: bool = False
+    logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
@@ -143,7 +145,7 @@ class ChatCompletionRequest(_SamplingRequest):
 class CompletionRequest(_SamplingRequest):
     # A string, a list of token ids, or a batch of either (one choice per prompt).
     prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    echo: StrictBool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
     best_of: int | None = None
