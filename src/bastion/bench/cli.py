@@ -1,0 +1,237 @@
+"""`bastion bench serving|offline`: argument parsing and the glue that starts servers,
+runs a benchmark and writes JSON + PNG + a Markdown table to --out.
+
+`add_bench_parsers(subparsers)` is what `bastion.cli` wires under `bastion bench`;
+`python -m bastion.bench.cli serving|offline` runs the same thing stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bastion.bench import peers
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _peer(text: str) -> tuple[str, str]:
+    kind, sep, python = text.partition("=")
+    if not sep or kind not in peers.PEER_KINDS or not python:
+        raise argparse.ArgumentTypeError(f"--peer wants KIND=/path/to/python with KIND in {peers.PEER_KINDS}")
+    return kind, python
+
+
+def add_bench_parsers(subparsers: Any) -> None:
+    s = subparsers.add_parser("serving", help="HTTP load test of Bastion (and peers) over /v1/completions")
+    s.add_argument("--url", help="benchmark this running server instead of starting Bastion")
+    s.add_argument("--model-name", help="model id to send with --url (default: first of /v1/models)")
+    s.add_argument("--api-key", help="Bearer key for --url")
+    s.add_argument("--model", help="model Bastion serves (default: the embedded SmolLM2 GGUF)")
+    s.add_argument("--tokenizer", help="tokenizer for the prompts (default: --model's)")
+    s.add_argument("--bastion-python", default=sys.executable, help="python that runs `bastion.cli serve`")
+    s.add_argument("--bastion-arg", action="append", default=[], help="extra arg for `bastion serve` (repeat)")
+    s.add_argument("--no-bastion", action="store_true", help="only the peers (first peer is the reference)")
+    s.add_argument("--peer", action="append", type=_peer, default=[], metavar="KIND=PYTHON",
+                   help=f"also start a peer from that venv's python; KIND in {peers.PEER_KINDS}")
+    s.add_argument("--hf-dir", default=peers.DEFAULT_HF_DIR, help="HF-format export for transformers/vLLM")
+    s.add_argument("--hf-dtype", default="auto", help="transformers serve --dtype (auto = fp32 export)")
+    s.add_argument("--vllm-compiled", action="store_true", help="vLLM without --enforce-eager (slow start)")
+    s.add_argument("--concurrency", type=_ints, default=(1, 4, 16, 32), help="levels, e.g. 1,4,16,32")
+    s.add_argument("--input-len", type=int, default=256)
+    s.add_argument("--output-len", type=int, default=128)
+    s.add_argument("--range-ratio", type=float, default=0.25, help="lengths uniform in len*(1±r)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--prompt-format", choices=("ids", "text"), default="ids",
+                   help="prompt as token ids or text (peers without id support always get text)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--rounds", type=int, default=2, help="requests per level = max(min, rounds*concurrency)")
+    s.add_argument("--min-requests", type=int, default=4)
+    s.add_argument("--warmup", type=int, default=2, help="warm-up requests per server")
+    s.add_argument("--request-timeout", type=float, default=300.0)
+    s.add_argument("--level-timeout", type=float, default=600.0)
+    s.add_argument("--time-limit", type=float, default=3 * 3600.0, help="whole run, seconds")
+    s.add_argument("--threads", type=int, default=2, help="threads for every server started")
+    s.add_argument("--text-dir", default="/usr/share/common-licenses")
+    s.add_argument("--out", default="bench_results/serving")
+    s.set_defaults(func=run_serving_cmd)
+
+    o = subparsers.add_parser("offline", help="prefill/decode tok/s of the engine vs HF generate")
+    o.add_argument("--model", help="GGUF file (default: the embedded SmolLM2)")
+    o.add_argument("--engines", default="bastion,hf-fp32,hf-bf16",
+                   help="comma list of bastion, hf-fp32, hf-bf16; the first is the reference")
+    o.add_argument("--bastion-dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    o.add_argument("--prompt-len", type=int, default=256)
+    o.add_argument("--new-tokens", type=int, default=128)
+    o.add_argument("--batch", type=int, default=8)
+    o.add_argument("--runs", type=int, default=3)
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--time-limit", type=float, default=3600.0)
+    o.add_argument("--text-dir", default="/usr/share/common-licenses")
+    o.add_argument("--out", default="bench_results/offline")
+    o.set_defaults(func=run_offline_cmd)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit so `with` blocks run and the servers we started die too."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_report(out: Path, stem: str, result: dict[str, Any], table: str, plot: Any) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.md").write_text(table + "\n")
+    plot(result, out / f"{stem}.png")
+    print(table)
+    print(f"\nwrote {out / (stem + '.json')}, {out / (stem + '.md')}, {out / (stem + '.png')}")
+
+
+def _specs(args: argparse.Namespace) -> list[peers.ServerSpec]:
+    specs = []
+    if not args.url and not args.no_bastion:
+        specs.append(peers.bastion_spec(args.bastion_python, peers.free_port(), args.model,
+                                        args.threads, args.bastion_arg))
+    kinds = {k for k, _ in args.peer}
+    hf_dir = str(peers.export_hf_model(args.model if args.model and args.model.endswith(".gguf") else None,
+                                       args.hf_dir)) if kinds & {"transformers", "vllm"} else ""
+    gguf = args.model if args.model and args.model.endswith(".gguf") else str(peers.default_gguf_path())
+    for kind, python in args.peer:
+        port = peers.free_port()
+        if kind == "transformers":
+            specs.append(peers.transformers_spec(python, port, hf_dir, args.threads, args.hf_dtype))
+        elif kind == "llamacpp":
+            specs.append(peers.llamacpp_spec(python, port, gguf, args.threads))
+        else:
+            specs.append(peers.vllm_spec(python, port, hf_dir, args.threads, eager=not args.vllm_compiled))
+    return specs
+
+
+def run_serving_cmd(args: argparse.Namespace) -> int:
+    from bastion.bench import plots, serving
+
+    try:
+        workload = serving.WorkloadConfig(args.input_len, args.output_len, args.range_ratio, args.seed,
+                                          args.text_dir)
+        cfg = serving.ServingConfig(args.concurrency, args.rounds, args.min_requests, args.repeats,
+                                    args.warmup, args.request_timeout, args.level_timeout, args.time_limit)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.url is None and args.no_bastion and not args.peer:
+        print("error: nothing to benchmark (--no-bastion and no --peer)", file=sys.stderr)
+        return 2
+    tokenizer = peers.load_tokenizer(args.tokenizer or args.model)
+    corpus = tokenizer.encode(serving.load_corpus_text(args.text_dir), add_special_tokens=False)
+    out = Path(args.out)
+    with _sigterm_unwinds(), contextlib.ExitStack() as stack:
+        endpoints = []
+        if args.url:
+            url = args.url.rstrip("/")
+            headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+            name = args.model_name or _first_model(url, headers)
+            endpoints.append(peers.Endpoint("bastion", url, name, prompt_format=args.prompt_format,
+                                            headers=headers))
+        # Start every server first, then wait: their start-ups overlap.
+        procs = [stack.enter_context(_owned(peers.ServerProcess(spec, out / "logs")))
+                 for spec in _specs(args)]
+        for proc in procs:
+            print(f"waiting for {proc.spec.name} ({' '.join(proc.spec.argv[:4])} ...)", flush=True)
+            proc.wait_ready()
+            endpoints.append(peers.Endpoint(proc.spec.name, proc.spec.base_url, proc.model_name(),
+                                            proc.spec.dialect, args.prompt_format,
+                                            peers.end_token_ids(tokenizer)))
+        result = serving.run_serving(endpoints, corpus, tokenizer, workload, cfg)
+    _write_report(out, "serving", result, plots.serving_table(result), plots.plot_serving)
+    return 0
+
+
+@contextlib.contextmanager
+def _owned(proc: peers.ServerProcess) -> Iterator[peers.ServerProcess]:
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def _first_model(url: str, headers: dict[str, str]) -> str:
+    import httpx
+
+    resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=10.0, trust_env=False)
+    resp.raise_for_status()
+    return str(resp.json()["data"][0]["id"])
+
+
+def run_offline_cmd(args: argparse.Namespace) -> int:
+    from bastion.bench import offline, plots
+
+    names = [n.strip() for n in args.engines.split(",") if n.strip()]
+    bad = [n for n in names if n not in offline.ENGINE_NAMES]
+    if bad or not names:
+        print(f"error: unknown engines {bad}; choose from {offline.ENGINE_NAMES}", file=sys.stderr)
+        return 2
+    try:
+        cfg = offline.OfflineConfig(args.prompt_len, args.new_tokens, args.batch, args.runs, args.threads,
+                                    args.text_dir, args.time_limit)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    import torch  # after validation: a bad flag should not wait for torch to import
+
+    gguf = args.model or str(peers.default_gguf_path())
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)  # HF and Bastion share this process: same pool for both
+    try:
+        prompts = offline.make_prompts(peers.load_tokenizer(gguf), cfg)
+        hf = {e.name: e for e in offline.load_hf_engines(
+            gguf, [d for n, d in (("hf-fp32", "float32"), ("hf-bf16", "bfloat16")) if n in names])}
+        engines: list[Any] = []
+        for n in names:
+            if n == "bastion":
+                try:
+                    engines.append(offline.BastionEngine(gguf, args.bastion_dtype, cfg.threads))
+                except ImportError as exc:
+                    print(f"error: Bastion's engine is not importable ({exc}); "
+                          "use --engines hf-fp32,hf-bf16 to measure HF alone", file=sys.stderr)
+                    return 2
+            else:
+                engines.append(hf[n])
+        result = offline.run_offline(engines, prompts, cfg)
+    finally:
+        torch.set_num_threads(previous_threads)
+    _write_report(Path(args.out), "offline", result, plots.offline_table(result), plots.plot_offline)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bastion bench")
+    add_bench_parsers(parser.add_subparsers(dest="bench", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
