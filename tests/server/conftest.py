@@ -104,11 +104,10 @@ def _reset_fake(fake_engine: FakeEngine) -> Iterator[None]:
     fake_engine.revive()
 
 
-@pytest.fixture(scope="session", params=["fake", pytest.param("real", marks=pytest.mark.slow)])
-def api_server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
-    if request.param == "fake":
-        yield request.getfixturevalue("fake_server")
-        return
+@pytest.fixture(scope="session")
+def real_server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
+    """One server for the whole session around `real_engine`: a second server would
+    drive the same engine from a second event loop."""
     try:
         engine = request.getfixturevalue("real_engine")
     except pytest.FixtureLookupError:
@@ -116,6 +115,11 @@ def api_server(request: pytest.FixtureRequest) -> Iterator[ServerThread]:
     handle = ServerThread.start(engine)
     yield handle
     handle.stop()
+
+
+@pytest.fixture(scope="session", params=["fake", pytest.param("real", marks=pytest.mark.slow)])
+def api_server(request: pytest.FixtureRequest) -> ServerThread:
+    return request.getfixturevalue("fake_server" if request.param == "fake" else "real_server")
 
 
 def is_fake(handle: ServerThread) -> bool:

@@ -178,3 +178,23 @@ def test_prompt_logprobs_vllm_extension(api_server: ServerThread) -> None:
     plp = body["choices"][0]["prompt_logprobs"]
     assert len(plp) == body["usage"]["prompt_tokens"] and plp[0] is None
     assert all(isinstance(e, dict) and e for e in plp[1:])
+
+
+def test_concurrent_streams_do_not_mix(api_server: ServerThread) -> None:
+    """Requests batched together in the engine each get their own, complete answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Request number {i}:" for i in range(8)]
+
+    def run(prompt: str) -> tuple[str, int]:
+        stream = api_server.openai().completions.create(
+            model=api_server.model, prompt=prompt, max_tokens=10, stream=True, temperature=0.0,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        results = list(pool.map(run, prompts))
+    assert all(n == 10 for _, n in results)
+    if is_fake(api_server):
+        assert all(text == SCRIPT[:10] for text, _ in results)

@@ -12,7 +12,6 @@ freed" happen at once.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,8 +20,6 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from bastion.server.errors import APIError, error_body, log_unexpected
-
-logger = logging.getLogger("bastion.server")
 
 DONE = "data: [DONE]\n\n"
 
