@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from bastion.config import ServerConfig
@@ -116,3 +123,48 @@ def test_log_requests_flag_logs_them(caplog: pytest.LogCaptureFixture) -> None:
     finally:
         handle.stop()
     assert SECRET in caplog.text and "Hel" in caplog.text
+
+
+def test_run_server_sigterm_ends_streams_cleanly(tmp_path) -> None:
+    """The CLI path end to end: run_server in its own process, SIGTERM mid-stream."""
+    with socket.socket() as s:  # a free port (tiny race with other processes; fine here)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "serve.py"
+    script.write_text(
+        "from bastion.config import ServerConfig\n"
+        "from bastion.server import run_server\n"
+        "from server.fake_engine import FakeEngine\n"
+        "e = FakeEngine(); e.token_delay_s = 0.02\n"
+        f"run_server(e, ServerConfig(port={port}, shutdown_grace_s=0.5), log_level='warning')\n"
+        "print('shutdown_calls', e.shutdown_calls, flush=True)\n")
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _up(base), timeout=30), "server did not come up"
+        lines = []
+        with httpx.Client(base_url=base, timeout=10) as http, http.stream(
+                "POST", "/v1/completions",
+                json={"prompt": "hi", "max_tokens": 200, "ignore_eos": True, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    lines.append(line)
+                    if len(lines) == 3:
+                        proc.send_signal(signal.SIGTERM)
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "shutdown_calls [0.5]" in out  # run_server returned
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _up(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -112,6 +112,12 @@ class BastionServer(uvicorn.Server):
                 await engine_done
             except Exception:  # noqa: BLE001 - shutting down anyway; say why it was unclean
                 logger.exception("engine shutdown failed")
+        # uvicorn re-raises the captured SIGINT/SIGTERM once serve() returns, which
+        # kills the process (or raises KeyboardInterrupt) before the caller can finish
+        # up. The shutdown was graceful, so run_server() simply returns instead.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()
 
 
 def make_server(engine: Any, server_config: ServerConfig | None = None, *, app: FastAPI | None = None,
@@ -139,5 +145,5 @@ async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs
 
 
 def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:
-    """Serve until SIGINT/SIGTERM, then shut down gracefully (blocking)."""
+    """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return."""
     make_server(engine, server_config, **kwargs).run()
