@@ -11,7 +11,7 @@ from bastion.config import ServerConfig
 from bastion.server import build_app
 from bastion.server.auth import API_KEY_ENV
 
-from .conftest import ServerThread
+from .conftest import ServerThread, wait_until
 from .fake_engine import FakeEngine
 
 KEY = "sk-test-key"
@@ -109,3 +109,12 @@ def test_rejections_are_counted(fake_server: ServerThread) -> None:
 def test_each_app_has_its_own_registry() -> None:
     a, b = build_app(FakeEngine()), build_app(FakeEngine())  # no "Duplicated timeseries"
     assert a.state.bastion.metrics.registry is not b.state.bastion.metrics.registry
+
+
+def test_cancelled_requests_are_counted_separately(fake_server: ServerThread) -> None:
+    fake_server.engine.token_delay_s = 0.02
+    with fake_server.http() as http, http.stream("POST", "/v1/completions",
+                                                 json={"prompt": "hi", "max_tokens": 200, "stream": True}) as r:
+        next(r.iter_lines())
+    with fake_server.http() as http:
+        assert wait_until(lambda: 'finish_reason="cancelled"' in http.get("/metrics").text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ class Generation:
         self._timer = timer
         self._gen: Any = None  # the engine's async generator while it is open
         self._first: RequestOutput | None = None
+        self._admitted = False  # the engine accepted it (yielded a first output)
         # Accumulated result (non-streaming responses and usage read these).
         self.text_parts: list[str] = []
         self.token_ids: list[int] = []
@@ -59,9 +61,13 @@ class Generation:
 
     async def start(self) -> None:
         """Submit to the engine and wait for the first output; engine errors -> APIError."""
-        self._gen = self.engine.generate(self.prompt_ids, self.params, self.request_id)
         try:
-            self._first = await self._gen.__anext__()
+            gen = self.engine.generate(self.prompt_ids, self.params, self.request_id)
+            if inspect.isawaitable(gen):  # tolerate `async def` returning an iterator
+                gen = await gen
+            self._gen = gen
+            self._first = await gen.__anext__()
+            self._admitted = True
         except EngineError as exc:
             await self.aclose()
             raise from_engine_error(exc) from None
@@ -100,11 +106,18 @@ class Generation:
 
     async def aclose(self) -> None:
         gen, self._gen = self._gen, None
-        if gen is not None:
-            # Unfinished: the engine aborts the request and frees its blocks. Finished:
-            # the generator is parked after its last yield; closing it now rather than
-            # at garbage collection releases it deterministically.
-            await gen.aclose()
+        if gen is None:
+            return
+        if self._admitted and not self.finished:
+            self._timer.cancelled()  # (refused requests are counted as rejections instead)
+        # Unfinished: closing makes the engine abort the request and free its blocks.
+        # Finished: the generator is parked after its last yield; closing it now
+        # rather than at garbage collection releases it deterministically.
+        aclose = getattr(gen, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        elif not self.finished:  # a plain async iterator: no close protocol, abort by id
+            self.engine.abort(self.request_id)
 
     def _observe(self, out: RequestOutput) -> None:
         if out.prompt_logprobs is not None:

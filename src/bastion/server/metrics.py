@@ -125,6 +125,11 @@ class RequestTimer:
         self._m.generation_tokens.inc(n)
         self._m.throughput.add(n, now)
 
+    def cancelled(self) -> None:
+        """Closed before finishing (client gone, error): counted, but kept out of the
+        latency histograms, which describe completed requests."""
+        self._m.requests_finished.labels(finish_reason="cancelled").inc()
+
     def finished(self, reason: str | None) -> None:
         self._m.e2e.observe(time.monotonic() - self._arrival)
         self._m.requests_finished.labels(finish_reason=reason or "unknown").inc()
