@@ -1,0 +1,50 @@
+"""Attention math over gathered K/V (shared by KV-cache implementations).
+
+Measured on the 2-core CPU (bf16 K/V, one thread): for single-token queries, a grouped
+matmul + softmax is 7-16x faster than torch's SDPA CPU kernel (e.g. 16 seqs x 384 ctx:
+0.7-1.2 ms vs 6.9 ms); for prompt chunks SDPA wins once q_len * ctx is large.
+Scores and softmax run in fp32 whatever the cache dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MANUAL_PREFILL_MAX = 256 * 1024  # q_len * ctx below which the matmul path is faster
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [B, heads, D]; k, v: [B, ctx, kv_heads, D]; mask: [B, ctx] bool -> [B, heads, D]."""
+    b, h, d = q.shape
+    kvh = k.shape[2]
+    qg = q.float().view(b, kvh, h // kvh, d)  # GQA: heads i*g .. i*g+g-1 share kv head i
+    s = torch.matmul(qg, k.float().permute(0, 2, 3, 1)) * scale  # [B, kv_heads, g, ctx]
+    s.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.matmul(p, v.float().transpose(1, 2))  # [B, kv_heads, g, D]
+    return o.reshape(b, h, d).to(q.dtype)
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention of the LAST q_len positions of a ctx-long context.
+    q: [q_len, heads, D]; k, v: [ctx, kv_heads, D] -> [q_len, heads, D]."""
+    q_len, h, d = q.shape
+    ctx, kvh = k.shape[0], k.shape[1]
+    offset = ctx - q_len
+    if q_len * ctx <= _MANUAL_PREFILL_MAX:
+        g = h // kvh
+        qg = q.float().view(q_len, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * q_len, d)
+        s = torch.matmul(qg, k.float().permute(1, 2, 0)) * scale  # [kv_heads, g*q_len, ctx]
+        mask = torch.arange(ctx, device=q.device)[None, :] > (torch.arange(q_len, device=q.device)[:, None] + offset)
+        s = s.view(kvh, g, q_len, ctx).masked_fill_(mask, float("-inf"))
+        p = torch.softmax(s, dim=-1).view(kvh, g * q_len, ctx)
+        o = torch.matmul(p, v.float().transpose(0, 1))  # [kv_heads, g*q_len, D]
+        return o.view(kvh, g, q_len, d).permute(2, 0, 1, 3).reshape(q_len, h, d).to(q.dtype)
+    qs, ks, vs = q.transpose(0, 1)[None], k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)
+    if offset == 0:
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        mask = torch.arange(ctx, device=q.device)[None, :] <= (torch.arange(q_len, device=q.device)[:, None] + offset)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1)

@@ -1,0 +1,43 @@
+"""Full-precision paged KV cache (fp32 / bf16 / fp16) with gather + SDPA attention."""
+
+from __future__ import annotations
+
+import torch
+
+from bastion.engine.attention import decode_attention, prefill_attention
+from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
+
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+class FPKVCache(KVCache):
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size, self.dtype = num_blocks, block_size, dtype
+        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
+        slots = num_blocks * block_size
+        # k, v: [layers, slots, kv_heads, D]; a slot is block_id * block_size + offset
+        self.k = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.scale = head_dim ** -0.5
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> float:
+        return 2 * num_layers * num_kv_heads * head_dim * _BYTES[dtype]
+
+    def write(self, layer, k, v, meta: AttentionMetadata) -> None:
+        self.k[layer].index_copy_(0, meta.slot_mapping, k.to(self.dtype))
+        self.v[layer].index_copy_(0, meta.slot_mapping, v.to(self.dtype))
+
+    def attend(self, layer, q, meta: AttentionMetadata) -> torch.Tensor:
+        kc, vc = self.k[layer], self.v[layer]  # [slots, kv_heads, D]
+        b = meta.num_decodes
+        if not meta.prefills:
+            return decode_attention(q, kc[meta.decode_slots], vc[meta.decode_slots], meta.decode_mask, self.scale)
+        out = torch.empty_like(q)
+        if b:
+            out[:b] = decode_attention(q[:b], kc[meta.decode_slots], vc[meta.decode_slots], meta.decode_mask, self.scale)
+        for seg in meta.prefills:
+            rows = slice(seg.q_start, seg.q_start + seg.q_len)
+            out[rows] = prefill_attention(q[rows], kc[seg.ctx_slots], vc[seg.ctx_slots], self.scale)
+        return out

@@ -1,0 +1,166 @@
+"""LLMEngine: token ids in, token ids out. One `step()` = schedule, run, sample, postprocess."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bastion.config import Config
+from bastion.engine.kv_cache.block_manager import BlockManager
+from bastion.engine.kv_cache.fp import FPKVCache
+from bastion.engine.model_runner import ModelRunner, StepLogits
+from bastion.engine.models.llama import LlamaForCausalLM
+from bastion.engine.models.loader import load_checkpoint
+from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
+from bastion.engine.request import Request
+from bastion.engine.sampler import Sampler, token_logprobs
+from bastion.engine.sampling_params import SamplingParams
+from bastion.engine.scheduler import ScheduledBatch, Scheduler
+
+log = logging.getLogger("bastion.engine")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class LLMEngine:
+    def __init__(self, config: Config, model: torch.nn.Module, kv_cache, *, vocab_size: int,
+                 eos_token_id: int | None, max_model_len: int):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size, config.cache.prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(model, kv_cache, next(model.parameters()).device)
+        self.sampler = Sampler()
+        self.vocab_size, self.eos_token_id, self.max_model_len = vocab_size, eos_token_id, max_model_len
+        self.requests: dict[str, Request] = {}
+        self.prompt_tokens_total = 0
+        self.generation_tokens_total = 0
+
+    @classmethod
+    def from_config(cls, config: Config, show_progress: bool = True) -> tuple["LLMEngine", object, str]:
+        """Load the checkpoint and build model + KV pool. Returns (engine, tokenizer, model name)."""
+        if config.model.threads:
+            torch.set_num_threads(config.model.threads)
+        device = resolve_device(config.model.device)
+        dtype = _DTYPES[config.model.dtype]
+        ckpt = load_checkpoint(config.model.path, show_progress=show_progress)
+        max_len = min(config.model.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
+        model = LlamaForCausalLM(ckpt.arch, max_len)
+        model.load_hf_state_dict(ckpt.weights)
+        del ckpt.weights
+        model = model.to(device=device, dtype=dtype).eval()
+        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
+        kv_dtype = dtype if config.cache.kind == "auto" else _DTYPES[config.cache.kind]
+        a = ckpt.arch
+        per_token = FPKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
+        num_blocks = config.cache.num_blocks or int(config.cache.kv_memory_gb * 2**30 // (per_token * config.cache.block_size))
+        if num_blocks < 1:
+            raise ValueError("kv_memory_gb is too small for a single KV block")
+        kv = FPKVCache(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                       num_blocks=num_blocks, block_size=config.cache.block_size, dtype=kv_dtype, device=device)
+        eos = ckpt.tokenizer.eos_token_id
+        engine = cls(config, model, kv, vocab_size=a.vocab_size, eos_token_id=eos, max_model_len=max_len)
+        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
+                 ckpt.name, device, config.model.dtype, num_blocks, config.cache.block_size, max_len)
+        return engine, ckpt.tokenizer, ckpt.name
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    cache_salt: str = "") -> None:
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        if not prompt_token_ids:
+            raise ValueError("prompt must contain at least one token")
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)")
+        total = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
+        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+            raise PromptTooLongError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache "
+                                     f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens)")
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id, cache_salt=cache_salt)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        self.prompt_tokens_total += len(prompt_token_ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Cancel a request now: its KV blocks return to the pool at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------ the loop
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits = self.runner.execute(batch)
+        sampled, logprobs = self.sampler(logits.sample_logits, logits.sample_reqs) if logits.sample_reqs else ([], [])
+        return self._postprocess(batch, logits, sampled, logprobs)
+
+    def _postprocess(self, batch: ScheduledBatch, logits: StepLogits, sampled, logprobs) -> list[RequestOutput]:
+        for req, n in batch.items:
+            if req.request_id in logits.prompt_logits:
+                self._record_prompt_logprobs(req, *logits.prompt_logits[req.request_id])
+            req.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(req)
+        outputs = []
+        for req, tok, lp in zip(logits.sample_reqs, sampled, logprobs):
+            req.token_ids.append(tok)
+            self.generation_tokens_total += 1
+            out = RequestOutput(req.request_id, req.prompt_token_ids, new_token_ids=[tok],
+                                new_logprobs=[lp] if lp is not None else None,
+                                num_generated_tokens=req.num_output_tokens,
+                                num_cached_prompt_tokens=req.num_cached_tokens)
+            if req.num_output_tokens == 1 and req.prompt_logprobs is not None:
+                out.prompt_logprobs = req.prompt_logprobs
+            reason = self._finish_reason(req, tok)
+            if reason:
+                self.scheduler.finish(req, reason)
+                self.requests.pop(req.request_id, None)
+                out.finished, out.finish_reason = True, reason
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, req: Request, tok: int) -> str | None:
+        p = req.params
+        if req.num_output_tokens >= p.min_tokens and (
+            tok in p.stop_token_ids or (tok == self.eos_token_id and not p.ignore_eos)
+        ):
+            return "stop"
+        if req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _record_prompt_logprobs(self, req: Request, first_pos: int, rows: torch.Tensor) -> None:
+        # rows[i] predicts the prompt token at position first_pos + i
+        if req.prompt_logprobs is None:
+            req.prompt_logprobs = [None] * req.num_prompt_tokens
+        targets = torch.tensor(req.token_ids[first_pos : first_pos + rows.shape[0]])
+        lp = torch.log_softmax(rows, dim=-1)
+        n = req.params.prompt_logprobs
+        for i, tl in enumerate(token_logprobs(lp, targets, [n] * rows.shape[0])):
+            req.prompt_logprobs[first_pos + i] = tl
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+            prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+        )

@@ -1,0 +1,81 @@
+"""Turns a scheduled batch into flat tensors + attention metadata, runs the model, and
+returns only the logits rows someone needs (the next-token rows, and prompt rows of
+requests that asked for prompt logprobs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from bastion.engine.kv_cache.base import AttentionMetadata, KVCache, PrefillSegment
+from bastion.engine.request import Request
+from bastion.engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class StepLogits:
+    sample_reqs: list[Request] = field(default_factory=list)
+    sample_logits: torch.Tensor | None = None  # [S, V] fp32, row i -> sample_reqs[i]
+    # request -> (position of the first token these rows predict from, logits [n, V])
+    prompt_logits: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device):
+        self.model, self.kv, self.device = model, kv_cache, device
+        self.block_size = kv_cache.block_size
+
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        table = torch.tensor(block_ids, dtype=torch.long)
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[list[tuple[Request, int]], torch.Tensor, torch.Tensor, AttentionMetadata]:
+        # NOTE: single-token items first (one batched SDPA), then prompt chunks.
+        items = [it for it in batch.items if it[1] == 1] + [it for it in batch.items if it[1] > 1]
+        ids, pos, slot_parts = [], [], []
+        for req, n in items:
+            c = req.num_computed_tokens
+            ids += req.token_ids[c : c + n]
+            pos += range(c, c + n)
+            slot_parts.append(self._slots(req.block_ids, c, c + n))
+        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device))
+        decodes = [req for req, n in items if n == 1]
+        if decodes:
+            ctx = torch.tensor([r.num_computed_tokens + 1 for r in decodes])
+            max_ctx = int(ctx.max())
+            nblk = -(-max_ctx // self.block_size)
+            table = torch.zeros(len(decodes), nblk, dtype=torch.long)  # padded with block 0
+            for i, r in enumerate(decodes):
+                b = r.block_ids[:nblk]
+                table[i, : len(b)] = torch.tensor(b)
+            p = torch.arange(max_ctx)
+            meta.num_decodes = len(decodes)
+            meta.decode_slots = (table[:, p // self.block_size] * self.block_size + p % self.block_size).to(self.device)
+            meta.decode_mask = (p[None, :] < ctx[:, None]).to(self.device)
+            meta.decode_ctx_lens = ctx.to(self.device)
+        row = len(decodes)
+        for req, n in items[len(decodes) :]:
+            end = req.num_computed_tokens + n
+            meta.prefills.append(PrefillSegment(row, n, self._slots(req.block_ids, 0, end).to(self.device)))
+            row += n
+        return (items, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), meta)
+
+    def execute(self, batch: ScheduledBatch) -> StepLogits:
+        items, input_ids, positions, meta = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv)  # [T, hidden]
+        out, rows, row = StepLogits(), [], 0
+        for req, n in items:
+            if req.wants_prompt_logprobs:
+                c = req.num_computed_tokens
+                upto = min(n, req.num_prompt_tokens - 1 - c)  # rows that predict prompt tokens
+                if upto > 0:
+                    out.prompt_logits[req.request_id] = (c + 1, self.model.compute_logits(hidden[row : row + upto]).cpu())
+            if req.num_computed_tokens + n == req.num_tokens:
+                out.sample_reqs.append(req)
+                rows.append(row + n - 1)
+            row += n
+        if rows:
+            out.sample_logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+        return out

