@@ -117,7 +117,7 @@ def _specs(args: argparse.Namespace) -> list[peers.ServerSpec]:
                                         args.threads, args.bastion_arg))
     kinds = {k for k, _ in args.peer}
     hf_dir = str(peers.export_hf_model(args.model if args.model and args.model.endswith(".gguf") else None,
-                                       args.hf_dir)) if kinds & {"transformers", "vllm"} else ""
+                                       args.hf_dir).resolve()) if kinds & {"transformers", "vllm"} else ""
     gguf = args.model if args.model and args.model.endswith(".gguf") else str(peers.default_gguf_path())
     for kind, python in args.peer:
         port = peers.free_port()

