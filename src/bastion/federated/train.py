@@ -1,0 +1,104 @@
+"""One owner's local work: DP-SGD on LoRA parameters, held-out perplexity, canary exposure.
+
+Shapes: records x: [b, L] int64; logits: [b, L, V]; per-sample loss: [b] (mean next-token
+NLL over the L-1 predicted positions of that record).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def per_sample_nll(model, x: torch.Tensor) -> torch.Tensor:
+    """[b, L] -> [b]: mean next-token NLL per record (the unit DP protects)."""
+    logits = model(input_ids=x).logits[:, :-1]  # [b, L-1, V]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    return nll.view(x.shape[0], -1).mean(dim=1)
+
+
+def local_train(peft_model, train: torch.Tensor, *, steps: int, batch_size: int, lr: float,
+                noise_multiplier: float, max_grad_norm: float, private: bool, seed: int) -> dict[str, float]:
+    """`steps` steps of Poisson-sampled (DP-)Adam over `train` [n, L].
+
+    Private: Opacus per-sample gradients on the trainable (LoRA) parameters only, each
+    clipped to `max_grad_norm`, summed, N(0, (sigma C)^2) added, divided by the expected
+    batch size. Non-private: plain Adam on the batch mean (same sampling).
+    """
+    n = train.shape[0]
+    q = min(1.0, batch_size / n)
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    module = peft_model
+    if private:
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        module = GradSampleModule(peft_model, batch_first=True, loss_reduction="mean")
+        optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                expected_batch_size=batch_size, loss_reduction="mean")
+    peft_model.train()
+    losses, sizes = [], []
+    for _ in range(steps):
+        idx = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)  # Poisson sample
+        optimizer.zero_grad()
+        if idx.numel() == 0:
+            if private:  # an empty batch is still a (pure-noise) DP step
+                for p in params:
+                    p.grad_sample = torch.zeros((0, *p.shape))
+                optimizer.step()
+            continue
+        loss = per_sample_nll(module, train[idx]).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        sizes.append(idx.numel())
+    if private:
+        module._close()  # remove Opacus hooks; the PEFT model is used afterwards
+    peft_model.eval()
+    return {"train-loss": sum(losses) / max(1, len(losses)), "mean-batch": sum(sizes) / max(1, len(sizes))}
+
+
+@torch.no_grad()
+def heldout_nll(model, x: torch.Tensor, batch: int = 16) -> tuple[float, int]:
+    """(sum of token NLLs, number of predicted tokens) over records x [m, L]."""
+    total = 0.0
+    for i in range(0, x.shape[0], batch):
+        chunk = x[i : i + batch]
+        total += float(per_sample_nll(model, chunk).sum()) * (x.shape[1] - 1)
+    return total, x.shape[0] * (x.shape[1] - 1)
+
+
+@torch.no_grad()
+def secret_nll(model, prefix: tuple[int, ...], secrets: list[tuple[int, ...]], pad_id: int) -> torch.Tensor:
+    """[len(secrets)] summed NLL of each secret's tokens following `prefix`."""
+    length = len(prefix) + max(len(s) for s in secrets)
+    x = torch.full((len(secrets), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(secrets), length - 1)  # mask over predicted positions 1..length-1
+    for row, s in enumerate(secrets):
+        x[row, : len(prefix) + len(s)] = torch.tensor(prefix + s)
+        mask[row, len(prefix) - 1 : len(prefix) - 1 + len(s)] = 1.0
+    logits = model(input_ids=x).logits[:, :-1]  # causal: right padding never affects the secret
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="none")
+    return (nll.view(len(secrets), -1) * mask).sum(dim=1)
+
+
+def canary_leakage(model, prefixes, secrets, references, pad_id: int) -> dict[str, float]:
+    """Exposure (Carlini et al. 2019) and membership AUC of the inserted canaries.
+
+    For canary c with reference secrets R_c (never inserted): rank = 1 + #{r in R_c : nll(r)
+    < nll(c)} (ties count half); exposure = log2(|R_c| + 1) - log2(rank), in [0, log2(|R_c|+1)];
+    ~1 bit expected for an untouched model. AUC = P(nll(c) < nll(r)), 0.5 when nothing leaks.
+    """
+    if not secrets:
+        return {"exposure": 0.0, "canary-auc": 0.5}
+    exposures, aucs = [], []
+    for prefix, secret, refs in zip(prefixes, secrets, references):
+        scores = secret_nll(model, prefix, [secret, *refs], pad_id)  # [1 + |R|]
+        lower = float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
+        exposures.append(math.log2(len(refs) + 1) - math.log2(1 + lower))
+        aucs.append(1.0 - lower / len(refs))
+    return {"exposure": sum(exposures) / len(exposures), "canary-auc": sum(aucs) / len(aucs)}
