@@ -30,7 +30,8 @@ def test_perplexity_through_the_api_is_sane(real_server: ServerThread) -> None:
     natural = _perplexity(real_server, SENTENCE)
     words = SENTENCE.rstrip(".").split()
     shuffled = _perplexity(real_server, " ".join(words[::2] + words[1::2]))
-    assert natural < 100, natural
+    # HF transformers fp32 gives 143.0 for SENTENCE (14 tokens, no BOS); bf16 serving 143.4
+    assert 130 < natural < 160, natural
     assert shuffled > 2 * natural, (natural, shuffled)
 
 

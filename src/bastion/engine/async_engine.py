@@ -1,0 +1,176 @@
+"""AsyncEngine: runs LLMEngine.step() in a background thread and streams per-request
+deltas to asyncio consumers (the HTTP server, `bastion chat`).
+
+Only the engine thread touches the engine. Callers talk to it through a command
+queue (add / abort), and results come back through `loop.call_soon_threadsafe`.
+Torch releases the GIL inside kernels, so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from bastion.config import Config
+from bastion.engine.llm import OutputProcessor
+from bastion.engine.llm_engine import LLMEngine
+from bastion.engine.outputs import EngineDeadError, EngineStats, PromptTooLongError, QueueFullError, RequestOutput
+from bastion.engine.sampling_params import SamplingParams
+
+log = logging.getLogger("bastion.engine")
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    q: asyncio.Queue
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, tokenizer, model_name: str):
+        self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.max_model_len = engine.max_model_len
+        self.processor = OutputProcessor(engine, tokenizer)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._accepting = True
+        self._stopped = False
+        self._dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: Config, show_progress: bool = True) -> "AsyncEngine":
+        engine, tokenizer, name = LLMEngine.from_config(config, show_progress)
+        return cls(engine, tokenizer, config.model.served_name or name)
+
+    # ------------------------------------------------------------ tokenization helpers
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        if not messages:
+            raise ValueError("messages must not be empty")
+        for m in messages:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
+                raise ValueError(f"invalid message: {str(m)[:80]}")
+            if not isinstance(m.get("content", ""), str):
+                raise ValueError("message content must be a string")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:  # template errors are the caller's input problem
+            raise ValueError(f"chat template failed: {e}") from e
+        if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt]
+        if any(t < 0 or t >= self.engine.vocab_size for t in ids):
+            raise ValueError(f"token ids must be in [0, {self.engine.vocab_size})")
+        return ids
+
+    # ------------------------------------------------------------ requests
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream deltas. Raises QueueFullError / PromptTooLongError / EngineDeadError /
+        ValueError before yielding. Closing the iterator early aborts the request."""
+        rid = request_id or uuid.uuid4().hex
+        self._check_admission(prompt_token_ids, params)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[rid] = stream
+        self._commands.put(("add", rid, list(prompt_token_ids), params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # consumer went away (client disconnect, cancel): free KV now
+                self.abort(rid)
+
+    def _check_admission(self, prompt: list[int], params: SamplingParams) -> None:
+        if self._dead is not None or self._stopped or not self._accepting:
+            raise EngineDeadError("engine is shutting down" if self._dead is None else f"engine failed: {self._dead}")
+        if len(self.engine.scheduler.waiting) + self._commands.qsize() >= self.engine.config.scheduler.max_waiting:
+            raise QueueFullError("too many requests are waiting; retry later")
+        if len(prompt) >= self.max_model_len:
+            raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len}")
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    @property
+    def is_running(self) -> bool:
+        """False once the loop stopped (shutdown) or crashed; /health reports it."""
+        return self._dead is None and not self._stopped and self._thread.is_alive()
+
+    # ------------------------------------------------------------ the thread
+    def _deliver(self, rid: str, item) -> None:
+        s = self._streams.get(rid)
+        if s is not None:
+            s.loop.call_soon_threadsafe(s.q.put_nowait, item)
+
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, ids, params = cmd
+                try:
+                    self.engine.add_request(rid, ids, params)
+                    self.processor.register(rid, params)
+                except Exception as e:  # bad request: report to that caller only
+                    self._deliver(rid, e)
+            elif cmd[0] == "abort":
+                if self.engine.abort_request(cmd[1]):
+                    self.processor.drop(cmd[1])
+                    self._deliver(cmd[1], RequestOutput(cmd[1], [], finished=True, finish_reason="abort"))
+
+    def _run(self) -> None:
+        try:
+            while not self._stopped:
+                self._drain_commands()
+                if not self.engine.has_unfinished():
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out.request_id, self.processor.process(out))
+        except BaseException as e:  # engine bug or OOM: fail every caller, don't hang them
+            log.exception("engine loop crashed")
+            self._dead = e
+            for rid in list(self._streams):
+                self._deliver(rid, EngineDeadError(f"engine failed: {e}"))
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop admitting; let in-flight requests finish for up to grace_s; abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self.engine.has_unfinished() and time.monotonic() < deadline and self._dead is None:
+            await asyncio.sleep(0.05)
+        for rid in list(self.engine.requests):
+            self.abort(rid)
+        await asyncio.sleep(0.1)  # let aborts reach their streams
+        self._stopped = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
