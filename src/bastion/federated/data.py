@@ -178,6 +178,7 @@ def build_owner(owner: int, num_owners: int, tok: Tokenizer, *, seq_len: int, tr
     heldout: list[list[int]] = []
     train: list[list[int]] = []
     buf: list[int] = []  # packed training tokens, documents joined by EOS
+    seen: set[tuple[int, ...]] = set()  # held-out records, filled once held-out is complete
     for _doc_id, read in docs:
         text = read()
         if len(text) < 200:
@@ -188,9 +189,11 @@ def build_owner(owner: int, num_owners: int, tok: Tokenizer, *, seq_len: int, tr
                 if len(heldout) < heldout_records:
                     heldout.append(ids[i : i + seq_len])
             continue
+        seen = seen or {tuple(r) for r in heldout}
         buf += ids
         while len(buf) >= seq_len and len(train) < n_plain:
-            train.append(buf[:seq_len])
+            if tuple(buf[:seq_len]) not in seen:  # boilerplate (e.g. Debian copyright headers)
+                train.append(buf[:seq_len])   # repeats across documents: never train on held-out
             buf = buf[seq_len:]
         if len(train) >= n_plain:
             break
@@ -199,8 +202,7 @@ def build_owner(owner: int, num_owners: int, tok: Tokenizer, *, seq_len: int, tr
 
     prefixes, secrets, refs = [], [], []
     for c in range(canaries):
-        prefix = tok.encode(f"Private note from {domain} owner {owner}: the access code for account "
-                            f"{rng.randrange(10**5):05d} is ")
+        prefix = tok.encode(f"access code {rng.randrange(10**5):05d} is ")
         secret = tok.encode(_digits(rng))
         ref = []
         while len(ref) < canary_refs:
@@ -211,6 +213,8 @@ def build_owner(owner: int, num_owners: int, tok: Tokenizer, *, seq_len: int, tr
         secrets.append(tuple(secret))
         refs.append(tuple(ref))
         canary = prefix + secret + [tok.eos_id]
+        if len(canary) > seq_len:
+            raise ValueError(f"seq_len {seq_len} is shorter than a canary ({len(canary)} tokens)")
         for rep in range(canary_repeats):
             filler = train[(c * canary_repeats + rep) % len(train)]
             train.append((canary + filler)[:seq_len])

@@ -1,0 +1,194 @@
+"""`bastion bench federated`: utility, leakage and communication of federated DP LoRA vs epsilon.
+
+For every strategy in --strategies and every epsilon in --epsilons one full Flower
+simulation runs (runner.run); its training_report.json lands in OUT/runs/<strategy>_eps<e>/
+and is reused on a rerun unless --fresh. Then OUT/federated.json and OUT/federated.png hold:
+  utility    held-out perplexity per owner and on the union, base vs each (strategy, eps),
+             and the fraction of the non-private perplexity gain kept at each eps
+  leakage    canary exposure (bits) and canary membership AUC vs eps
+  bytes      upload / download per client per round vs full-model federated fine-tuning
+  oracle     FLoRA stacking vs FedAvg-of-A,B aggregation error (synthetic mixed ranks and
+             the real client updates of the FLoRA runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ORDER = (math.inf, 8.0, 4.0, 2.0)
+
+
+def _eps_list(text: str) -> tuple[float, ...]:
+    out = []
+    for v in text.split(","):
+        v = v.strip().lower()
+        out.append(math.inf if v in ("inf", "infinity") else float(v))
+    if not out or any(not e > 0 for e in out):
+        raise argparse.ArgumentTypeError(f"epsilons must be positive numbers or inf, got {text!r}")
+    return tuple(out)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bastion.federated.cli import add_run_options
+
+    p.add_argument("--out", default="bench_results/federated", help="output directory (JSON + PNG)")
+    p.add_argument("--strategies", default="fedavg,ffa,flora", help="comma-separated subset of fedavg,ffa,flora")
+    p.add_argument("--epsilons", type=_eps_list, default=_ORDER, help="comma-separated, e.g. inf,8,4,2")
+    p.add_argument("--fresh", action="store_true", help="rerun runs whose report already exists")
+    add_run_options(p)
+
+
+def _label(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def synthetic_oracle(ranks=(2, 4, 8, 16), shape=(96, 64), seed: int = 0) -> dict:
+    """Mixed-rank aggregation error against sum_k p_k s_k B_k A_k (float64 oracle)."""
+    from bastion.federated import lora_math
+
+    gen = torch.Generator().manual_seed(seed)
+    out_f, in_f = shape
+    clients = [{"m.lora_A.weight": torch.randn(r, in_f, generator=gen),
+                "m.lora_B.weight": torch.randn(out_f, r, generator=gen)} for r in ranks]
+    sizes = torch.rand(len(ranks), generator=gen) + 0.5
+    weights = (sizes / sizes.sum()).tolist()
+    scales = [16.0 / r for r in ranks]
+    ideal = lora_math.ideal_delta(clients, scales, weights)
+    stack = lora_math.flora_stack(clients, scales, weights)
+    avg = lora_math.fedavg(clients, weights)
+    return {"ranks": list(ranks), "flora_stack_rel_error": lora_math.relative_error(lora_math.product(stack), ideal),
+            "fedavg_of_A_B_rel_error": lora_math.relative_error(lora_math.product(avg, 16.0 / max(ranks)), ideal)}
+
+
+def _summarise(strategy: str, eps: float, rep: dict) -> dict:
+    util, leak, comm = rep["utility"], rep["leakage"], rep["communication"]
+    per_eps = [v["epsilon_prv"] for v in rep["privacy"]["per_owner"].values()]
+    agg = [r["aggregation_error"] for r in rep["rounds"] if "aggregation_error" in r]
+    return {
+        "strategy": strategy, "epsilon": _label(eps),
+        "epsilon_prv_max": max(per_eps, key=lambda e: float(e)) if per_eps else None,
+        "epsilon_rdp_max": max((v["epsilon_rdp_crosscheck"] for v in rep["privacy"]["per_owner"].values()),
+                               key=lambda e: float(e), default=None),
+        "base_union_ppl": util["base_union_perplexity"], "union_ppl": util["final_union_perplexity"],
+        "per_owner_ppl": {o: v["perplexity"] for o, v in util["final_perplexity_per_owner"].items()},
+        "base_per_owner_ppl": {o: v["perplexity"] for o, v in util["base_perplexity_per_owner"].items()},
+        "exposure_bits": leak["final_mean_exposure"], "base_exposure_bits": leak["base_mean_exposure"],
+        "canary_auc": leak["final_canary_auc"],
+        "upload_bytes": comm["max_upload_bytes_per_client_round"],
+        "download_bytes": comm["max_download_bytes_per_client_round"],
+        "full_model_bytes": comm["full_model_bytes"],
+        "upload_reduction": comm["upload_reduction_vs_full_model"],
+        "aggregation_error": agg[-1] if agg else None,
+        "wall_s": rep["wall_time_s"],
+    }
+
+
+def _gain_kept(rows: list[dict]) -> dict:
+    """Fraction of the non-private union-perplexity gain (base - ppl_inf) kept at each eps."""
+    out = {}
+    for s in sorted({r["strategy"] for r in rows}):
+        mine = {r["epsilon"]: r for r in rows if r["strategy"] == s}
+        if "inf" not in mine:
+            continue
+        gain = mine["inf"]["base_union_ppl"] - mine["inf"]["union_ppl"]
+        out[s] = {e: (r["base_union_ppl"] - r["union_ppl"]) / gain if gain > 0 else None
+                  for e, r in mine.items() if e != "inf"}
+    return out
+
+
+def _monotone(rows: list[dict]) -> dict:
+    """Is exposure non-increasing as eps tightens (inf, 8, 4, 2), per strategy?"""
+    out = {}
+    for s in sorted({r["strategy"] for r in rows}):
+        mine = sorted((r for r in rows if r["strategy"] == s), key=lambda r: -float(r["epsilon"]))
+        exp = [r["exposure_bits"] for r in mine]
+        out[s] = {"order": [r["epsilon"] for r in mine], "exposure": exp,
+                  "monotone_non_increasing": all(a >= b for a, b in zip(exp, exp[1:]))}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    strategies = sorted({r["strategy"] for r in rows})
+    xs = {e: i for i, e in enumerate(["inf", "8", "4", "2"])}
+    for s in strategies:
+        mine = sorted((r for r in rows if r["strategy"] == s), key=lambda r: xs.get(r["epsilon"], 9))
+        x = [xs.get(r["epsilon"], len(xs)) for r in mine]
+        axes[0].plot(x, [r["union_ppl"] for r in mine], marker="o", label=s)
+        axes[1].plot(x, [r["exposure_bits"] for r in mine], marker="o", label=s)
+    if rows:
+        axes[0].axhline(rows[0]["base_union_ppl"], color="gray", ls="--", label="base model")
+        axes[1].axhline(rows[0]["base_exposure_bits"], color="gray", ls="--", label="base model")
+    for ax, title in ((axes[0], "held-out perplexity (union of owners)"), (axes[1], "canary exposure (bits)")):
+        ax.set_xticks(list(xs.values()), [f"eps={k}" for k in xs])
+        ax.set_title(title)
+        ax.legend()
+    per = {s: next(r for r in rows if r["strategy"] == s) for s in strategies}
+    names = ["full model"] + strategies
+    full = rows[0]["full_model_bytes"] if rows else 0
+    up = [full] + [per[s]["upload_bytes"] for s in strategies]
+    down = [full] + [per[s]["download_bytes"] for s in strategies]
+    idx = range(len(names))
+    axes[2].bar([i - 0.2 for i in idx], up, width=0.4, label="upload / client / round")
+    axes[2].bar([i + 0.2 for i in idx], down, width=0.4, label="download / client / round")
+    axes[2].set_yscale("log")
+    axes[2].set_xticks(list(idx), names)
+    axes[2].set_ylabel("bytes")
+    axes[2].set_title("communication per round")
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: argparse.Namespace) -> int:
+    from bastion.federated.cli import config_from_args
+    from bastion.federated.runner import run
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    try:
+        configs = [(s, e, config_from_args(args, strategy=s, epsilon=e)) for s in strategies for e in args.epsilons]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    rows, t0 = [], time.time()
+    for strategy, eps, cfg in configs:
+        run_dir = out / "runs" / f"{strategy}_eps{_label(eps)}"
+        report_path = run_dir / "training_report.json"
+        if report_path.exists() and not args.fresh and json.loads(report_path.read_text())["config"] == cfg.to_record():
+            rep = json.loads(report_path.read_text())
+            print(f"[bench] reuse {run_dir}")
+        else:
+            print(f"[bench] {strategy} eps={_label(eps)} ...", flush=True)
+            try:
+                rep = run(cfg, run_dir, verbose=args.verbose)
+            except (ValueError, RuntimeError, FileNotFoundError) as exc:
+                print(f"error: {strategy} eps={_label(eps)}: {exc}", file=sys.stderr)
+                return 1
+        rows.append(_summarise(strategy, eps, rep))
+    result = {"command": " ".join(["bastion", "bench", "federated", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "federated"] else None,
+              "config": configs[0][2].to_record() if configs else None,
+              "runs": rows, "gain_kept_vs_non_private": _gain_kept(rows), "leakage_monotone": _monotone(rows),
+              "oracle_synthetic": synthetic_oracle(), "bench_wall_s": round(time.time() - t0, 1)}
+    out.mkdir(parents=True, exist_ok=True)
+    from bastion.federated.export import write_report
+
+    write_report(out / "federated.json", result)
+    plot(rows, out / "federated.png")
+    print(json.dumps({k: result[k] for k in ("gain_kept_vs_non_private", "leakage_monotone", "oracle_synthetic")},
+                     indent=1, default=str))
+    print(f"[bench] wrote {out / 'federated.json'} and {out / 'federated.png'}")
+    return 0
