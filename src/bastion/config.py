@@ -27,6 +27,9 @@ class ModelConfig:
     served_name: str | None = None  # id in /v1/models; default: derived from the path
     max_model_len: int | None = None  # default: the model's context length
     threads: int | None = None  # torch intra-op threads on CPU; None = all cores
+    # fp16 weight copies for batch-1/2 decode on CPU (1.4-1.8x faster GEMV than bf16;
+    # costs one more copy of the weights). auto = on for bf16 CPU models up to 2 GB.
+    fp16_gemv: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -37,6 +40,8 @@ class ModelConfig:
             _positive("max_model_len", self.max_model_len)
         if self.threads is not None:
             _positive("threads", self.threads)
+        if self.fp16_gemv not in ("auto", "on", "off"):
+            raise ValueError(f"fp16_gemv must be auto, on or off, got {self.fp16_gemv!r}")
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _want_fp16_gemv(config: Config, device: torch.device, weight_bytes: int) -> bool:
+    mode = config.model.fp16_gemv
+    if mode == "auto":
+        return device.type == "cpu" and config.model.dtype == "bfloat16" and weight_bytes <= 2 * 2**30
+    return mode == "on"
+
+
 class LLMEngine:
     def __init__(self, config: Config, model: torch.nn.Module, kv_cache, *, vocab_size: int,
                  eos_token_id: int | None, max_model_len: int):
@@ -56,6 +63,8 @@ class LLMEngine:
         del ckpt.weights
         model = model.to(device=device, dtype=dtype).eval()
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
+        if _want_fp16_gemv(config, device, sum(p.numel() * p.element_size() for p in model.parameters())):
+            model.enable_fp16_gemv()
         kv_dtype = dtype if config.cache.kind == "auto" else _DTYPES[config.cache.kind]
         a = ckpt.arch
         per_token = FPKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)

@@ -14,6 +14,7 @@ from torch import nn
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
 from bastion.engine.models.arch import ModelArch
+from bastion.engine.models.linear import Linear
 
 
 def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +56,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = nn.Parameter(torch.ones(h), requires_grad=False)
         self.post_attention_layernorm = nn.Parameter(torch.ones(h), requires_grad=False)
         # NOTE: q, k, v and gate, up are fused so each is one GEMM (fewer ops per step).
-        self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=False)
-        self.gate_up_proj = nn.Linear(h, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, h, bias=False)
+        self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
+        self.o_proj = Linear(self.q_size, h, bias=False)
+        self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Linear(arch.intermediate_size, h, bias=False)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         # x: [T, hidden]
@@ -86,7 +87,7 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = nn.Parameter(torch.ones(arch.hidden_size), requires_grad=False)
         # lm_head shares the embedding matrix when tied (SmolLM2); see load_hf_state_dict.
-        self.lm_head = nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = Linear(arch.hidden_size, arch.vocab_size, bias=False)
         cos, sin = rope_tables(arch, max_len, torch.device("cpu"))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -100,6 +101,12 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, meta, kv)
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.arch.rms_norm_eps)
+
+    def enable_fp16_gemv(self) -> None:
+        """Keep fp16 copies of every projection for 1-2 row GEMVs (see linear.py)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.enable_fp16_gemv()
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
