@@ -154,7 +154,8 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                for out in outputs:
                     self._deliver(out.request_id, self.processor.process(out))
         except BaseException as e:  # engine bug or OOM: fail every caller, don't hang them
             log.exception("engine loop crashed")

@@ -96,7 +96,8 @@ class BlockManager:
         """Cached blocks covering the head of req's tokens (no side effects)."""
         # NOTE: at least one token must still be computed (its logits give the next
         # token), so the block holding the last token is never taken from the cache.
-        if not self.prefix_caching or req.block_ids:
+        # NOTE: prompt logprobs need every prompt position computed, so no cache hits.
+        if not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None:
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits = []
