@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 _ORDER = (math.inf, 8.0, 4.0, 2.0)
 
 
@@ -51,6 +49,8 @@ def _label(eps: float) -> str:
 
 def synthetic_oracle(ranks=(2, 4, 8, 16), shape=(96, 64), seed: int = 0) -> dict:
     """Mixed-rank aggregation error against sum_k p_k s_k B_k A_k (float64 oracle)."""
+    import torch
+
     from bastion.federated import lora_math
 
     gen = torch.Generator().manual_seed(seed)
@@ -159,7 +159,8 @@ def main(args: argparse.Namespace) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
-        configs = [(s, e, config_from_args(args, strategy=s, epsilon=e)) for s in strategies for e in args.epsilons]
+        # epsilon-major: a partial (interrupted) bench still compares all strategies
+        configs = [(s, e, config_from_args(args, strategy=s, epsilon=e)) for e in args.epsilons for s in strategies]
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -177,7 +177,7 @@ def _sibling_script(python: str, name: str) -> str:
 def bastion_spec(python: str, port: int, model: str | None = None, threads: int = 2,
                  extra_args: Sequence[str] = ()) -> ServerSpec:
     argv = [python, "-m", "bastion.cli", "serve", *([model] if model else []),
-            "--host", "127.0.0.1", "--port", str(port), *extra_args]
+            "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), *extra_args]
     return ServerSpec("bastion", tuple(argv), port, env=_thread_env(threads))
 
 
@@ -194,7 +194,10 @@ def transformers_spec(python: str, port: int, hf_dir: str, threads: int = 2,
 def llamacpp_spec(python: str, port: int, gguf: str, threads: int = 2, n_ctx: int = 2048) -> ServerSpec:
     argv = [python, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", SERVED_NAME,
             "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-            "--host", "127.0.0.1", "--port", str(port)]
+            "--host", "127.0.0.1", "--port", str(port),
+            # By default a new request aborts the one streaming (one model, one lock):
+            # under concurrency every output would be cut short. Queue them instead.
+            "--interrupt_requests", "False"]
     return ServerSpec("llamacpp", tuple(argv), port, dialect="llamacpp", model=SERVED_NAME,
                       env=_thread_env(threads), ready_path="/v1/models", startup_timeout_s=180.0)
 

@@ -72,7 +72,7 @@ def plot_offline(result: Mapping[str, Any], path: str | Path) -> Path:
     for ax, (key, title) in zip(axes, _OFFLINE_METRICS):
         vals = [engines[n].get(key) or 0.0 for n in names]
         bars = ax.bar(range(len(names)), vals, color=[f"C{i}" for i in range(len(names))])
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
         ax.set_title(title, fontsize=10)
     fig.suptitle(f"bastion bench offline: {result['prompt_len']}-token prompt, "
@@ -134,5 +134,7 @@ def format_level_line(name: str, rep: int, s: Mapping[str, Any]) -> str:
     return (f"[{name} c={s['concurrency']} run {rep + 1}] {s['completed']}/{s['requests']} ok, "
             f"{s['output_tok_s']:.1f} out tok/s, {s['request_s']:.2f} req/s, "
             f"TTFT p50/p99 {_fmt(s['ttft_p50_ms'])}/{_fmt(s['ttft_p99_ms'])} ms, "
-            f"ITL p50/p99 {_fmt(s['itl_p50_ms'])}/{_fmt(s['itl_p99_ms'])} ms")
+            f"ITL p50/p99 {_fmt(s['itl_p50_ms'])}/{_fmt(s['itl_p99_ms'])} ms"
+            + (f", {s['short_outputs']} SHORT outputs" if s.get("short_outputs") else "")
+            + (f", errors: {s['errors']}" if s.get("errors") else ""))
 

@@ -386,6 +386,9 @@ def run_serving(
             bad = [r.error for r in res if not r.ok]
             if bad:
                 raise RuntimeError(f"{ep.name}: warm-up failed: {bad[0]}")
+            if any(r.output_tokens < r.expected_output_len for r in res):
+                log(f"WARNING: {ep.name} stopped before max_tokens: EOS is not suppressed, "
+                    "its tokens/s will not be comparable")
     for rep in range(cfg.repeats):
         for li, conc in enumerate(cfg.concurrencies):
             reqs = make_requests(corpus_ids, tokenizer, workload, cfg.num_requests(conc),
