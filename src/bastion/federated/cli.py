@@ -107,7 +107,18 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_extra() -> None:
+    """Raise ImportError (the lead's CLI then prints what to install) without importing the
+    heavy packages: parser construction must stay fast."""
+    import importlib.util
+
+    missing = [m for m in ("flwr", "opacus", "peft", "dp_accounting") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(f"No module named {', '.join(missing)}")
+
+
 def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
+    require_extra()
     p = subparsers.add_parser(
         "federated", help="federated DP LoRA fine-tuning across data owners (Flower simulation)",
         description="Train one LoRA adapter across data owners with Flower; each owner runs DP-SGD "
@@ -128,6 +139,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    require_extra()
     from bastion.bench.federated import add_arguments, main
 
     p = subparsers.add_parser("federated", help="utility / leakage / bytes of federated DP LoRA vs epsilon",
