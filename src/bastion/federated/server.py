@@ -84,6 +84,16 @@ class RunLog:
             self.bar.close()
 
 
+def _complete(cfg: FedConfig, replies: Iterable[Message], what: str) -> list[Message]:
+    """All owners must answer: a partial round would silently change p_k and the report."""
+    replies = list(replies)
+    ok = [r for r in replies if not r.has_error()]
+    if len(ok) < cfg.clients:
+        reasons = "; ".join(r.error.reason[:300] for r in replies if r.has_error()) or "no reply"
+        raise RuntimeError(f"{what}: {len(ok)}/{cfg.clients} owners replied ({reasons})")
+    return ok
+
+
 class LoraFedAvg(FedAvg):
     """FedAvg over whatever LoRA arrays the owners send (A and B, or only B for FFA)."""
 
@@ -99,12 +109,12 @@ class LoraFedAvg(FedAvg):
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = [r for r in replies if not r.has_error()]
+        replies = _complete(self.cfg, replies, f"round {server_round} training")
         self.log.on_train(server_round, self._download, replies)
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        replies = [r for r in replies if not r.has_error()]
+        replies = _complete(self.cfg, replies, f"round {server_round} evaluation")
         self.log.on_evaluate(server_round, replies)
         return super().aggregate_evaluate(server_round, replies)
 
@@ -118,10 +128,8 @@ class FLoRA(LoraFedAvg):
         self.stacks: list[lora_math.Factors] = []
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = [r for r in replies if not r.has_error()]
+        replies = _complete(self.cfg, replies, f"round {server_round} training")
         self.log.on_train(server_round, self._download, replies)
-        if not replies:
-            return None, None
         replies.sort(key=lambda r: int(r.content["metrics"]["owner"]))
         factors = [dict(r.content["arrays"].to_torch_state_dict()) for r in replies]
         sizes = [float(r.content["metrics"]["num-examples"]) for r in replies]
