@@ -403,6 +403,7 @@ def run_serving(
                 res, dur, complete = asyncio.run(run_level(ep, reqs, conc, cfg))
                 stats = summarize(res, dur, conc)
                 stats["complete"] = complete
+                stats["planned"] = len(reqs)  # > requests when the level was cut by its timeout
                 partial |= not complete
                 raw[ep.name].setdefault(conc, []).append(stats)
                 log(format_level_line(ep.name, rep, stats))
