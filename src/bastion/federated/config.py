@@ -34,13 +34,13 @@ class FedConfig:
     flora_ranks: tuple[int, ...] = (4, 8)  # cycled over owners: owner i gets ranks[i % len]
     lora_alpha: float = 16.0  # scaling s = alpha / r
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    local_steps: int = 6  # DP-SGD steps per owner per round
-    batch_size: int = 16  # expected batch (Poisson rate q = batch_size / n)
+    local_steps: int = 4  # DP-SGD steps per owner per round
+    batch_size: int = 32  # expected batch (Poisson rate q = batch_size / n); DP favours large
     lr: float = 2e-3  # Adam
-    seq_len: int = 64  # tokens per record
+    seq_len: int = 32  # tokens per record (the unit record-level DP protects)
     train_records: int = 512  # per owner (cap; fewer if the domain is short)
-    heldout_records: int = 48  # per owner, from documents never trained on
-    eval_records: int = 12  # held-out records scored by clients in intermediate rounds
+    heldout_records: int = 32  # per owner, from documents never trained on
+    eval_records: int = 8  # held-out records scored by clients in intermediate rounds
     canaries: int = 4  # secret canaries inserted per owner
     canary_repeats: int = 4  # copies of each canary in the owner's training records
     canary_refs: int = 31  # reference secrets per canary for exposure (max log2(refs+1) bits)

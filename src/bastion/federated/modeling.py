@@ -47,8 +47,9 @@ def _base_model(name: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     if name == "tiny":
-        torch.manual_seed(1234)
-        model = LlamaForCausalLM(tiny_config())
+        with torch.random.fork_rng():  # fixed weights without touching the global RNG
+            torch.manual_seed(1234)
+            model = LlamaForCausalLM(tiny_config())
     else:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_NAME, dtype=torch.float32)

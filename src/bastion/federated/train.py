@@ -7,6 +7,7 @@ NLL over the L-1 predicted positions of that record).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -20,16 +21,25 @@ def per_sample_nll(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def local_train(peft_model, train: torch.Tensor, *, steps: int, batch_size: int, lr: float,
-                noise_multiplier: float, max_grad_norm: float, private: bool, seed: int) -> dict[str, float]:
+                noise_multiplier: float, max_grad_norm: float, private: bool,
+                seed: int | None = None) -> dict[str, float]:
     """`steps` steps of Poisson-sampled (DP-)Adam over `train` [n, L].
 
     Private: Opacus per-sample gradients on the trainable (LoRA) parameters only, each
     clipped to `max_grad_norm`, summed, N(0, (sigma C)^2) added, divided by the expected
     batch size. Non-private: plain Adam on the batch mean (same sampling).
+
+    seed=None (what ClientApps use): sampling and noise come from generators seeded by
+    os.urandom, because subsampling amplification and the noise both assume the server
+    cannot predict them (a seed in the shared config would void the guarantee). Opacus'
+    secure_mode (needs torchcsprng) is off: noise is Mersenne-Twister Gaussian.
     """
     n = train.shape[0]
     q = min(1.0, batch_size / n)
+    if seed is None:
+        seed = int.from_bytes(os.urandom(8), "little")
     gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     module = peft_model
@@ -39,7 +49,7 @@ def local_train(peft_model, train: torch.Tensor, *, steps: int, batch_size: int,
 
         module = GradSampleModule(peft_model, batch_first=True, loss_reduction="mean")
         optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                                expected_batch_size=batch_size, loss_reduction="mean")
+                                expected_batch_size=batch_size, loss_reduction="mean", generator=noise_gen)
     peft_model.train()
     losses, sizes = [], []
     for _ in range(steps):
