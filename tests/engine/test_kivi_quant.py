@@ -1,0 +1,358 @@
+"""KIVI quantized KV core (kv_cache/quant.py, quant_attention.py) against oracles.
+
+- Quantizer round trip, per bit width b: with the stored fp16 min m rounded down and the
+  stored fp16 scale s rounded up, every x lies in [m, m + s(2^b - 1)], so round-to-nearest
+  gives |x - (s c + m)| <= s/2 exactly. The codes are computed in fp32: t = (x - m)/s
+  carries a relative error <= 2^-23 (subtraction + division, 2^-24 each) on |t| <= 2^b, so
+  the nearest integer can miss by at most 2^(b-23) more code units. Reconstructing in
+  fp64 the bound checked is |x - x_hat| <= s (1/2 + 2^(b-22)) (a factor 2 of slack).
+- Quantized attention == dequantize (reference) + attention.decode_attention /
+  prefill_attention on the concatenated [prefix, window] cache, fp32, <= 1e-4 abs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bastion.engine.attention import decode_attention, prefill_attention
+from bastion.engine.kv_cache.quant import (
+    KVQuantSpec, QuantKeys, QuantValues, bytes_per_token, bytes_per_token_at, dequantize_keys,
+    dequantize_values, hadamard, pack, quantize_keys, quantize_values, rotate, split_context, unpack,
+    unpack_float,
+)
+from bastion.engine.kv_cache.quant_attention import (
+    lengths_to_mask, quantized_decode_attention, quantized_prefill_attention,
+)
+
+TOL = 1e-4
+BITS = (2, 4, 8)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _kv(t, h, d, seed, outlier=20.0):
+    """Key-like data [t, h, d]: gaussian, a few channels `outlier`x larger, per-channel
+    offsets (outlier=0: plain gaussian, value-like)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, d, generator=gen)
+    if outlier:
+        x[:, :, :: max(1, d // 4)] *= outlier
+        x += torch.randn(1, h, d, generator=gen) * 3.0
+    return x
+
+
+# ---------------------------------------------------------------- spec / accounting
+
+@pytest.mark.parametrize("kw", [dict(k_bits=3), dict(v_bits=16), dict(group_size=0), dict(group_size=6),
+                                dict(group_size=-4), dict(residual=-1)])
+def test_spec_validation(kw):
+    with pytest.raises(ValueError):
+        KVQuantSpec(**kw)
+
+
+def test_head_dim_and_group_checks():
+    spec = KVQuantSpec(4, 2, 32, 0)
+    spec.check_head_dim(64)
+    with pytest.raises(ValueError):
+        spec.check_head_dim(48)
+    with pytest.raises(ValueError):
+        quantize_values(torch.zeros(4, 1, 48), spec)
+    with pytest.raises(ValueError):  # keys come in whole groups of G tokens
+        quantize_keys(torch.zeros(33, 1, 64), spec)
+
+
+def test_split_context():
+    spec = KVQuantSpec(group_size=32, residual=40)
+    for n in range(0, 300):
+        nq, nw = split_context(spec, n)
+        assert nq % 32 == 0 and nq + nw == n
+        assert nw == n if n < 40 + 32 else 40 <= nw < 40 + 32
+    # growing by one token never re-quantizes: the prefix only grows, by whole groups
+    prev = 0
+    for n in range(1, 300):
+        nq = split_context(spec, n)[0]
+        assert nq in (prev, prev + 32)
+        prev = nq
+
+
+@pytest.mark.parametrize("kb,vb,g", [(4, 2, 32), (2, 2, 32), (8, 8, 64), (4, 4, 16), (2, 8, 8)])
+def test_bytes_per_token_matches_tensors(kb, vb, g):
+    spec, h, d, n = KVQuantSpec(kb, vb, g, 0), 3, 64, 4
+    x = _kv(n * g, h, d, 0)
+    stored = sum(t.nbytes for t in (*quantize_keys(x, spec), *quantize_values(x, spec)))
+    assert bytes_per_token(spec, 1, h, d) == stored / (n * g)
+    assert bytes_per_token(spec, 30, h, d) == 30 * stored / (n * g)
+
+
+def test_bytes_per_token_values():
+    # K4V2 G32 D64, per head and layer: K 32 B codes + 2 fp16 x 64/32 = 8 B, V 16 + 8: 64 B (fp16: 256)
+    spec = KVQuantSpec(4, 2, 32, 128)
+    assert bytes_per_token(spec, 1, 1, 64) == 64.0
+    assert bytes_per_token(KVQuantSpec(4, 4, 32, 0), 1, 1, 64) == 80.0
+    # amortised window: ctx 4096 -> 3968 quantized + 128 fp16 tokens
+    assert split_context(spec, 4096) == (3968, 128)
+    want = (3968 * 64 + 128 * 256) / 4096
+    assert bytes_per_token_at(spec, 1, 1, 64, 4096) == pytest.approx(want)
+    assert bytes_per_token_at(spec, 1, 1, 64, 100) == 256.0  # all in the window
+
+
+# ---------------------------------------------------------------- packing
+
+@pytest.mark.parametrize("bits", BITS)
+def test_pack_unpack_identity(bits):
+    gen = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 1 << bits, (5, 3, 64), generator=gen, dtype=torch.uint8)
+    packed = pack(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 3, 64 * bits // 8)
+    assert torch.equal(unpack(packed, bits), codes)
+    assert torch.equal(unpack_float(packed, bits), codes.float())
+    assert torch.equal(unpack_float(packed.transpose(0, 1), bits), codes.transpose(0, 1).float())
+    every = torch.arange(256, dtype=torch.uint8)  # every byte value round-trips the other way
+    assert torch.equal(pack(unpack(every[:, None], bits), bits), every[:, None])
+
+
+def test_pack_layout_little_endian():
+    assert pack(torch.tensor([1, 2], dtype=torch.uint8), 4).tolist() == [0x21]
+    assert pack(torch.tensor([1, 2, 3, 0], dtype=torch.uint8), 2).tolist() == [0b00111001]
+    with pytest.raises(ValueError):
+        pack(torch.zeros(3, dtype=torch.uint8), 4)
+
+
+# ---------------------------------------------------------------- quantizer round trip
+
+def test_known_answer():
+    spec = KVQuantSpec(2, 2, 4, 0)
+    k = torch.tensor([0.0, 1.0, 2.0, 3.0]).view(4, 1, 1).expand(4, 1, 4).contiguous()
+    kq = quantize_keys(k, spec)
+    assert kq.scale.tolist() == [[[1.0] * 4]] and kq.zero.tolist() == [[[0.0] * 4]]
+    assert unpack(kq.codes, 2).view(4, 4)[:, 0].tolist() == [0, 1, 2, 3]
+    vq = quantize_values(torch.tensor([[[-1.0, 0.0, 0.5, 2.0]]]), spec)  # per token: min -1, s 1
+    assert vq.scale.tolist() == [[[1.0]]] and vq.zero.tolist() == [[[-1.0]]]
+    assert unpack(vq.codes, 2).tolist() == [[[0, 1, 2, 3]]]  # 1.5 rounds half-to-even to 2
+
+
+def _check_roundtrip(x, x_hat, scale, zero, bits):
+    """x, x_hat [..., elements of a group]; scale/zero broadcast against them."""
+    x, s, z = x.double(), scale.double(), zero.double()
+    err = (x - x_hat.double()).abs()
+    assert (err <= s * (0.5 + 2.0 ** (bits - 22))).all()
+    assert (z <= x).all() and (z + s * ((1 << bits) - 1) >= x).all()  # clamping never bites
+    assert err.max() > 0.3 * s.max()  # not vacuous: the bound is nearly reached
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_key_roundtrip_bound(bits):
+    spec, g, h, d = KVQuantSpec(bits, 2, 32, 0), 32, 3, 64
+    k = _kv(5 * g, h, d, bits)
+    k[:g, 0, 0] = 0.1  # a constant channel-group: scale 0 or tiny, still within bound
+    kq = quantize_keys(k, spec)
+    assert kq.codes.shape == (5, g, h, d * bits // 8) and kq.scale.shape == (5, h, d)
+    assert kq.scale.dtype == kq.zero.dtype == torch.float16
+    k_hat = dequantize_keys(kq, spec)
+    _check_roundtrip(k.view(5, g, h, d), k_hat.view(5, g, h, d), kq.scale[:, None], kq.zero[:, None], bits)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_value_roundtrip_bound(bits):
+    spec, g, h, d, t = KVQuantSpec(2, bits, 16, 0), 16, 2, 64, 37  # T needs no group multiple
+    v = _kv(t, h, d, 10 + bits)
+    v[3] = 1.0  # constant tokens: exact
+    vq = quantize_values(v, spec)
+    assert vq.codes.shape == (t, h, d * bits // 8) and vq.scale.shape == (t, h, d // g)
+    v_hat = dequantize_values(vq, spec)
+    shape = (t, h, d // g, g)
+    _check_roundtrip(v.view(shape), v_hat.view(shape), vq.scale[..., None], vq.zero[..., None], bits)
+    assert torch.equal(v_hat[3], v[3])
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_roundtrip_bound_across_magnitudes(bits):
+    """Groups spanning 1e-4 .. 1e4 (fp16 subnormal scales to large ones) keep the bound and
+    the m <= x <= m + s(2^b - 1) invariant."""
+    gen = torch.Generator().manual_seed(100 + bits)
+    mag = 10.0 ** (torch.rand(512, 1, 1, generator=gen) * 8 - 4)
+    x = torch.randn(512, 2, 64, generator=gen) * mag + torch.randn(512, 2, 1, generator=gen) * mag
+    spec = KVQuantSpec(bits, bits, 16, 0)
+    vq = quantize_values(x, spec)
+    shape = (512, 2, 4, 16)
+    _check_roundtrip(x.view(shape), dequantize_values(vq, spec).view(shape), vq.scale[..., None],
+                     vq.zero[..., None], bits)
+    kq = quantize_keys(x, spec)  # 32 groups of 16 tokens, magnitudes mixed within a group
+    _check_roundtrip(x.view(32, 16, 2, 64), dequantize_keys(kq, spec).view(32, 16, 2, 64),
+                     kq.scale[:, None], kq.zero[:, None], bits)
+
+
+# ---------------------------------------------------------------- decode attention oracle
+
+def _batch(spec, ctx_lens, h, d, seed, dtype=torch.float32):
+    """Per-sequence caches split by split_context, gathered and padded.
+    Returns (kq, vq, k_fp, v_fp, block_mask, window_mask, oracle k, v [B, ctx, h, d], mask)."""
+    g = spec.group_size
+    splits = [split_context(spec, n) for n in ctx_lens]
+    nb = max(s[0] for s in splits) // g
+    w = max(s[1] for s in splits)
+    b = len(ctx_lens)
+    kc = torch.zeros(b, nb, g, h, d * spec.k_bits // 8, dtype=torch.uint8)
+    ks = torch.zeros(b, nb, h, d, dtype=torch.float16)
+    kz = torch.zeros_like(ks)
+    vc = torch.zeros(b, nb, g, h, d * spec.v_bits // 8, dtype=torch.uint8)
+    vs = torch.zeros(b, nb, g, h, d // g, dtype=torch.float16)
+    vz = torch.zeros_like(vs)
+    k_fp = torch.zeros(b, w, h, d, dtype=dtype)
+    v_fp = torch.zeros_like(k_fp)
+    ko = torch.zeros(b, nb * g + w, h, d)
+    vo = torch.zeros_like(ko)
+    mask = torch.zeros(b, nb * g + w, dtype=torch.bool)
+    for i, ((nq, nw), n) in enumerate(zip(splits, ctx_lens)):
+        k, v = _kv(n, h, d, seed + 2 * i, outlier=4.0), _kv(n, h, d, seed + 2 * i + 1, outlier=0)
+        kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
+        m = nq // g
+        kc[i, :m], ks[i, :m], kz[i, :m] = kq
+        vc[i, :m], vs[i, :m], vz[i, :m] = (t.view(m, g, *t.shape[1:]) for t in vq)
+        k_fp[i, :nw], v_fp[i, :nw] = k[nq:].to(dtype), v[nq:].to(dtype)
+        ko[i, :nq], vo[i, :nq] = dequantize_keys(kq, spec), dequantize_values(vq, spec)
+        ko[i, nb * g : nb * g + nw], vo[i, nb * g : nb * g + nw] = k_fp[i, :nw].float(), v_fp[i, :nw].float()
+        mask[i, :nq] = True
+        mask[i, nb * g : nb * g + nw] = True
+    block_mask = lengths_to_mask(torch.tensor([s[0] // g for s in splits]), nb)
+    window_mask = lengths_to_mask(torch.tensor([s[1] for s in splits]), w)
+    return (QuantKeys(kc, ks, kz), QuantValues(vc, vs, vz), k_fp, v_fp, block_mask, window_mask, ko, vo, mask)
+
+
+CASES = [  # (k_bits, v_bits, G, R, context lengths, q heads per kv head)
+    (4, 2, 32, 128, [200, 161, 4096 // 16, 130], 3),
+    (2, 2, 32, 0, [64, 33, 95, 1], 3),  # R=0: window empty when len % G == 0
+    (8, 8, 16, 16, [17, 48, 100, 5], 1),
+    (4, 4, 8, 20, [27, 28, 29, 211], 2),
+    (2, 8, 16, 8, [300, 31, 24, 40], 4),
+    (8, 2, 64, 64, [500, 128, 129, 60], 3),
+]
+
+
+@pytest.mark.parametrize("kb,vb,g,r,lens,gq", CASES)
+def test_decode_matches_dequantized_oracle(kb, vb, g, r, lens, gq):
+    spec, h, d = KVQuantSpec(kb, vb, g, r), 3, 64
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, lens, h, d, seed=kb * 10 + vb)
+    q = torch.randn(len(lens), h * gq, d, generator=torch.Generator().manual_seed(1)) * 2
+    ref = decode_attention(q, ko, vo, mask, d ** -0.5)
+    out = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert (out - ref).abs().max() <= TOL
+    small = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm,
+                                       chunk_blocks=3)  # chunking changes nothing
+    assert (small - ref).abs().max() <= TOL
+
+
+def test_decode_prefix_only_and_window_only():
+    spec, h, d, gq = KVQuantSpec(4, 2, 16, 0), 2, 32, 3
+    kq, vq, _, _, bm, _, ko, vo, mask = _batch(spec, [64, 32, 48], h, d, seed=3)
+    q = torch.randn(3, h * gq, d)
+    ref = decode_attention(q, ko, vo, mask, d ** -0.5)
+    out = quantized_decode_attention(q, kq, vq, None, None, spec, block_mask=bm)  # no window at all
+    assert (out - ref).abs().max() <= TOL
+    spec = KVQuantSpec(4, 2, 16, 100)  # every sequence shorter than R: window only
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [64, 3, 99], h, d, seed=4)
+    assert kq.codes.shape[1] == 0
+    ref = decode_attention(q, ko, vo, mask, d ** -0.5)
+    for k_arg, v_arg in ((kq, vq), (None, None)):
+        out = quantized_decode_attention(q, k_arg, v_arg, k_fp, v_fp, spec, window_mask=wm)
+        assert (out - ref).abs().max() <= TOL
+    with pytest.raises(ValueError):
+        quantized_decode_attention(q, None, None, None, None, spec)
+    kq, vq, *_ = _batch(KVQuantSpec(4, 2, 16, 0), [32], h, d, seed=4)
+    with pytest.raises(ValueError):  # codes packed at other bit widths than the spec says
+        quantized_decode_attention(q[:1], kq, vq, None, None, KVQuantSpec(2, 4, 16, 0))
+
+
+def test_decode_pool_form_with_block_table():
+    """Blocks living in a pool ([N, G, ...]) in shuffled order, padding pointing at block 0."""
+    spec, h, d, gq = KVQuantSpec(4, 2, 32, 32), 3, 64, 3
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [300, 100, 70], h, d, seed=5)
+    b, nb = bm.shape
+    n_pool = 1 + b * nb
+    perm = torch.randperm(n_pool - 1, generator=torch.Generator().manual_seed(0)) + 1
+    table = perm.view(b, nb).masked_fill(~bm, 0)
+    pool_k = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in kq]
+    pool_v = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in vq]
+    for p, t in zip(pool_k + pool_v, list(kq) + list(vq)):
+        p[table[bm]] = t[bm]
+    q = torch.randn(b, h * gq, d)
+    ref = decode_attention(q, ko, vo, mask, d ** -0.5)
+    out = quantized_decode_attention(q, QuantKeys(*pool_k), QuantValues(*pool_v), k_fp, v_fp, spec,
+                                     block_mask=bm, window_mask=wm, block_table=table, chunk_blocks=2)
+    assert (out - ref).abs().max() <= TOL
+
+
+def test_decode_bf16_window_and_query():
+    spec, h, d, gq = KVQuantSpec(4, 4, 32, 64), 3, 64, 3
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [400, 90], h, d, seed=6, dtype=torch.bfloat16)
+    q = torch.randn(2, h * gq, d).bfloat16()
+    out = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm)
+    ref = decode_attention(q.float(), ko, vo, mask, d ** -0.5)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + TOL  # bf16 output rounding
+
+
+# ---------------------------------------------------------------- prefill oracle
+
+@pytest.mark.parametrize("kb,vb,g,n_blocks,w,q_len,q_chunk", [
+    (4, 2, 32, 3, 40, 40, None),  # the whole window is this step's chunk
+    (4, 2, 32, 3, 40, 17, None),  # window holds older fp tokens too
+    (4, 2, 32, 3, 40, 17, 1),  # 1 row per tile: M = 3 <= G takes the decode (folded) path
+    (2, 2, 16, 4, 10, 50, 7),  # q_len > w: early queries sit inside the quantized prefix
+    (8, 4, 16, 2, 0, 20, 6),  # no window
+    (4, 8, 16, 0, 25, 25, 4),  # no prefix
+    (4, 2, 32, 8, 144, 300, None),  # long chunk: default row tiling (2 tiles)
+])
+def test_prefill_matches_dequantized_oracle(kb, vb, g, n_blocks, w, q_len, q_chunk):
+    spec, h, d, gq = KVQuantSpec(kb, vb, g, 0), 3, 64, 3
+    nq = n_blocks * g
+    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
+    kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
+    ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
+    vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
+    q = torch.randn(q_len, h * gq, d, generator=torch.Generator().manual_seed(2))
+    ref = prefill_attention(q, ko, vo, d ** -0.5)
+    args = (kq, vq) if n_blocks else (None, None)
+    fp = (k[nq:], v[nq:]) if w else (None, None)
+    out = quantized_prefill_attention(q, *args, *fp, spec, q_chunk=q_chunk)
+    assert out.shape == q.shape and (out - ref).abs().max() <= TOL
+    if n_blocks:  # pool form: blocks at reversed positions of a bigger pool
+        table = torch.arange(n_blocks) * 2 + 1
+        pk = [torch.zeros(2 * n_blocks + 1, *t.shape[1:], dtype=t.dtype) for t in kq]
+        pv = [torch.zeros(2 * n_blocks + 1, g, *t.shape[1:], dtype=t.dtype) for t in vq]
+        for p, t in zip(pk, kq):
+            p[table] = t
+        for p, t in zip(pv, vq):
+            p[table] = t.view(n_blocks, g, *t.shape[1:])
+        out = quantized_prefill_attention(q, QuantKeys(*pk), QuantValues(*pv), *fp, spec, block_table=table)
+        assert (out - ref).abs().max() <= TOL
+
+
+# ---------------------------------------------------------------- Hadamard rotation
+
+def test_hadamard_rotation_preserves_scores():
+    hm = hadamard(64)
+    assert torch.allclose(hm @ hm.T, torch.eye(64), atol=1e-6) and torch.equal(hm, hm.T)
+    q, k = torch.randn(5, 64), torch.randn(7, 64)
+    assert torch.allclose(rotate(q, hm) @ rotate(k, hm).T, q @ k.T, atol=1e-4)
+    with pytest.raises(ValueError):
+        hadamard(48)
+    # rotated keys through the quantized path == rotated q against the dequantized keys
+    spec, h, d = KVQuantSpec(4, 4, 16, 0), 2, 64
+    kr = rotate(_kv(32, h, d, 9, outlier=4.0), hm)
+    v = _kv(32, h, d, 10, outlier=0)
+    kq, vq = quantize_keys(kr, spec), quantize_values(v, spec)
+    qr = rotate(torch.randn(1, h * 2, d), hm)
+    ref = decode_attention(qr, dequantize_keys(kq, spec)[None], dequantize_values(vq, spec)[None],
+                           torch.ones(1, 32, dtype=torch.bool), d ** -0.5)
+    vqb = QuantValues(*(t.view(1, 2, 16, *t.shape[1:]) for t in vq))
+    out = quantized_decode_attention(qr, QuantKeys(*(t[None] for t in kq)), vqb, None, None, spec)
+    assert (out - ref).abs().max() <= TOL
