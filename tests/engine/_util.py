@@ -1,0 +1,113 @@
+"""Helpers shared by the engine tests: tiny models, direct forward passes, engine loops."""
+
+from __future__ import annotations
+
+import torch
+
+from bastion.config import CacheConfig, Config, SchedulerConfig
+from bastion.engine.kv_cache.base import AttentionMetadata, PrefillSegment
+from bastion.engine.kv_cache.fp import FPKVCache
+from bastion.engine.llm_engine import LLMEngine
+from bastion.engine.models.arch import ModelArch
+from bastion.engine.models.llama import LlamaForCausalLM
+from bastion.engine.sampling_params import SamplingParams
+
+GPL_PATH = "/usr/share/common-licenses/GPL-3"
+
+
+def gpl_text(start: str = "  The GNU General Public License is a free", chars: int = 4000) -> str:
+    text = open(GPL_PATH, encoding="utf-8").read()
+    i = text.index(start)
+    return text[i : i + chars]
+
+
+def tiny_llama_config(**kw):
+    from transformers import LlamaConfig
+
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                rms_norm_eps=1e-6, tie_word_embeddings=False)
+    base.update(kw)
+    return LlamaConfig(**base)
+
+
+def tiny_model(seed: int = 0, **cfg_kw) -> LlamaForCausalLM:
+    """A random tiny Llama built with our class only (no HF weights): for shape/plumbing tests."""
+    arch = ModelArch.from_hf_config(tiny_llama_config(**cfg_kw))
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(arch, arch.max_position_embeddings)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        for layer in model.layers:
+            layer.input_layernorm.fill_(1.0)
+            layer.post_attention_layernorm.fill_(1.0)
+        model.norm.fill_(1.0)
+    return model.eval()
+
+
+def build_model(ckpt, dtype=torch.float32, max_len: int | None = None) -> LlamaForCausalLM:
+    """Our model from a LoadedCheckpoint, as LLMEngine.from_config builds it."""
+    model = LlamaForCausalLM(ckpt.arch, max_len or min(ckpt.arch.max_context(), 4096))
+    model.load_hf_state_dict(ckpt.weights)
+    model = model.to(dtype=dtype).eval()
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    return model
+
+
+def make_kv(model: LlamaForCausalLM, num_blocks: int, block_size: int = 16, dtype=None) -> FPKVCache:
+    a = model.arch
+    return FPKVCache(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
+                     num_blocks=num_blocks, block_size=block_size,
+                     dtype=dtype or next(model.parameters()).dtype, device=torch.device("cpu"))
+
+
+def one_shot_logits(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits [T, V] fp32 of a whole prompt computed in one prefill segment."""
+    t = len(ids)
+    kv = make_kv(model, -(-t // block_size), block_size)
+    slots = torch.arange(t)
+    meta = AttentionMetadata(slot_mapping=slots, prefills=[PrefillSegment(0, t, slots)])
+    hidden = model(torch.tensor(ids), torch.arange(t), meta, kv)
+    return model.compute_logits(hidden)
+
+
+def make_engine(model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
+                max_num_batched_tokens: int = 512, max_num_seqs: int = 64, prefix_caching: bool = True,
+                eos_token_id: int | None = None, max_model_len: int | None = None) -> LLMEngine:
+    """An LLMEngine around an already built model (no checkpoint load)."""
+    config = Config(cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
+                    scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+    kv = make_kv(model, num_blocks, block_size)
+    return LLMEngine(config, model, kv, vocab_size=model.arch.vocab_size, eos_token_id=eos_token_id,
+                     max_model_len=max_model_len or model.rope_cos.shape[0])
+
+
+def run_engine(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+               prefix: str = "r", cache_salt: str = "") -> dict[str, dict]:
+    """Add all prompts, step to completion, return per-request tokens/finish/etc (keyed in order)."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    res: dict[str, dict] = {}
+    for i, (p, sp) in enumerate(zip(prompts, plist)):
+        rid = f"{prefix}{i}"
+        engine.add_request(rid, p, sp, cache_salt=cache_salt)
+        res[rid] = {"tokens": [], "logprobs": [], "finish": None, "prompt_logprobs": None, "cached": None}
+    while engine.has_unfinished():
+        for out in engine.step():
+            r = res[out.request_id]
+            r["tokens"] += out.new_token_ids
+            r["logprobs"] += out.new_logprobs or []
+            if out.prompt_logprobs is not None:
+                r["prompt_logprobs"] = out.prompt_logprobs
+            if r["cached"] is None:
+                r["cached"] = out.num_cached_prompt_tokens
+            if out.finished:
+                assert r["finish"] is None, "a request finished twice"
+                r["finish"] = out.finish_reason
+    return res
+
+
+def assert_pool_clean(bm) -> None:
+    assert bm.num_used_blocks == 0
+    assert all(c == 0 for c in bm.ref_count), [i for i, c in enumerate(bm.ref_count) if c]
+    assert sorted(bm.free) == list(range(bm.num_blocks))

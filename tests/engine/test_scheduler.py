@@ -1,0 +1,442 @@
+"""Scheduler + BlockManager driven by a fake, model-free loop.
+
+`FakeLoop` plays the engine: it writes each computed token into a fake KV pool (slot ->
+(position, token)), checks before every step that each scheduled request's context is
+intact in the blocks it owns (so a block shared, evicted or reused wrongly is caught),
+and "samples" a next token that is a pure function of the sequence so far, so any run
+of the same request must produce the same output whatever the scheduling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from bastion.config import SchedulerConfig
+from bastion.engine.kv_cache.block_manager import BlockManager
+from bastion.engine.request import Request, Status
+from bastion.engine.sampling_params import SamplingParams
+from bastion.engine.scheduler import Scheduler
+
+from ._util import assert_pool_clean
+
+V = 1000
+
+
+def next_token(tokens: list[int]) -> int:
+    h = 7
+    for t in tokens[-8:]:
+        h = (h * 1_000_003 + t) % 2**61
+    return (h + len(tokens)) % V
+
+
+class FakeLoop:
+    def __init__(self, num_blocks, block_size=4, budget=32, max_num_seqs=8, prefix_caching=True):
+        self.bm = BlockManager(num_blocks, block_size, prefix_caching)
+        self.sched = Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget), self.bm)
+        self.budget, self.bs = budget, block_size
+        self.kv: dict[int, tuple[int, int]] = {}  # slot -> (position, token)
+        self.batches: list[list[tuple[str, int, int]]] = []  # (rid, computed before, n)
+        self.finished: dict[str, Request] = {}
+
+    def add(self, rid, prompt, max_tokens=8, stop_ids=(), salt=""):
+        r = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, stop_token_ids=tuple(stop_ids)),
+                    cache_salt=salt)
+        self.sched.add(r)
+        return r
+
+    def slot(self, r, pos):
+        return r.block_ids[pos // self.bs] * self.bs + pos % self.bs
+
+    def step(self):
+        batch = self.sched.schedule()
+        self.batches.append([(r.request_id, r.num_computed_tokens, n) for r, n in batch.items])
+        assert batch.num_tokens <= self.budget
+        assert len(self.sched.running) <= self.sched.config.max_num_seqs
+        assert len({r.request_id for r, _ in batch.items}) == len(batch.items)
+        for r, n in batch.items:
+            assert n >= 1 and r.status is Status.RUNNING
+            c = r.num_computed_tokens
+            assert c + n <= r.num_tokens
+            assert len(r.block_ids) >= self.bm.blocks_needed(c + n)
+            for p in range(c):  # the context this step attends to is intact
+                assert self.kv.get(self.slot(r, p)) == (p, r.token_ids[p]), (r.request_id, p)
+        self.check_refcounts()
+        for r, n in batch.items:
+            c = r.num_computed_tokens
+            for p in range(c, c + n):
+                self.kv[self.slot(r, p)] = (p, r.token_ids[p])
+            r.num_computed_tokens += n
+            self.bm.cache_full_blocks(r)
+        for r, n in batch.items:
+            if r.num_computed_tokens == r.num_tokens:
+                tok = next_token(r.token_ids)
+                r.token_ids.append(tok)
+                if tok in r.params.stop_token_ids:
+                    self.finish(r, "stop")
+                elif r.num_output_tokens >= r.params.max_tokens:
+                    self.finish(r, "length")
+        return batch
+
+    def finish(self, r, reason):
+        self.sched.finish(r, reason)
+        self.finished[r.request_id] = r
+
+    def check_refcounts(self):
+        owners = [0] * self.bm.num_blocks
+        for r in self.sched.running:
+            for b in r.block_ids:
+                owners[b] += 1
+        for r in self.sched.waiting:
+            assert r.block_ids == [] and r.status is Status.WAITING  # waiting requests own nothing
+        assert owners == self.bm.ref_count
+        assert all((b in self.bm.free) == (owners[b] == 0) for b in range(self.bm.num_blocks))
+
+    def run(self, max_steps=10_000):
+        for _ in range(max_steps):
+            if not self.sched.has_unfinished():
+                return
+            assert self.step(), "no progress: nothing scheduled while requests are unfinished"
+        raise AssertionError("did not finish")
+
+
+def reference_output(prompt, max_tokens, stop_ids=()):
+    toks = list(prompt)
+    for _ in range(max_tokens):
+        t = next_token(toks)
+        toks.append(t)
+        if t in stop_ids:
+            break
+    return toks[len(prompt):]
+
+
+# ---------------------------------------------------------------- budget and chunking
+def test_token_budget_respected_and_long_prompt_chunked():
+    loop = FakeLoop(num_blocks=64, block_size=4, budget=16)
+    loop.add("long", range(50), max_tokens=3)
+    loop.run()
+    chunks = [n for b in loop.batches for rid, c, n in b]
+    # 50-token prompt: 16 + 16 + 16 + 2, then 2 single-token decodes
+    assert chunks == [16, 16, 16, 2, 1, 1]
+    starts = [c for b in loop.batches for rid, c, n in b]
+    assert starts == [0, 16, 32, 48, 50, 51]
+    assert loop.finished["long"].output_token_ids == reference_output(range(50), 3)
+
+
+def test_decodes_scheduled_before_prefill_chunks():
+    loop = FakeLoop(num_blocks=128, block_size=4, budget=8)
+    for i in range(3):
+        loop.add(f"d{i}", [100 + i, 5, 6], max_tokens=20)
+    loop.step()  # three 3-token prompts (9 > 8: the third is chunked)
+    loop.step()
+    loop.add("big", range(300, 340), max_tokens=2)
+    for _ in range(6):
+        b = loop.step()
+        kinds = [(r.request_id, n) for r, n in b.items]
+        # every running decode gets its token, before (and out of the budget of) the prompt
+        assert kinds[:3] == [("d0", 1), ("d1", 1), ("d2", 1)]
+        assert kinds[3] == ("big", 5)
+    loop.run()
+    assert loop.finished["big"].output_token_ids == reference_output(range(300, 340), 2)
+
+
+def test_max_num_seqs_caps_running():
+    loop = FakeLoop(num_blocks=128, block_size=4, budget=64, max_num_seqs=3)
+    for i in range(7):
+        loop.add(f"r{i}", [i, i + 1], max_tokens=4)
+    b = loop.step()
+    assert [r.request_id for r, _ in b.items] == ["r0", "r1", "r2"]
+    assert len(loop.sched.waiting) == 4
+    loop.run()
+    assert len(loop.finished) == 7
+
+
+def test_admission_is_fcfs_when_memory_is_short():
+    loop = FakeLoop(num_blocks=6, block_size=4, budget=64)
+    loop.add("a", range(16), max_tokens=4)  # 4 blocks
+    loop.add("b", range(100, 112), max_tokens=2)  # 3 blocks: does not fit next to a
+    loop.add("c", [1], max_tokens=1)  # would fit, but must not overtake b
+    b = loop.step()
+    assert [r.request_id for r, _ in b.items] == ["a"]
+    assert [r.request_id for r in loop.sched.waiting] == ["b", "c"]
+    loop.run()
+    assert loop.finished["b"].output_token_ids == reference_output(range(100, 112), 2)
+    assert loop.finished["c"].output_token_ids == reference_output([1], 1)
+
+
+# ---------------------------------------------------------------- preemption
+def test_preemption_by_recompute():
+    loop = FakeLoop(num_blocks=8, block_size=4, budget=64)
+    a = loop.add("a", range(10), max_tokens=12)  # 22 tokens -> 6 blocks at the end
+    b = loop.add("b", range(50, 60), max_tokens=12)
+    loop.step()  # both prompts: 3 + 3 blocks
+    assert a.status is Status.RUNNING and b.status is Status.RUNNING
+    seen = None
+    for _ in range(40):
+        loop.step()
+        if b.num_preemptions and seen is None:
+            # the newest running request is the victim; it goes to the FRONT of waiting,
+            # keeps every token (prompt + outputs so far) and owns no blocks
+            seen = list(b.token_ids)
+            assert loop.sched.waiting[0] is b and b.status is Status.WAITING
+            assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_output_tokens > 0
+            assert a.num_preemptions == 0 and a in loop.sched.running
+        if not loop.sched.has_unfinished():
+            break
+    assert seen is not None, "the pool never ran out"
+    assert loop.sched.num_preemptions >= 1
+    fin = loop.finished
+    assert fin["b"].token_ids[: len(seen)] == seen
+    assert fin["a"].output_token_ids == reference_output(range(10), 12)
+    assert fin["b"].output_token_ids == reference_output(range(50, 60), 12)
+    assert_pool_clean(loop.bm)
+
+
+def test_preempted_request_is_readmitted_before_newer_ones():
+    loop = FakeLoop(num_blocks=8, block_size=4, budget=64)
+    loop.add("a", range(10), max_tokens=12)
+    b = loop.add("b", range(50, 60), max_tokens=12)
+    loop.step()
+    while not b.num_preemptions:
+        loop.step()
+    loop.add("late", [7, 7, 7], max_tokens=2)
+    assert [r.request_id for r in loop.sched.waiting] == ["b", "late"]
+    admitted = []
+    while loop.sched.has_unfinished():
+        for r, n in loop.step().items:
+            if r.request_id not in admitted:
+                admitted.append(r.request_id)
+    assert admitted.index("b") < admitted.index("late")
+
+
+def test_preemption_with_prefix_caching_recomputes_from_cache():
+    """A preempted request finds its own full blocks in the cache when re-admitted."""
+    loop = FakeLoop(num_blocks=10, block_size=4, budget=64)
+    loop.add("a", range(12), max_tokens=20)
+    b = loop.add("b", range(40, 52), max_tokens=20)
+    loop.run()
+    assert b.num_preemptions >= 1 or loop.finished["a"].num_preemptions >= 1
+    for rid, prompt in (("a", range(12)), ("b", range(40, 52))):
+        assert loop.finished[rid].output_token_ids == reference_output(prompt, 20)
+    assert_pool_clean(loop.bm)
+
+
+def test_single_request_that_fills_the_pool_never_deadlocks():
+    loop = FakeLoop(num_blocks=4, block_size=4, budget=8)
+    loop.add("a", range(6), max_tokens=10)  # exactly 16 tokens = the whole pool
+    loop.add("b", range(20, 26), max_tokens=10)
+    loop.run()
+    assert set(loop.finished) == {"a", "b"}
+    assert loop.finished["b"].output_token_ids == reference_output(range(20, 26), 10)
+
+
+# ---------------------------------------------------------------- cancel / abort
+@pytest.mark.parametrize("where", ["waiting", "running-prefill", "running-decode", "preempted"])
+def test_abort_frees_blocks_at_once(where):
+    loop = FakeLoop(num_blocks=8, block_size=4, budget=8)
+    other = loop.add("other", range(10), max_tokens=12)
+    victim = loop.add("v", range(100, 110), max_tokens=12)
+    if where == "waiting":
+        pass
+    elif where == "running-prefill":
+        loop.step()
+        loop.step()  # other's prompt done (8 + 2), v got 6 of 10
+        assert victim.status is Status.RUNNING and victim.num_computed_tokens < victim.num_prompt_tokens
+    elif where == "running-decode":
+        while victim.num_output_tokens < 2:
+            loop.step()
+    else:
+        while not victim.num_preemptions:
+            loop.step()
+        assert victim.status is Status.WAITING
+    used_by_other = len(other.block_ids)
+    loop.finish(victim, "abort")
+    assert victim.status is Status.FINISHED and victim.finish_reason == "abort"
+    assert victim.block_ids == []
+    assert victim not in loop.sched.running and victim not in loop.sched.waiting
+    assert loop.bm.num_used_blocks == used_by_other
+    loop.check_refcounts()
+    loop.sched.finish(victim, "abort")  # idempotent
+    loop.run()
+    assert loop.finished["other"].output_token_ids == reference_output(range(10), 12)
+    assert_pool_clean(loop.bm)
+
+
+def test_abort_of_a_request_sharing_prefix_keeps_the_others_blocks():
+    loop = FakeLoop(num_blocks=32, block_size=4, budget=64)
+    shared = list(range(500, 516))
+    a = loop.add("a", shared + [1, 2], max_tokens=6)
+    loop.step()
+    b = loop.add("b", shared + [3], max_tokens=6)
+    loop.step()
+    assert b.num_cached_tokens == 16 and b.block_ids[:4] == a.block_ids[:4]
+    loop.finish(a, "abort")
+    assert all(loop.bm.ref_count[x] == 1 for x in b.block_ids)
+    loop.run()  # b's context is checked intact at every step
+    assert loop.finished["b"].output_token_ids == reference_output(shared + [3], 6)
+    assert_pool_clean(loop.bm)
+
+
+# ---------------------------------------------------------------- no leak after many mixed requests
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_no_block_leak_after_200_mixed_requests(prefix_caching):
+    rng = random.Random(1234 + prefix_caching)
+    loop = FakeLoop(num_blocks=40, block_size=4, budget=24, max_num_seqs=6, prefix_caching=prefix_caching)
+    shared = [list(range(k * 100, k * 100 + 12)) for k in range(3)]
+    expected = {}
+    aborted = set()
+    n_added = 0
+    while n_added < 200 or loop.sched.has_unfinished():
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if n_added >= 200:
+                break
+            head = rng.choice(shared) if rng.random() < 0.5 else []
+            prompt = head + [rng.randrange(V) for _ in range(rng.randint(1, 30))]
+            mt = rng.randint(1, 24)
+            stops = tuple(rng.sample(range(V), 40)) if rng.random() < 0.3 else ()
+            rid = f"q{n_added}"
+            loop.add(rid, prompt, mt, stops, salt=rng.choice(["", "", "s"]))
+            expected[rid] = reference_output(prompt, mt, stops)
+            n_added += 1
+        live = list(loop.sched.running) + list(loop.sched.waiting)
+        if live and rng.random() < 0.08:
+            victim = rng.choice(live)
+            loop.finish(victim, "abort")
+            aborted.add(victim.request_id)
+        if loop.sched.has_unfinished():
+            assert loop.step()
+    assert len(loop.finished) == 200
+    assert loop.sched.num_preemptions > 0  # the pool was tight enough to preempt
+    assert 10 < len(aborted) < 100
+    for rid, r in loop.finished.items():
+        assert r.block_ids == []
+        if rid in aborted:
+            assert r.finish_reason == "abort"
+            assert r.output_token_ids == expected[rid][: r.num_output_tokens]
+        else:
+            assert r.output_token_ids == expected[rid], rid
+            stopped = bool(set(r.output_token_ids) & set(r.params.stop_token_ids))
+            assert r.finish_reason == ("stop" if stopped else "length")
+    assert not loop.sched.running and not loop.sched.waiting
+    assert_pool_clean(loop.bm)
+
+
+# ---------------------------------------------------------------- through LLMEngine
+def test_engine_no_leak_and_no_corruption_with_tiny_model():
+    """200 mixed requests through the real LLMEngine (tiny random fp32 model, real sampler):
+    random lengths, greedy and seeded sampling, stop ids, EOS/ignore_eos/min_tokens, aborts,
+    a pool small enough to preempt. The non-aborted outputs equal those of a big pool
+    without preemption, and the pool ends empty."""
+    from bastion.engine.sampling_params import SamplingParams as SP
+
+    from ._util import make_engine, tiny_model
+
+    model = tiny_model(seed=3, vocab_size=256, max_position_embeddings=256)
+    rng = random.Random(7)
+    shared = [rng.randrange(4, 256) for _ in range(20)]
+    work = []
+    for i in range(200):
+        head = shared[: rng.choice([0, 8, 20])]
+        prompt = head + [rng.randrange(4, 256) for _ in range(rng.randint(1, 24))]
+        mt = rng.randint(1, 16)
+        kw = dict(max_tokens=mt, stop_token_ids=tuple(rng.sample(range(256), 8)) if rng.random() < 0.3 else ())
+        if rng.random() < 0.5:
+            kw.update(temperature=0.8, seed=i, top_k=rng.choice([-1, 20]), top_p=rng.choice([1.0, 0.9]))
+        else:
+            kw.update(temperature=0)
+        kw["ignore_eos"] = rng.random() < 0.2
+        kw["min_tokens"] = rng.randint(0, mt) if rng.random() < 0.2 else 0
+        work.append((f"w{i}", prompt, SP(**kw), rng.random() < 0.1, rng.randint(0, 3)))
+
+    def run(num_blocks, aborts):
+        eng = make_engine(model, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32,
+                          max_num_seqs=8, eos_token_id=3)
+        out, pending, finished = {}, list(work), {}
+        step = 0
+        while pending or eng.has_unfinished():
+            for _ in range(rng.choice([1, 2, 3])):
+                if not pending:
+                    break
+                rid, prompt, sp, abort, when = pending.pop(0)
+                eng.add_request(rid, prompt, sp)
+                out[rid] = []
+                if aborts and abort:
+                    finished[rid] = ("abort-at", step + when)
+            for rid, (kind, at) in list(finished.items()):
+                if kind == "abort-at" and step >= at:
+                    eng.abort_request(rid)  # may already have finished: then a no-op
+                    finished[rid] = ("abort", step)
+            for o in eng.step():
+                assert out[o.request_id] is not None, "output after finish"
+                out[o.request_id] += o.new_token_ids
+                if o.finished:
+                    finished[o.request_id] = (o.finish_reason, step)
+            step += 1
+        assert_pool_clean(eng.block_manager)
+        assert eng.requests == {} and not eng.scheduler.running and not eng.scheduler.waiting
+        return eng, out, finished
+
+    big, ref, ref_fin = run(num_blocks=400, aborts=False)
+    assert big.scheduler.num_preemptions == 0
+    small, got, fin = run(num_blocks=24, aborts=True)
+    assert small.scheduler.num_preemptions > 10
+    n_aborted = 0
+    for rid, prompt, sp, abort, _ in work:
+        reason = fin[rid][0]
+        if reason == "abort":
+            n_aborted += 1
+            assert got[rid] == ref[rid][: len(got[rid])]
+            continue
+        assert got[rid] == ref[rid], rid
+        assert reason == ref_fin[rid][0]
+        toks = got[rid]
+        if reason == "length":
+            assert len(toks) == sp.max_tokens
+        else:
+            assert reason == "stop" and len(toks) >= sp.min_tokens
+            assert toks[-1] in sp.stop_token_ids or (toks[-1] == 3 and not sp.ignore_eos)
+    assert n_aborted >= 5
+
+
+def test_preemption_real_model_same_greedy_output(smol_fp32, tokenizer):
+    """SmolLM2 (fp32): a pool too small for the batch forces preemption by recompute; every
+    request (greedy and seeded) finishes with the same tokens as with a large pool."""
+    from bastion.engine.sampling_params import SamplingParams as SP
+
+    from ._util import gpl_text, make_engine, run_engine
+
+    text = gpl_text()
+    ids = tokenizer.encode(text)
+    prompts = [ids[0:30], ids[100:125], ids[200:228], ids[300:320]]
+    params = [SP(max_tokens=20, temperature=0, ignore_eos=True)] * 3 + [
+        SP(max_tokens=20, temperature=0.8, seed=11, ignore_eos=True)]
+    big = make_engine(smol_fp32, num_blocks=64, block_size=16)
+    ref = run_engine(big, prompts, params)
+    assert big.scheduler.num_preemptions == 0
+    small = make_engine(smol_fp32, num_blocks=9, block_size=16)  # 4 x 3 blocks needed at the end
+    got = run_engine(small, prompts, params)
+    assert small.scheduler.num_preemptions >= 1
+    for rid in ref:
+        assert got[rid]["tokens"] == ref[rid]["tokens"], rid
+        assert got[rid]["finish"] == "length"
+    assert_pool_clean(small.block_manager)
+
+
+def test_cached_prompt_tokens_never_exceed_the_prompt():
+    """After preemption a request re-admitted from the prefix cache may hit blocks holding its
+    own *output* tokens; num_cached_prompt_tokens (usage.prompt_tokens_details.cached_tokens
+    in the API) counts prompt tokens only, so it must stay <= len(prompt)."""
+    from bastion.engine.sampling_params import SamplingParams as SP
+
+    from ._util import make_engine, tiny_model
+
+    model = tiny_model(seed=4, vocab_size=128, max_position_embeddings=128)
+    eng = make_engine(model, num_blocks=10, block_size=4, max_num_batched_tokens=64)
+    eng.add_request("a", list(range(10, 16)), SP(max_tokens=20, temperature=0, ignore_eos=True))
+    eng.add_request("b", list(range(40, 46)), SP(max_tokens=20, temperature=0, ignore_eos=True))
+    seen = {"a": [], "b": []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            seen[o.request_id].append(o.num_cached_prompt_tokens)
+    assert eng.scheduler.num_preemptions >= 1
+    assert max(seen["a"] + seen["b"]) <= 6, seen
