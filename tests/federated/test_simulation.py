@@ -39,6 +39,7 @@ def test_report_states_privacy_and_exact_aggregation(run_dir):
     comm = rep["communication"]
     assert 0 < comm["max_upload_bytes_per_client_round"] < comm["full_model_bytes"]
     assert rep["utility"]["base_union_perplexity"] > 1 and rep["leakage"]["final_mean_exposure"] >= 0
+    assert isinstance(rep["leakage"]["canary_gap_increase_nats"], float)
 
 
 def test_adapter_loads_with_peft_and_matches_exported_update(run_dir):

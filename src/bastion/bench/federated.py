@@ -80,7 +80,7 @@ def _summarise(strategy: str, eps: float, rep: dict) -> dict:
         "per_owner_ppl": {o: v["perplexity"] for o, v in util["final_perplexity_per_owner"].items()},
         "base_per_owner_ppl": {o: v["perplexity"] for o, v in util["base_perplexity_per_owner"].items()},
         "exposure_bits": leak["final_mean_exposure"], "base_exposure_bits": leak["base_mean_exposure"],
-        "canary_auc": leak["final_canary_auc"],
+        "canary_auc": leak["final_canary_auc"], "canary_gap_increase_nats": leak.get("canary_gap_increase_nats"),
         "upload_bytes": comm["max_upload_bytes_per_client_round"],
         "download_bytes": comm["max_download_bytes_per_client_round"],
         "full_model_bytes": comm["full_model_bytes"],
@@ -104,13 +104,16 @@ def _gain_kept(rows: list[dict]) -> dict:
 
 
 def _monotone(rows: list[dict]) -> dict:
-    """Is exposure non-increasing as eps tightens (inf, 8, 4, 2), per strategy?"""
+    """Do exposure and the canary NLL gap fall as eps tightens (inf, 8, 4, 2), per strategy?"""
     out = {}
     for s in sorted({r["strategy"] for r in rows}):
         mine = sorted((r for r in rows if r["strategy"] == s), key=lambda r: -float(r["epsilon"]))
         exp = [r["exposure_bits"] for r in mine]
+        gap = [r["canary_gap_increase_nats"] for r in mine]
         out[s] = {"order": [r["epsilon"] for r in mine], "exposure": exp,
-                  "monotone_non_increasing": all(a >= b for a, b in zip(exp, exp[1:]))}
+                  "exposure_monotone_non_increasing": all(a >= b for a, b in zip(exp, exp[1:])),
+                  "canary_gap_increase_nats": gap,
+                  "gap_monotone_non_increasing": None if None in gap else all(a >= b for a, b in zip(gap, gap[1:]))}
     return out
 
 
@@ -120,7 +123,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
     strategies = sorted({r["strategy"] for r in rows})
     xs = {e: i for i, e in enumerate(["inf", "8", "4", "2"])}
     for s in strategies:
@@ -128,26 +131,32 @@ def plot(rows: list[dict], path: Path) -> None:
         x = [xs.get(r["epsilon"], len(xs)) for r in mine]
         axes[0].plot(x, [r["union_ppl"] for r in mine], marker="o", label=s)
         axes[1].plot(x, [r["exposure_bits"] for r in mine], marker="o", label=s)
+        gap = [(xi, r["canary_gap_increase_nats"]) for xi, r in zip(x, mine) if r["canary_gap_increase_nats"] is not None]
+        if gap:
+            axes[2].plot(*zip(*gap), marker="o", label=s)
     if rows:
         axes[0].axhline(rows[0]["base_union_ppl"], color="gray", ls="--", label="base model")
         axes[1].axhline(rows[0]["base_exposure_bits"], color="gray", ls="--", label="base model")
-    for ax, title in ((axes[0], "held-out perplexity (union of owners)"), (axes[1], "canary exposure (bits)")):
+        axes[2].axhline(0.0, color="gray", ls="--", label="no memorisation")
+    for ax, title in ((axes[0], "held-out perplexity (union of owners)"), (axes[1], "canary exposure (bits)"),
+                      (axes[2], "canary NLL gap increase vs base (nats)")):
         ax.set_xticks(list(xs.values()), [f"eps={k}" for k in xs])
         ax.set_title(title)
         ax.legend()
+    bars = axes[3]
     per = {s: next(r for r in rows if r["strategy"] == s) for s in strategies}
     names = ["full model"] + strategies
     full = rows[0]["full_model_bytes"] if rows else 0
     up = [full] + [per[s]["upload_bytes"] for s in strategies]
     down = [full] + [per[s]["download_bytes"] for s in strategies]
     idx = range(len(names))
-    axes[2].bar([i - 0.2 for i in idx], up, width=0.4, label="upload / client / round")
-    axes[2].bar([i + 0.2 for i in idx], down, width=0.4, label="download / client / round")
-    axes[2].set_yscale("log")
-    axes[2].set_xticks(list(idx), names)
-    axes[2].set_ylabel("bytes")
-    axes[2].set_title("communication per round")
-    axes[2].legend()
+    bars.bar([i - 0.2 for i in idx], up, width=0.4, label="upload / client / round")
+    bars.bar([i + 0.2 for i in idx], down, width=0.4, label="download / client / round")
+    bars.set_yscale("log")
+    bars.set_xticks(list(idx), names)
+    bars.set_ylabel("bytes")
+    bars.set_title("communication per round")
+    bars.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

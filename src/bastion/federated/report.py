@@ -38,7 +38,11 @@ def build_report(cfg: FedConfig, log, export_notes: dict, total_s: float) -> dic
         },
         "leakage": {"base_mean_exposure": base.get("mean_exposure"), "final_mean_exposure": final.get("mean_exposure"),
                     "base_canary_auc": base.get("mean_canary_auc"), "final_canary_auc": final.get("mean_canary_auc"),
-                    "max_exposure_bits": math.log2(cfg.canary_refs + 1)},
+                    "max_exposure_bits": math.log2(cfg.canary_refs + 1),
+                    # how many more nats training favoured the inserted secrets than unseen ones
+                    "canary_gap_increase_nats": (final["mean_canary_gap"] - base["mean_canary_gap"]
+                                                 if "mean_canary_gap" in base and "mean_canary_gap" in final
+                                                 else None)},
         "communication": {"full_model_bytes": full, "max_upload_bytes_per_client_round": up,
                           "max_download_bytes_per_client_round": down,
                           "upload_reduction_vs_full_model": full / up if up else None,

@@ -54,7 +54,8 @@ class RunLog:
         per_owner, nll, tokens = {}, 0.0, 0
         for msg in replies:
             m = msg.content["metrics"]
-            per_owner[int(m["owner"])] = {k: m[k] for k in ("perplexity", "exposure", "canary-auc") if k in m}
+            per_owner[int(m["owner"])] = {k: m[k] for k in ("perplexity", "exposure", "canary-auc", "canary-gap")
+                                          if k in m}
             nll, tokens = nll + m["nll-sum"], tokens + int(m["tokens"])
         ev = {"per_owner": dict(sorted(per_owner.items())),
               "union_perplexity": math.exp(nll / tokens) if tokens else float("nan")}
@@ -62,6 +63,8 @@ class RunLog:
         if leaks:
             ev["mean_exposure"] = sum(leaks) / len(leaks)
             ev["mean_canary_auc"] = sum(o["canary-auc"] for o in per_owner.values()) / len(leaks)
+            if all("canary-gap" in o for o in per_owner.values()):
+                ev["mean_canary_gap"] = sum(o["canary-gap"] for o in per_owner.values()) / len(leaks)
         row = self.row(server_round)
         row.update(evaluation=ev, elapsed_s=round(time.time() - self.t0, 1))
         if self.bar is not None and server_round > 0:

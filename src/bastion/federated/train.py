@@ -102,13 +102,17 @@ def canary_leakage(model, prefixes, secrets, references, pad_id: int) -> dict[st
     For canary c with reference secrets R_c (never inserted): rank = 1 + #{r in R_c : nll(r)
     < nll(c)} (ties count half); exposure = log2(|R_c| + 1) - log2(rank), in [0, log2(|R_c|+1)];
     ~1 bit expected for an untouched model. AUC = P(nll(c) < nll(r)), 0.5 when nothing leaks.
+    gap = mean_r nll(r) - nll(c) in nats; its change from the base model (same canaries, so
+    the prior on particular digit strings cancels) is the low-variance memorisation signal.
     """
     if not secrets:
-        return {"exposure": 0.0, "canary-auc": 0.5}
-    exposures, aucs = [], []
+        return {"exposure": 0.0, "canary-auc": 0.5, "canary-gap": 0.0}
+    exposures, aucs, gaps = [], [], []
     for prefix, secret, refs in zip(prefixes, secrets, references):
         scores = secret_nll(model, prefix, [secret, *refs], pad_id)  # [1 + |R|]
         lower = float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
         exposures.append(math.log2(len(refs) + 1) - math.log2(1 + lower))
         aucs.append(1.0 - lower / len(refs))
-    return {"exposure": sum(exposures) / len(exposures), "canary-auc": sum(aucs) / len(aucs)}
+        gaps.append(float(scores[1:].mean() - scores[0]))  # nats the secret is favoured by
+    return {"exposure": sum(exposures) / len(exposures), "canary-auc": sum(aucs) / len(aucs),
+            "canary-gap": sum(gaps) / len(gaps)}
