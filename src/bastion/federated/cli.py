@@ -101,8 +101,8 @@ def _finetune(args: argparse.Namespace) -> int:
     print(f"held-out perplexity (union of owners): base {util['base_union_perplexity']:.2f} -> "
           f"{util['final_union_perplexity']:.2f}")
     for owner, e in eps.items():
-        print(f"owner {owner}: epsilon {e['epsilon_prv']} (PRV; RDP cross-check {e['epsilon_rdp_crosscheck']}) "
-              f"at delta {e['delta']:.2e}")
+        print(f"owner {owner}: epsilon {float(e['epsilon_prv']):.2f} (PRV; RDP cross-check "
+              f"{float(e['epsilon_rdp_crosscheck']):.2f}) at delta {e['delta']:.2e}")
     print(f"protects: {report['privacy']['protects']['records']}")
     return 0
 
