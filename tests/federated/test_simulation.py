@@ -1,5 +1,7 @@
-"""End to end on the tiny model: Flower simulation (2 owners, 1 round, FLoRA, eps=8) ->
-PEFT adapter that loads onto the HF model and reproduces the exported update exactly."""
+"""End to end on the tiny model: Flower simulation (2 owners, 2 rounds, FLoRA, eps=8) ->
+PEFT adapter that loads onto the HF model, reproduces the exported update exactly, and
+scores each owner's held-out text exactly as the owners did inside Flower (so FLoRA
+owners really accumulated every round's stack in their Context.state)."""
 
 import json
 import math
@@ -10,7 +12,7 @@ import torch
 from bastion.federated import lora_math, modeling
 from bastion.federated.config import FedConfig
 
-CFG = FedConfig(model="tiny", clients=2, rounds=1, strategy="flora", epsilon=8.0, flora_ranks=(2, 4),
+CFG = FedConfig(model="tiny", clients=2, rounds=2, strategy="flora", epsilon=8.0, flora_ranks=(2, 4),
                 local_steps=3, batch_size=8, seq_len=48, train_records=64, heldout_records=8, eval_records=4,
                 canaries=2, canary_repeats=2, canary_refs=7, lr=5e-3)
 
@@ -61,3 +63,18 @@ def test_adapter_loads_with_peft_and_matches_exported_update(run_dir):
         torch.testing.assert_close(peft_model(input_ids=x).logits, merged(input_ids=x).logits, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(modeling.load_base("tiny")(input_ids=x).logits, merged(input_ids=x).logits)
     assert lora_math.modules_of(factors)  # keys are PEFT's: base_model.model.<module>.lora_A.weight
+
+
+def test_owners_final_evaluation_matches_the_exported_adapter(run_dir):
+    from peft import PeftModel
+
+    from bastion.federated.client import owner_data
+    from bastion.federated.train import heldout_nll
+
+    rep = json.loads((run_dir / "training_report.json").read_text())
+    model = PeftModel.from_pretrained(modeling.load_base("tiny"), str(run_dir)).eval()
+    for owner in range(CFG.clients):
+        nll, tokens = heldout_nll(model, owner_data(CFG, owner).heldout)
+        reported = rep["utility"]["final_perplexity_per_owner"][str(owner)]["perplexity"]
+        assert math.isclose(math.exp(nll / tokens), reported, rel_tol=1e-4)
+        assert reported != rep["utility"]["base_perplexity_per_owner"][str(owner)]["perplexity"]
