@@ -111,3 +111,33 @@ def assert_pool_clean(bm) -> None:
     assert bm.num_used_blocks == 0
     assert all(c == 0 for c in bm.ref_count), [i for i, c in enumerate(bm.ref_count) if c]
     assert sorted(bm.free) == list(range(bm.num_blocks))
+
+
+def teacher_force(engine: LLMEngine, text_ids: list[int], end: int | None = None, budget_check: int | None = None):
+    """Step the engine's scheduler + runner like LLMEngine.step, but append the true next
+    token of `text_ids` instead of sampling (every request must be a prefix of text_ids).
+    Returns (records, batches): records are ("prompt", rid, first_pos, rows[n, V]) and
+    ("sample", rid, pos, row[V]) where row predicts text_ids[pos + 1]; batches are the
+    [(rid, n)] of each step. Requests finish when they reach `end` tokens."""
+    end = end or len(text_ids)
+    records, batches = [], []
+    while engine.has_unfinished():
+        batch = engine.scheduler.schedule()
+        if budget_check is not None:
+            assert batch.num_tokens <= budget_check
+        batches.append([(r.request_id, n) for r, n in batch.items])
+        logits = engine.runner.execute(batch)
+        for rid, (first, rows) in logits.prompt_logits.items():
+            records.append(("prompt", rid, first, rows))
+        for req, n in batch.items:
+            req.num_computed_tokens += n
+            engine.block_manager.cache_full_blocks(req)
+        for req, row in zip(logits.sample_reqs, logits.sample_logits if logits.sample_reqs else []):
+            assert req.token_ids == text_ids[: req.num_tokens]
+            records.append(("sample", req.request_id, req.num_tokens - 1, row))
+            if req.num_tokens >= end:
+                engine.scheduler.finish(req, "length")
+                engine.requests.pop(req.request_id, None)
+            else:
+                req.token_ids.append(text_ids[req.num_tokens])
+    return records, batches

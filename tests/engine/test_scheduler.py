@@ -166,19 +166,23 @@ def test_admission_is_fcfs_when_memory_is_short():
 
 # ---------------------------------------------------------------- preemption
 def test_preemption_by_recompute():
-    loop = FakeLoop(num_blocks=8, block_size=4, budget=64)
+    loop = FakeLoop(num_blocks=8, block_size=4, budget=64, max_num_seqs=2)
     a = loop.add("a", range(10), max_tokens=12)  # 22 tokens -> 6 blocks at the end
     b = loop.add("b", range(50, 60), max_tokens=12)
+    c = loop.add("c", [1, 2], max_tokens=2)  # waits (max_num_seqs)
     loop.step()  # both prompts: 3 + 3 blocks
     assert a.status is Status.RUNNING and b.status is Status.RUNNING
     seen = None
-    for _ in range(40):
-        loop.step()
+    first_seen = {}
+    for step in range(40):
+        batch = loop.step()
+        for pos, (r, _) in enumerate(batch.items):
+            first_seen.setdefault((r.request_id, r.num_preemptions), (step, pos))
         if b.num_preemptions and seen is None:
             # the newest running request is the victim; it goes to the FRONT of waiting,
             # keeps every token (prompt + outputs so far) and owns no blocks
             seen = list(b.token_ids)
-            assert loop.sched.waiting[0] is b and b.status is Status.WAITING
+            assert list(loop.sched.waiting) == [b, c] and b.status is Status.WAITING
             assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_output_tokens > 0
             assert a.num_preemptions == 0 and a in loop.sched.running
         if not loop.sched.has_unfinished():
@@ -189,6 +193,8 @@ def test_preemption_by_recompute():
     assert fin["b"].token_ids[: len(seen)] == seen
     assert fin["a"].output_token_ids == reference_output(range(10), 12)
     assert fin["b"].output_token_ids == reference_output(range(50, 60), 12)
+    assert fin["c"].output_token_ids == reference_output([1, 2], 2)
+    assert first_seen[("b", 1)] < first_seen[("c", 0)]  # re-admitted before the older waiter
     assert_pool_clean(loop.bm)
 
 
