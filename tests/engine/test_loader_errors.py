@@ -163,3 +163,39 @@ def test_dir_without_tokenizer_says_tokenizer_is_missing(tmp_path):
     d = _tiny_hf_dir(tmp_path / "notok", None)
     with pytest.raises(UnsupportedModelError, match="(?i)tokenizer"):
         load_checkpoint(str(d), show_progress=False)
+
+
+def _tiny_gguf(path, tensors: dict, arch="llama"):
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_head_count(2)
+    w.add_feed_forward_length(16)
+    w.add_vocab_size(4)
+    for name, arr in tensors.items():
+        w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_rope_freqs_is_refused(tmp_path):
+    import numpy as np
+
+    p = _tiny_gguf(tmp_path / "l31.gguf", {"token_embd.weight": np.zeros((4, 8), np.float32),
+                                           "rope_freqs.weight": np.ones(2, np.float32)})
+    with pytest.raises(UnsupportedModelError, match="rope_freqs"):
+        load_checkpoint(str(p), show_progress=False)
+
+
+def test_gguf_unexpected_tensor_is_named(tmp_path):
+    import numpy as np
+
+    p = _tiny_gguf(tmp_path / "odd.gguf", {"token_embd.weight": np.zeros((4, 8), np.float32),
+                                           "blk.0.attn_qkv.weight": np.zeros((24, 8), np.float32)})
+    with pytest.raises(UnsupportedModelError, match="blk.0.attn_qkv.weight"):
+        load_checkpoint(str(p), show_progress=False)

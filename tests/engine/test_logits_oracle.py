@@ -25,12 +25,17 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
+def _assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = TOL, what: object = "") -> None:
+    d = _max_diff(a, b)
+    assert d <= tol, f"max |diff| {d:.3g} > {tol} {what}"
+
+
 # ------------------------------------------------------------------ SmolLM2 (GGUF)
 def test_smollm2_gguf_matches_hf(smol_fp32, gpl_ids, hf_smol_logits):
     ours = one_shot_logits(smol_fp32, gpl_ids)
     assert ours.shape == (64, 49152)
     assert float(hf_smol_logits.std()) > 1.0  # a real model, not near-zero logits
-    assert _max_diff(ours, hf_smol_logits) <= TOL
+    _assert_close(ours, hf_smol_logits)
     # real text: the model predicts most next tokens of the licence text well
     top1 = (ours[:-1].argmax(-1) == torch.tensor(gpl_ids[1:])).float().mean()
     assert top1 > 0.25
@@ -118,7 +123,7 @@ def test_tiny_arch_matches_hf(name, tmp_path, smol_tokenizer_files, gpl_ids):
         ref = hf(ids).logits[0]
     assert float(ref.std()) > 0.5
     got = one_shot_logits(ours, gpl_ids)
-    assert _max_diff(got, ref) <= TOL
+    _assert_close(got, ref)
     if kind == "scaled":
         # negative control: the same weights without RoPE scaling give clearly other logits,
         # so the comparison above really checks the scaling
@@ -134,24 +139,28 @@ def _permute_like_llama_cpp(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def test_tiny_gguf_llama_q8_linear_rope_matches_hf(tmp_path, gpl_ids):
-    """A GGUF written the way llama.cpp's converter writes one (q/k rows permuted, Q8_0
-    projections, F32 norms and embeddings, untied output, GQA, linear RoPE scaling in the
-    metadata): our GGUF reader + un-permutation give HF's logits on the same (dequantized)
-    weights."""
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2"])
+def test_tiny_gguf_q8_matches_hf(arch_name, tmp_path, gpl_ids):
+    """A GGUF written the way llama.cpp's converter writes one (Q8_0 projections, F32 norms
+    and embeddings, untied output, GQA; llama: q/k rows permuted and linear RoPE scaling in
+    the metadata; qwen2: q/k/v biases, no permutation): our GGUF reader gives HF's logits
+    on the same (dequantized) weights."""
     import types
 
     import gguf
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from bastion.engine.models.loader import _load_gguf
 
-    cfg = _llama(vocab_size=512, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    if arch_name == "llama":
+        cfg = _llama(vocab_size=512, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0})
+    else:
+        cfg = Qwen2Config(**{**_COMMON, "vocab_size": 512})
     hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
     _randomize(hf, seed=5)
     q8 = gguf.GGMLQuantizationType.Q8_0
-    p = tmp_path / "tiny-llama.gguf"
-    w = gguf.GGUFWriter(str(p), "llama")
+    p = tmp_path / f"tiny-{arch_name}.gguf"
+    w = gguf.GGUFWriter(str(p), arch_name)
     w.add_context_length(512)
     w.add_embedding_length(64)
     w.add_block_count(2)
@@ -160,51 +169,70 @@ def test_tiny_gguf_llama_q8_linear_rope_matches_hf(tmp_path, gpl_ids):
     w.add_head_count_kv(2)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
-    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-    w.add_rope_scaling_factor(2.0)
+    if arch_name == "llama":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(2.0)
     w.add_vocab_size(512)
     layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
                    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
                    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
                    "mlp.down_proj": "ffn_down"}
     glob = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-    sd = hf.state_dict()
+    permute = arch_name == "llama"
     with torch.no_grad():
-        for name, t in sd.items():
-            base = name.rsplit(".", 1)[0]
+        for name, t in hf.state_dict().items():
+            base, kind = name.rsplit(".", 1)
             if base in glob:
                 g = glob[base]
             else:
                 _, _, i, rest = base.split(".", 3)
                 g = f"blk.{i}.{layer_names[rest]}"
             arr = t.float()
-            if g.endswith("attn_q"):
-                arr = _permute_like_llama_cpp(arr, 4)
-            elif g.endswith("attn_k"):
-                arr = _permute_like_llama_cpp(arr, 2)
+            heads = {"attn_q": 4, "attn_k": 2}.get(g.rsplit(".", 1)[-1]) if permute else None
+            if heads:
+                arr = _permute_like_llama_cpp(arr, heads)
             if arr.ndim == 2 and g.startswith("blk."):
                 q = gguf.quants.quantize(arr.numpy(), q8)
-                w.add_tensor(g + ".weight", q, raw_dtype=q8)
+                w.add_tensor(f"{g}.{kind}", q, raw_dtype=q8)
                 # HF gets the same rounding (un-permuted back to its layout)
                 deq = torch.from_numpy(gguf.quants.dequantize(q, q8)).reshape(arr.shape)
-                if g.endswith("attn_q") or g.endswith("attn_k"):
-                    n = 4 if g.endswith("attn_q") else 2
-                    deq = deq.reshape(n, deq.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(deq.shape)
+                if heads:
+                    deq = deq.reshape(heads, deq.shape[0] // heads // 2, 2, -1).swapaxes(1, 2).reshape(deq.shape)
                 t.copy_(deq)
             else:
-                w.add_tensor(g + ".weight", arr.numpy())
+                w.add_tensor(f"{g}.{kind}", arr.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     arch, weights = _load_gguf(p, show_progress=False)
-    assert (arch.num_kv_heads, arch.tie_word_embeddings, arch.vocab_size) == (2, False, 512)
+    assert (arch.model_type, arch.num_kv_heads, arch.tie_word_embeddings, arch.vocab_size) == (arch_name, 2, False, 512)
+    assert arch.qkv_bias == (arch_name == "qwen2")
     ours = build_model(types.SimpleNamespace(arch=arch, weights=weights), torch.float32, max_len=128)
     ids = [i % 512 for i in gpl_ids]
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
     assert float(ref.std()) > 0.5
-    assert _max_diff(one_shot_logits(ours, ids), ref) <= TOL
+    _assert_close(one_shot_logits(ours, ids), ref)
+
+
+@pytest.mark.parametrize("extra", [{"attention_bias": True}, {"mlp_bias": True}], ids=["attention_bias", "mlp_bias"])
+def test_llama_bias_variants_match_hf_or_are_refused(extra, tmp_path, smol_tokenizer_files, gpl_ids):
+    """LlamaConfig(attention_bias=True) also puts a bias on o_proj; mlp_bias=True on
+    gate/up/down. Such a checkpoint must either run exactly or be refused by name, never
+    load with those biases silently dropped."""
+    from bastion.engine.models.arch import UnsupportedModelError
+
+    name = "llama-" + next(iter(extra))
+    hf, d = _hf_dir(name, _llama(**extra), tmp_path, smol_tokenizer_files)
+    try:
+        ours = build_model(load_checkpoint(str(d), show_progress=False), torch.float32, max_len=128)
+    except UnsupportedModelError as e:
+        assert "bias" in str(e)
+        return
+    with torch.no_grad():
+        ref = hf(torch.tensor([gpl_ids])).logits[0]
+    _assert_close(one_shot_logits(ours, gpl_ids), ref)
 
 
 def test_long_prompt_sdpa_path_and_chunked_offset(tmp_path, smol_tokenizer_files):
@@ -219,7 +247,7 @@ def test_long_prompt_sdpa_path_and_chunked_offset(tmp_path, smol_tokenizer_files
     ids = torch.randint(0, 49152, (700,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0]
-    assert _max_diff(one_shot_logits(ours, ids), ref) <= TOL  # 700*700: SDPA, is_causal
+    _assert_close(one_shot_logits(ours, ids), ref)  # 700*700: SDPA, is_causal
     # chunk 1: 300 tokens; chunk 2: 400 tokens over a 700-token context (SDPA with mask),
     # in blocks laid out in reverse order in the pool
     bs = 16
@@ -231,7 +259,7 @@ def test_long_prompt_sdpa_path_and_chunked_offset(tmp_path, smol_tokenizer_files
         ctx = torch.tensor([slot(p) for p in range(b)])
         meta = AttentionMetadata(slot_mapping=ctx[a:], prefills=[PrefillSegment(0, b - a, ctx)])
         rows.append(ours.compute_logits(ours(torch.tensor(ids[a:b]), torch.arange(a, b), meta, kv)))
-    assert _max_diff(torch.cat(rows), ref) <= TOL
+    _assert_close(torch.cat(rows), ref)
 
 
 # ------------------------------------------------------------------ chunked / paged through the engine
@@ -253,10 +281,10 @@ def test_chunked_prefill_prefix_hit_and_decode_match_hf(smol_fp32, gpl_ids, hf_s
     for kind, rid, pos, lg in records:
         if kind == "prompt":
             assert rid == "A"
-            assert _max_diff(lg, hf_smol_logits[pos - 1 : pos - 1 + lg.shape[0]]) <= TOL
+            _assert_close(lg, hf_smol_logits[pos - 1 : pos - 1 + lg.shape[0]])
             rows += lg.shape[0]
         else:
-            assert _max_diff(lg, hf_smol_logits[pos]) <= TOL, (rid, pos)
+            _assert_close(lg, hf_smol_logits[pos], what=(rid, pos))
             rows += 1
     assert rows == 39 + 25 + 35  # A: 39 prompt rows + 25 samples; B: 35 samples
     assert reqs["B"].num_cached_tokens == 16  # B really started from A's cached block
@@ -273,7 +301,7 @@ def test_served_bf16_decode_with_fp16_gemv_close_to_fp32(offline_llm, gpl_ids, h
     model = offline_llm.engine.runner.model
     assert next(model.parameters()).dtype == torch.bfloat16
     lins = [m for m in model.modules() if isinstance(m, Linear)]
-    assert lins and all(m.w16 is not None for m in lins)  # auto mode turned it on for CPU bf16
+    assert lins and all(m.w16 is not None for m in lins), "fp16_gemv 'auto' no longer on for CPU bf16"
     eng = make_engine(model, num_blocks=8)
     eng.add_request("d", gpl_ids[:48], SamplingParams(max_tokens=64, temperature=0))
     records, _ = teacher_force(eng, gpl_ids)
