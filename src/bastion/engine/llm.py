@@ -39,8 +39,9 @@ class OutputProcessor:
         if d is None:
             return out
         out.new_text, hit_stop = d.add(out.new_token_ids, out.finished)
-        if hit_stop and not out.finished:
-            self.engine.abort_request(out.request_id)
+        if hit_stop:  # also when the same token hit max_tokens: vLLM reports "stop"
+            if not out.finished:
+                self.engine.abort_request(out.request_id)
             out.finished, out.finish_reason = True, "stop"
         if out.finished:
             del self.detok[out.request_id]

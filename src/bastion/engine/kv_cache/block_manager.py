@@ -57,7 +57,9 @@ class BlockManager:
         for _ in range(max(need, 0)):
             req.block_ids.append(self._pop_free())
         if hits:
-            req.num_computed_tokens = req.num_cached_tokens = len(hits) * self.block_size
+            req.num_computed_tokens = len(hits) * self.block_size
+            # a re-admitted (preempted) request can hit blocks of its own outputs
+            req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
         return True
 
     def _pop_free(self) -> int:

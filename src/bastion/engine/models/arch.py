@@ -33,6 +33,7 @@ class ModelArch:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # Llama's attention_bias also biases o_proj (Qwen2's q/k/v bias does not)
     sliding_window: int | None
     hf_config: Any  # transformers.PretrainedConfig (RoPE parameters live here)
 
@@ -48,6 +49,8 @@ class ModelArch:
             raise UnsupportedModelError(f"RoPE scaling type {rope!r} is not supported ({SUPPORTED_ROPE})")
         if getattr(cfg, "hidden_act", "silu") not in ("silu", "swish"):
             raise UnsupportedModelError(f"activation {cfg.hidden_act!r} is not supported (SwiGLU/silu only)")
+        if getattr(cfg, "mlp_bias", False):
+            raise UnsupportedModelError("mlp_bias=True (biased gate/up/down projections) is not supported")
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
@@ -64,6 +67,7 @@ class ModelArch:
             max_position_embeddings=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=SUPPORTED_ARCHS[mt] or bool(getattr(cfg, "attention_bias", False)),
+            o_bias=mt != "qwen2" and bool(getattr(cfg, "attention_bias", False)),
             sliding_window=window,
             hf_config=cfg,
         )

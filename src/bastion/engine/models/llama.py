@@ -57,7 +57,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.Parameter(torch.ones(h), requires_grad=False)
         # NOTE: q, k, v and gate, up are fused so each is one GEMM (fewer ops per step).
         self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
-        self.o_proj = Linear(self.q_size, h, bias=False)
+        self.o_proj = Linear(self.q_size, h, bias=arch.o_bias)
         self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
         self.down_proj = Linear(arch.intermediate_size, h, bias=False)
 
@@ -126,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         with torch.no_grad():
             self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
             self.norm.copy_(take("model.norm.weight"))
-            if self.arch.tie_word_embeddings or "lm_head.weight" not in weights:
+            if self.arch.tie_word_embeddings:
                 self.lm_head.weight = self.embed_tokens.weight
             else:
                 self.lm_head.weight.copy_(take("lm_head.weight"))
@@ -139,6 +139,8 @@ class LlamaForCausalLM(nn.Module):
                 if layer.qkv_proj.bias is not None:
                     layer.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
                 layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                if layer.o_proj.bias is not None:
+                    layer.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
                 gu = [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
                 layer.gate_up_proj.weight.copy_(torch.cat(gu, 0))
                 layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))

@@ -180,7 +180,12 @@ def load_tokenizer(path: Path):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if path.is_dir():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise UnsupportedModelError(
+                f"{path}: no usable tokenizer (expected tokenizer.json or tokenizer_config.json + vocab files): {e}"
+            ) from e
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = _cache_dir() / "tokenizers" / key
