@@ -38,6 +38,7 @@ def _config(args: argparse.Namespace) -> Config:
         host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
         api_key=getattr(args, "api_key", None) or os.environ.get("BASTION_API_KEY") or None,
         log_requests=getattr(args, "log_requests", False),
+        admin_key=getattr(args, "admin_key", None) or os.environ.get("BASTION_ADMIN_KEY") or None,
     )
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
@@ -54,12 +55,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.engine.async_engine import AsyncEngine
     from bastion.server import run_server
 
+    import asyncio
+
+    from bastion.adapters.registry import LoraConfig
+
     config = _config(args)
+    loras = [_parse_lora(spec) for spec in args.lora]
+    lora_config = LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     engine = AsyncEngine.from_config(config)
+    if loras or args.enable_lora or args.admin_key:
+        engine.engine.enable_lora(lora_config)
+        for name, path in loras:
+            asyncio.run(engine.load_adapter(name, path))
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
     run_server(engine, config.server)
     return 0
+
+
+def _parse_lora(spec: str) -> tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--lora expects NAME=PATH, got {spec!r}")
+    return name, path
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -97,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require this Bearer key (or set BASTION_API_KEY)")
     p.add_argument("--log-requests", action="store_true", help="log prompts and outputs (off: privacy)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   help="serve a PEFT LoRA adapter under model id NAME (repeatable)")
+    p.add_argument("--enable-lora", action="store_true", help="allow adapters (also implied by --lora)")
+    p.add_argument("--max-loras", type=int, default=8, help="adapter slots")
+    p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--admin-key", default=None,
+                   help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="interactive terminal chat with streaming")

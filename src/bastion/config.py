@@ -85,6 +85,7 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None  # None: no auth; else Bearer key required (401 otherwise)
     log_requests: bool = False  # NOTE: prompts are private; off by default
+    admin_key: str | None = None  # enables runtime adapter load/unload (Bearer admin key)
     max_tokens_default: int = 256
     shutdown_grace_s: float = 10.0
 

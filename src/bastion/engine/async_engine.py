@@ -9,6 +9,7 @@ Torch releases the GIL inside kernels, so the event loop stays responsive.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -78,14 +79,14 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ requests
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream deltas. Raises QueueFullError / PromptTooLongError / EngineDeadError /
         ValueError before yielding. Closing the iterator early aborts the request."""
         rid = request_id or uuid.uuid4().hex
         self._check_admission(prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[rid] = stream
-        self._commands.put(("add", rid, list(prompt_token_ids), params))
+        self._commands.put(("add", rid, list(prompt_token_ids), params, adapter))
         self._wake.set()
         finished = False
         try:
@@ -114,6 +115,31 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
         self._wake.set()
 
+    # ------------------------------------------------------------ adapters
+    async def call_in_engine(self, fn):
+        """Run fn(engine) on the engine thread between two steps (state changes such as
+        loading an adapter must not race a forward pass)."""
+        if not self.is_running:
+            raise EngineDeadError("engine is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("call", fn, fut))
+        self._wake.set()
+        return await asyncio.wrap_future(fut)
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.engine.adapters is None:
+            raise ValueError("LoRA serving is not enabled (start with --lora or --enable-lora)")
+        await self.call_in_engine(lambda eng: eng.adapters.load(name, path))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self.call_in_engine(lambda eng: eng.unload_adapter(name))
+
+    def adapter_names(self) -> list[str]:
+        return list(self.engine.adapters.slot_of) if self.engine.adapters else []
+
+    def with_adapter(self, name: str) -> "AdapterView":
+        return AdapterView(self, name)
+
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
@@ -134,10 +160,16 @@ class AsyncEngine:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "add":
-                _, rid, ids, params = cmd
+            if cmd[0] == "call":  # run fn(engine) between steps; result to a Future
+                _, fn, fut = cmd
                 try:
-                    self.engine.add_request(rid, ids, params)
+                    fut.set_result(fn(self.engine))
+                except Exception as e:
+                    fut.set_exception(e)
+            elif cmd[0] == "add":
+                _, rid, ids, params, adapter = cmd
+                try:
+                    self.engine.add_request(rid, ids, params, adapter=adapter)
                     self.processor.register(rid, params)
                 except Exception as e:  # bad request: report to that caller only
                     self._deliver(rid, e)
@@ -175,3 +207,17 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+
+
+class AdapterView:
+    """The AsyncEngine as seen through one adapter: same interface, every request runs
+    with that adapter. The server serves one per adapter under the adapter's name."""
+
+    def __init__(self, base: AsyncEngine, adapter: str):
+        self.base, self.adapter, self.model_name = base, adapter, adapter
+
+    def __getattr__(self, name):  # tokenizer, max_model_len, encode_*, abort, stats, ...
+        return getattr(self.base, name)
+
+    def generate(self, prompt_token_ids, params, request_id=None):
+        return self.base.generate(prompt_token_ids, params, request_id, adapter=self.adapter)

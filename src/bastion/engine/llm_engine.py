@@ -46,6 +46,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.vocab_size, self.eos_token_id, self.max_model_len = vocab_size, eos_token_id, max_model_len
         self.requests: dict[str, Request] = {}
+        self.adapters = None  # AdapterRegistry once enable_lora() is called
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -79,9 +80,26 @@ class LLMEngine:
                  ckpt.name, device, config.model.dtype, num_blocks, config.cache.block_size, max_len)
         return engine, ckpt.tokenizer, ckpt.name
 
+    # ------------------------------------------------------------------ adapters
+    def enable_lora(self, config) -> None:
+        """Allocate stacked LoRA slots (adapters.registry.LoraConfig) for multi-LoRA batches."""
+        from bastion.adapters.registry import AdapterRegistry
+
+        p = next(self.runner.model.parameters())
+        self.adapters = AdapterRegistry(self.runner.model.arch, config, p.dtype, p.device)
+        self.runner.lora_stacks = self.adapters.stacks
+
+    def unload_adapter(self, name: str) -> None:
+        slot = self.adapters.slot(name) if self.adapters else 0
+        if any(r.lora_slot == slot for r in self.requests.values()):
+            raise ValueError(f"adapter {name!r} is serving requests; retry when they finish")
+        self.adapters.unload(name)
+
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    cache_salt: str = "") -> None:
+                    adapter: str | None = None, cache_salt: str = "") -> None:
+        """`cache_salt` separates prefix-cache namespaces (e.g. per tenant, so one tenant
+        cannot probe another's cached prompts through time-to-first-token)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -96,7 +114,15 @@ class LLMEngine:
         if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache "
                                      f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens)")
-        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id, cache_salt=cache_salt)
+        slot = 0
+        if adapter:
+            if self.adapters is None:
+                raise ValueError(f"adapter {adapter!r} requested but LoRA serving is not enabled")
+            slot = self.adapters.slot(adapter)
+        # NOTE: the salt keeps an adapter's KV (which differs from the base's) out of
+        # other models' prefix-cache namespace.
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
+                      cache_salt=f"{cache_salt}|lora:{adapter}" if adapter else cache_salt, lora_slot=slot)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)

@@ -24,6 +24,7 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv_cache, device
+        self.lora_stacks = None  # set when adapters are enabled (AdapterRegistry.stacks)
         self.block_size = kv_cache.block_size
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -62,9 +63,18 @@ class ModelRunner:
             row += n
         return (items, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), meta)
 
+    def _lora_step(self, items):
+        if self.lora_stacks is None:
+            return None
+        from bastion.adapters.lora import LoraBatch, LoraStep
+
+        row_slots = [req.lora_slot for req, n in items for _ in range(n)]
+        batch = LoraBatch.build(row_slots, self.device)
+        return None if batch is None else LoraStep(self.lora_stacks, batch)
+
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         items, input_ids, positions, meta = self.prepare(batch)
-        hidden = self.model(input_ids, positions, meta, self.kv)  # [T, hidden]
+        hidden = self.model(input_ids, positions, meta, self.kv, self._lora_step(items))  # [T, hidden]
         out, rows, row = StepLogits(), [], 0
         for req, n in items:
             if req.wants_prompt_logprobs:

@@ -36,6 +36,7 @@ class Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_preemptions: int = 0
     cache_salt: str = ""  # separates prefix-cache namespaces (e.g. per adapter)
+    lora_slot: int = 0  # 0 = base model; else the adapter registry's slot
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks
 
     def __post_init__(self) -> None:

@@ -28,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from bastion.config import ServerConfig
-from bastion.server import routes_chat, routes_completions
+from bastion.server import routes_admin, routes_chat, routes_completions
 from bastion.server.auth import ApiKeyMiddleware, resolve_api_key
 from bastion.server.errors import CatchAllMiddleware, install_error_handlers
 from bastion.server.metrics import ServerMetrics
@@ -48,6 +48,8 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *,
     models = ServedModels(ServedModel(id=engine.model_name, engine=engine))
     for extra in extra_models:
         models.add(extra)
+    for name in getattr(engine, "adapter_names", lambda: [])():  # adapters loaded at start-up
+        models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name))
     state = ServerState(config=config, models=models, metrics=ServerMetrics(engine))
 
     # No /docs or /openapi.json: a private inference server has no reason to publish
@@ -57,6 +59,7 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *,
     install_error_handlers(app)
     app.include_router(routes_chat.router)
     app.include_router(routes_completions.router)
+    app.include_router(routes_admin.router)
     _add_info_routes(app)
 
     # add_middleware wraps: the last added runs first. Order on the way in:

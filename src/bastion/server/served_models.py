@@ -48,5 +48,10 @@ class ServedModels:
             raise APIError(404, f"The model '{model_id}' does not exist. Served models: {known}.",
                            param="model", code="model_not_found") from None
 
+    def remove(self, model_id: str) -> None:
+        if model_id == self._default.id:
+            raise ValueError("the base model cannot be removed")
+        self._by_id.pop(model_id, None)
+
     def all(self) -> list[ServedModel]:
         return list(self._by_id.values())

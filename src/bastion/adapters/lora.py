@@ -1,0 +1,180 @@
+"""PEFT LoRA adapters mapped onto the engine's fused projections, and the batched
+multi-LoRA delta.
+
+Our layers fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so an adapter's
+per-module factors are fused too: for qkv, A = [A_q; A_k; A_v] (stacked ranks) and B is
+block-diagonal, B[q rows, q ranks] = s_q B_q etc. Then x @ A^T @ B^T gives exactly
+[s_q B_q A_q x | s_k B_k A_k x | s_v B_v A_v x] — the PEFT result — in two matmuls.
+The scale s = lora_alpha / r (or / sqrt(r) with rsLoRA) is folded into B.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bastion.engine.models.arch import ModelArch
+
+# fused module -> its PEFT sub-modules, in output order
+FUSED = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+SUB_TO_FUSED = {sub: fused for fused, subs in FUSED.items() for sub in subs}
+_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served on this base model; the message says why."""
+
+
+def module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """PEFT module name -> (in_features, out_features) on this base."""
+    h, i, d = arch.hidden_size, arch.intermediate_size, arch.head_dim
+    return {
+        "q_proj": (h, arch.num_heads * d), "k_proj": (h, arch.num_kv_heads * d),
+        "v_proj": (h, arch.num_kv_heads * d), "o_proj": (arch.num_heads * d, h),
+        "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+    }
+
+
+@dataclass
+class LoraAdapter:
+    name: str
+    path: str
+    rank: int  # largest per-module rank
+    # (layer, fused module) -> (A [R, in], B [out, R]) with the scale folded into B
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    def fused_rank(self, layer: int, module: str) -> int:
+        w = self.weights.get((layer, module))
+        return 0 if w is None else w[0].shape[0]
+
+
+def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapter:
+    """Read adapter_config.json + adapter_model.safetensors (never a pickle)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, w_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not w_file.is_file():
+        raise AdapterError(f"{path}: expected adapter_config.json and adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{cfg_file}: {e}") from e
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    tensors = load_file(str(w_file))
+    shapes = module_shapes(arch)
+    per_sub: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        m = _KEY.match(key)
+        if m is None or m.group(3) not in shapes:
+            raise AdapterError(f"{path}: unexpected tensor {key!r}")
+        layer, sub = int(m.group(1)), m.group(3)
+        if layer >= arch.num_layers:
+            raise AdapterError(f"{path}: {key} targets layer {layer}; the base has {arch.num_layers}")
+        per_sub.setdefault((layer, sub), {})[m.group(4)] = t.float()
+    alpha, r0 = cfg.get("lora_alpha", cfg.get("r", 8)), cfg.get("r", 8)
+    weights, max_rank = {}, 0
+    for (layer, fused), subs in _group_by_fused(per_sub).items():
+        a_parts, b_blocks = [], []
+        for sub in FUSED[fused]:
+            ab = subs.get(sub)
+            out_f = shapes[sub][1]
+            if ab is None:
+                b_blocks.append((out_f, None))
+                continue
+            a, b = ab.get("A"), ab.get("B")
+            if a is None or b is None:
+                raise AdapterError(f"{path}: layer {layer} {sub} lacks lora_A or lora_B")
+            r = a.shape[0]
+            if a.shape != (r, shapes[sub][0]) or b.shape != (out_f, r):
+                raise AdapterError(f"{path}: layer {layer} {sub} shapes A{tuple(a.shape)} B{tuple(b.shape)} "
+                                   f"do not fit in={shapes[sub][0]} out={out_f}")
+            r_cfg = cfg.get("rank_pattern", {}).get(sub, r0)
+            a_cfg = cfg.get("alpha_pattern", {}).get(sub, alpha)
+            if r != r_cfg:
+                raise AdapterError(f"{path}: layer {layer} {sub} has rank {r}, config says {r_cfg}")
+            scale = a_cfg / math.sqrt(r) if cfg.get("use_rslora") else a_cfg / r
+            a_parts.append(a)
+            b_blocks.append((out_f, b * scale))
+            max_rank = max(max_rank, r)
+        A = torch.cat(a_parts, 0)  # [R, in]
+        B = torch.zeros(sum(o for o, _ in b_blocks), A.shape[0])  # [out, R] block-diagonal
+        row = col = 0
+        for out_f, b in b_blocks:
+            if b is not None:
+                B[row : row + out_f, col : col + b.shape[1]] = b
+                col += b.shape[1]
+            row += out_f
+        weights[(layer, fused)] = (A, B)
+    if not weights:
+        raise AdapterError(f"{path}: the adapter holds no LoRA tensors")
+    return LoraAdapter(name=name, path=str(path), rank=max_rank, weights=weights)
+
+
+def _group_by_fused(per_sub):
+    out: dict[tuple[int, str], dict[str, dict[str, torch.Tensor]]] = {}
+    for (layer, sub), ab in per_sub.items():
+        out.setdefault((layer, SUB_TO_FUSED[sub]), {})[sub] = ab
+    return out
+
+
+@dataclass
+class LoraBatch:
+    """Which rows of this step's flat batch use which adapter slot (built once per step,
+    shared by every layer). Rows without an adapter are simply absent."""
+
+    slots: torch.Tensor  # [n] long: adapter slots present in the batch
+    gather: torch.Tensor  # [n, m] long: row ids per slot, padded (padding rows are dropped)
+    rows: torch.Tensor  # [k] long: real row ids, in flattened [n*m] order of `keep`
+    keep: torch.Tensor  # [k] long: positions in the flattened [n*m] that are real
+
+    @classmethod
+    def build(cls, row_slots: list[int], device: torch.device) -> "LoraBatch | None":
+        by_slot: dict[int, list[int]] = {}
+        for row, slot in enumerate(row_slots):
+            if slot:
+                by_slot.setdefault(slot, []).append(row)
+        if not by_slot:
+            return None
+        m = max(len(r) for r in by_slot.values())
+        gather = torch.zeros(len(by_slot), m, dtype=torch.long)
+        rows, keep = [], []
+        for i, r in enumerate(by_slot.values()):
+            gather[i, : len(r)] = torch.tensor(r)
+            rows += r
+            keep += range(i * m, i * m + len(r))
+        return cls(torch.tensor(list(by_slot), device=device), gather.to(device),
+                   torch.tensor(rows, device=device), torch.tensor(keep, device=device))
+
+
+def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoraBatch) -> None:
+    """out[rows] += x[rows] @ A[slot]^T @ B[slot]^T, one batched matmul per factor.
+    x: [T, in]; A: [slots, R, in]; B: [slots, out, R]; out: [T, out] (updated in place)."""
+    xg = x[batch.gather]  # [n, m, in]
+    t = torch.bmm(xg, A[batch.slots].transpose(1, 2))  # [n, m, R]
+    d = torch.bmm(t, B[batch.slots].transpose(1, 2))  # [n, m, out]
+    out.index_add_(0, batch.rows, d.flatten(0, 1)[batch.keep])
+
+
+@dataclass
+class LoraStep:
+    """What the model needs to add adapter deltas this step."""
+
+    stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    batch: LoraBatch
+
+    def apply(self, layer: int, module: str, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.stacks[(layer, module)]
+        add_lora(out, x, A, B, self.batch)
+        return out

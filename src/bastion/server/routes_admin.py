@@ -1,0 +1,77 @@
+"""Runtime adapter management (vLLM's endpoint names), behind a separate admin key.
+
+POST /v1/load_lora_adapter   {"lora_name": ..., "lora_path": ...}
+POST /v1/unload_lora_adapter {"lora_name": ...}
+
+The admin key is distinct from the API key: users who may chat must not be able to
+plug new weights into the server. Without --admin-key the endpoints answer 403.
+Loading goes through the engine's vetting gate when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from bastion.server.errors import APIError
+from bastion.server.served_models import ServedModel
+from bastion.server.state import get_state
+
+router = APIRouter()
+ADMIN_KEY_ENV = "BASTION_ADMIN_KEY"
+
+
+class LoadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1, max_length=128)
+
+
+def _require_admin(request: Request) -> None:
+    key = get_state(request).config.admin_key or os.environ.get(ADMIN_KEY_ENV)
+    if not key:
+        raise APIError(403, "Runtime adapter management is disabled (start the server with --admin-key).",
+                       type="permission_error", code="admin_disabled")
+    given = request.headers.get("x-admin-key", "").encode()
+    if not hmac.compare_digest(given, key.encode()):
+        raise APIError(401, "Missing or incorrect admin key (X-Admin-Key header).", code="invalid_admin_key")
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_adapter(body: LoadAdapterRequest, request: Request) -> JSONResponse:
+    _require_admin(request)
+    state = get_state(request)
+    base = state.models.resolve(None)
+    engine = base.engine
+    if body.lora_name in {m.id for m in state.models.all()}:
+        raise APIError(400, f"model id {body.lora_name!r} is already served", param="lora_name")
+    try:
+        report = await engine.load_adapter(body.lora_name, body.lora_path)
+    except ValueError as e:  # AdapterError, vetting refusal, LoRA not enabled
+        raise APIError(400, str(e), param="lora_path", code="adapter_refused") from None
+    state.models.add(ServedModel(id=body.lora_name, engine=engine.with_adapter(body.lora_name), parent=base.id))
+    return JSONResponse({"status": "loaded", "lora_name": body.lora_name,
+                         "vetting": getattr(report, "verdict", None)})
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> JSONResponse:
+    _require_admin(request)
+    state = get_state(request)
+    if body.lora_name not in set(state.models.resolve(None).engine.adapter_names()):
+        raise APIError(404, f"adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
+    try:
+        await state.models.resolve(None).engine.unload_adapter(body.lora_name)
+    except ValueError as e:
+        raise APIError(409, str(e), param="lora_name") from None
+    state.models.remove(body.lora_name)
+    return JSONResponse({"status": "unloaded", "lora_name": body.lora_name})

@@ -1,0 +1,162 @@
+"""Multi-LoRA serving: our fused, batched LoRA deltas against PEFT on HF transformers.
+
+Tiny random Llama (shapes are all that matter for the math); the adapters get random,
+non-zero B (PEFT's init_lora_weights=False) so a wrong slice or scale shows.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bastion.adapters.lora import AdapterError, LoraBatch, load_peft_adapter
+from bastion.adapters.registry import LoraConfig as BastionLoraConfig
+from bastion.engine.models.arch import ModelArch
+from bastion.engine.models.llama import LlamaForCausalLM
+from bastion.engine.sampling_params import SamplingParams
+
+from ._util import make_engine, run_engine, tiny_llama_config
+
+peft = pytest.importorskip("peft")
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def hf_base():
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(0)
+    return HFLlama(tiny_llama_config()).eval()
+
+
+def _adapter(hf_base, tmp_path, name, seed, **cfg):
+    import copy
+
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    with torch.no_grad():  # larger deltas than PEFT's init, so mistakes are visible
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    path = tmp_path / name
+    model.save_pretrained(str(path))
+    return model.eval(), path
+
+
+def _ours(hf_base, num_blocks=64):
+    arch = ModelArch.from_hf_config(hf_base.config)
+    model = LlamaForCausalLM(arch, 256)
+    model.load_hf_state_dict(hf_base.state_dict())
+    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
+    engine = make_engine(model.eval(), num_blocks=num_blocks)
+    engine.enable_lora(BastionLoraConfig(max_loras=4, max_lora_rank=16))
+    return engine
+
+
+def _hf_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                             pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def test_prompt_logprobs_match_peft_with_mixed_ranks_and_partial_targets(hf_base, tmp_path):
+    peft_model, path = _adapter(hf_base, tmp_path, "a", 1, r=8, lora_alpha=16, target_modules=ALL,
+                                rank_pattern={"k_proj": 4}, alpha_pattern={"down_proj": 4})
+    engine = _ours(hf_base)
+    engine.adapters.load("a", str(path))
+    ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    engine.add_request("x", ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), adapter="a")
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    with torch.no_grad():
+        ref = torch.log_softmax(peft_model(torch.tensor([ids])).logits[0].float(), -1)
+    ours = torch.tensor([outs[0].prompt_logprobs[i].logprob for i in range(1, len(ids))])
+    expect = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert (ours - expect).abs().max() < 1e-4
+
+
+def test_mixed_batch_of_adapters_and_base_matches_each_alone(hf_base, tmp_path):
+    """One batch: two adapters of different ranks/targets and the base model; each
+    request's greedy output equals PEFT's (or plain HF's) for it."""
+    pa, path_a = _adapter(hf_base, tmp_path, "a", 2, r=4, lora_alpha=8, target_modules=ALL)
+    pb, path_b = _adapter(hf_base, tmp_path, "b", 3, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                          use_rslora=True)
+    engine = _ours(hf_base)
+    engine.adapters.load("a", str(path_a))
+    engine.adapters.load("b", str(path_b))
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 23, 17)]
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for name, model in (("a", pa), ("b", pb), (None, hf_base)):
+        for i, ids in enumerate(prompts):
+            engine.add_request(f"{name}-{i}", ids, p, adapter=name)
+    res = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            res.setdefault(o.request_id, []).extend(o.new_token_ids)
+    for name, model in (("a", pa), ("b", pb), (None, hf_base)):
+        for i, ids in enumerate(prompts):
+            assert res[f"{name}-{i}"] == _hf_greedy(model, ids, 6), (name, i)
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_adapter_prefix_cache_is_separate_from_base(hf_base, tmp_path):
+    _, path = _adapter(hf_base, tmp_path, "a", 4, r=4, lora_alpha=8, target_modules=ALL)
+    engine = _ours(hf_base)
+    engine.adapters.load("a", str(path))
+    ids = list(range(3, 60))
+    p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    base = run_engine(engine, [ids], p, prefix="base")["base0"]
+    engine.add_request("lora", ids, p, adapter="a")
+    first = None
+    while engine.has_unfinished():
+        for o in engine.step():
+            first = o.num_cached_prompt_tokens if first is None else first
+    assert base["cached"] == 0 and first == 0  # the base's cached blocks are not the adapter's
+
+
+def test_unload_frees_the_slot_and_refuses_while_in_use(hf_base, tmp_path):
+    _, path = _adapter(hf_base, tmp_path, "a", 5, r=4, lora_alpha=8, target_modules=ALL)
+    engine = _ours(hf_base)
+    engine.adapters.load("a", str(path))
+    engine.add_request("busy", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), adapter="a")
+    engine.step()
+    with pytest.raises(ValueError, match="serving requests"):
+        engine.unload_adapter("a")
+    engine.abort_request("busy")
+    engine.unload_adapter("a")
+    assert not engine.adapters.slot_of
+    assert all(float(A.abs().sum()) == 0 for A, _ in engine.adapters.stacks.values())
+    with pytest.raises(AdapterError):
+        engine.add_request("gone", [5, 6], SamplingParams(), adapter="a")
+
+
+def test_bad_adapters_are_refused_with_the_reason(hf_base, tmp_path):
+    arch = ModelArch.from_hf_config(hf_base.config)
+    _, path = _adapter(hf_base, tmp_path, "a", 6, r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(AdapterError, match="adapter_config.json"):
+        load_peft_adapter("x", tmp_path / "missing", arch)
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**cfg, "r": 8}))
+    with pytest.raises(AdapterError, match="rank 4, config says 8"):
+        load_peft_adapter("x", path, arch)
+    small = ModelArch.from_hf_config(tiny_llama_config(num_hidden_layers=1))
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match="layer 1"):
+        load_peft_adapter("x", path, small)
+    engine = _ours(hf_base)
+    with pytest.raises(AdapterError, match="max-lora-rank"):
+        _, big = _adapter(hf_base, tmp_path, "big", 7, r=32, lora_alpha=8, target_modules=["q_proj"])
+        engine.adapters.load("big", str(big))
+
+
+def test_lora_batch_groups_rows_by_slot():
+    b = LoraBatch.build([0, 2, 1, 2, 0, 2], torch.device("cpu"))
+    assert b.slots.tolist() == [2, 1]
+    assert b.gather.tolist() == [[1, 3, 5], [2, 0, 0]]
+    assert b.rows.tolist() == [1, 3, 5, 2] and b.keep.tolist() == [0, 1, 2, 3]
+    assert LoraBatch.build([0, 0], torch.device("cpu")) is None
