@@ -72,7 +72,10 @@ def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapt
         raise AdapterError(f"{cfg_file}: {e}") from e
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    tensors = load_file(str(w_file))
+    try:
+        tensors = load_file(str(w_file))
+    except Exception as e:  # safetensors raises its own error type on a corrupt file
+        raise AdapterError(f"{w_file}: not a readable safetensors file ({e})") from e
     shapes = module_shapes(arch)
     per_sub: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():

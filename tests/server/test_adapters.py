@@ -1,0 +1,92 @@
+"""Adapters over HTTP: runtime load/unload behind the admin key, selection through the
+`model` field, listing in /v1/models, and refusal of bad adapters without harm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bastion.adapters.registry import LoraConfig
+from bastion.config import ServerConfig
+
+from .conftest import ServerThread
+
+pytestmark = pytest.mark.slow
+ADMIN = {"X-Admin-Key": "adm-secret"}
+
+
+def _write_adapter(path, arch, seed=0, r=4):
+    """A PEFT-format LoRA on q_proj/v_proj of every layer, with large random B."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(arch.num_layers):
+        for mod, out in (("q_proj", arch.num_heads * arch.head_dim), ("v_proj", arch.num_kv_heads * arch.head_dim)):
+            pre = f"base_model.model.model.layers.{i}.self_attn.{mod}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(r, arch.hidden_size, generator=g) * 0.1
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+    path.mkdir()
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": r, "lora_alpha": 2 * r, "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def admin_server(real_engine):
+    if real_engine.engine.adapters is None:
+        real_engine.engine.enable_lora(LoraConfig(max_loras=2, max_lora_rank=8))
+    handle = ServerThread.start(real_engine, ServerConfig(admin_key="adm-secret"))
+    yield handle
+    handle.stop()
+
+
+def test_load_select_unload_over_http(admin_server, tmp_path):
+    arch = admin_server.engine.engine.runner.model.arch
+    path = _write_adapter(tmp_path / "ad", arch)
+    body = {"lora_name": "ad1", "lora_path": str(path)}
+    with admin_server.http() as http:
+        assert http.post("/v1/load_lora_adapter", json=body).status_code == 401
+        assert http.post("/v1/load_lora_adapter", json=body, headers={"X-Admin-Key": "nope"}).status_code == 401
+        r = http.post("/v1/load_lora_adapter", json=body, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        cards = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
+        assert cards["ad1"]["parent"] == admin_server.model
+
+        def complete(model):
+            r = http.post("/v1/completions", json={"model": model, "prompt": "The GNU General Public License is",
+                                                   "max_tokens": 12, "temperature": 0})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["text"]
+
+        assert complete("ad1") != complete(admin_server.model)
+        r = http.post("/v1/unload_lora_adapter", json={"lora_name": "ad1"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        r = http.post("/v1/completions", json={"model": "ad1", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert admin_server.engine.engine.adapters.slot_of == {}
+
+
+def test_bad_adapter_is_refused_and_server_keeps_serving(admin_server, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text("{not json")
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    with admin_server.http() as http:
+        for path in (str(bad), str(tmp_path / "missing")):
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": path}, headers=ADMIN)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["message"]
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "../etc", "lora_path": "x"}, headers=ADMIN)
+        assert r.status_code == 400
+        assert "bad" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
+        assert http.get("/health").status_code == 200
+
+
+def test_admin_endpoints_are_off_without_an_admin_key(fake_server):
+    with fake_server.http() as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
