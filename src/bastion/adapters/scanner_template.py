@@ -27,15 +27,32 @@ DANGEROUS_ATTRS = {"mro", "format_map", "func_globals", "f_globals", "f_locals",
 DANGEROUS_FILTERS = {"attr"}  # |attr('__class__') bypasses the '.' syntax
 
 
+def _environment():
+    """The parser transformers renders chat templates with: loop controls and the
+    {% generation %} block (parsed into a plain scope: we never render)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return ImmutableSandboxedEnvironment(extensions=[GenerationTag, loopcontrols])
+
+
 def template_problems(source: str, *, max_bytes: int) -> list[str]:
     """Reasons this chat template looks like template injection (empty: none found)."""
     from jinja2 import TemplateSyntaxError, nodes
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     if len(source.encode("utf-8", "replace")) > max_bytes:
         return [f"template is {len(source)} characters (limit {max_bytes} bytes)"]
     try:
-        ast = ImmutableSandboxedEnvironment().parse(source)
+        ast = _environment().parse(source)
     except TemplateSyntaxError as e:
         return [f"template does not parse (line {e.lineno}: {e.message}); it cannot be vetted"]
     out: list[str] = []

@@ -47,7 +47,7 @@ class ModuleStats:
     rel: float | None       # fro / ‖W‖_F of the base module, when known
 
     def to_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        return {k: (float(f"{v:.7g}") if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 def module_stats(a: np.ndarray, b: np.ndarray, scale: float, layer: int, module: str,

@@ -1,0 +1,162 @@
+"""`bastion scan PATH [--json] [--base MODEL]`: vet a LoRA adapter without loading it.
+
+The lead's src/bastion/cli.py calls `add_scan_parser(subparsers)`; the parser sets
+`func(args) -> int`. Exit status: 0 pass, 3 warn, 4 fail, 2 usage error, 1 I/O error.
+The base model's architecture comes from GGUF metadata or config.json (no model is
+built); its per-module weight norms (for relative ΔW norms) are read tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_IO = 1
+EXIT_USAGE = 2
+_LINEARS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj", "attn_output": "o_proj",
+            "ffn_gate": "gate_proj", "ffn_up": "up_proj", "ffn_down": "down_proj"}
+
+
+def add_scan_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "scan", help="vet a LoRA adapter (artifact, config, weights): exit 0 pass, 3 warn, 4 fail",
+        description="Vet a PEFT LoRA adapter directory before serving it. Nothing in it is imported, "
+                    "unpickled or rendered. Exit status: 0 pass, 3 warn, 4 fail, 2 usage error, 1 I/O error.")
+    p.add_argument("path", metavar="PATH", help="adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (top-level 'verdict', 'findings')")
+    p.add_argument("--base", metavar="MODEL", default=None,
+                   help="the base model it will be served on: GGUF file or HF model directory "
+                        "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--base-name", metavar="NAME", default=None,
+                   help="served name of the base (default: derived from MODEL)")
+    p.add_argument("--no-base-weights", action="store_true",
+                   help="do not read the base weights' norms (absolute instead of relative ΔW thresholds)")
+    p.set_defaults(func=cmd_scan)
+    return p
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from bastion.adapters.scanner import scan_adapter
+    from bastion.engine.models.arch import UnsupportedModelError
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = Path(args.path).expanduser()
+    if not path.exists():
+        print(f"bastion scan: error: no such adapter: {path}", file=sys.stderr)
+        return EXIT_IO
+    try:
+        base = load_base_info(args.base, name=args.base_name, weight_norms=not args.no_base_weights)
+    except (UnsupportedModelError, ValueError) as e:
+        print(f"bastion scan: error: base model: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"bastion scan: error: base model: {e}", file=sys.stderr)
+        return EXIT_IO
+    try:
+        report = scan_adapter(path, base=base)
+    except OSError as e:
+        print(f"bastion scan: error: {e}", file=sys.stderr)
+        return EXIT_IO
+    print(report.to_json() if args.json else report.to_text())
+    return report.exit_code
+
+
+def load_base_info(model: str | None, *, name: str | None = None, weight_norms: bool = True):
+    """BaseModelInfo for a GGUF file or HF directory (None: the embedded model), from
+    metadata only; weight norms are optional and read one tensor at a time."""
+    from bastion.adapters.scanner import BaseModelInfo
+    from bastion.engine.models.arch import ModelArch, UnsupportedModelError
+    from bastion.engine.models.loader import EMBEDDED_MODEL_NAME, embedded_model_path
+
+    if model is None:
+        p, served = embedded_model_path(), EMBEDDED_MODEL_NAME
+    else:
+        p = Path(model).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"no such model: {p}")
+        served = p.stem if p.is_file() else p.name
+    aliases = (p.name,) if p.is_file() else ()
+    if p.is_file():
+        if p.suffix != ".gguf":
+            raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
+        import gguf
+
+        from bastion.engine.models.loader import _gguf_config
+
+        reader = gguf.GGUFReader(str(p))
+        arch = ModelArch.from_hf_config(_gguf_config(reader))
+        tpl = reader.fields.get("tokenizer.chat_template")
+        template = tpl.contents() if tpl is not None else None
+        norms = _gguf_norms(reader) if weight_norms else None
+    else:
+        from transformers import AutoConfig
+
+        if not (p / "config.json").is_file():
+            raise UnsupportedModelError(f"{p}: no config.json (expected an HF model directory or a .gguf file)")
+        arch = ModelArch.from_hf_config(AutoConfig.from_pretrained(str(p), local_files_only=True))
+        template = _hf_template(p)
+        norms = _hf_norms(p) if weight_norms else None
+    return BaseModelInfo.from_arch(arch, name or served, aliases=aliases + ((served,) if name else ()),
+                                   weight_norms=norms, chat_template=template)
+
+
+def _gguf_norms(reader) -> dict[tuple[int, str], float]:
+    import gguf
+    import numpy as np
+
+    out = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")  # blk.N.attn_q.weight
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in _LINEARS and parts[3] == "weight":
+            w = gguf.quants.dequantize(t.data, t.tensor_type)
+            out[(int(parts[1]), _LINEARS[parts[2]])] = float(np.linalg.norm(w.astype(np.float64)))
+    return out
+
+
+def _hf_norms(path: Path) -> dict[tuple[int, str], float] | None:
+    import re
+
+    import numpy as np
+    from safetensors import safe_open
+
+    pat = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.weight$")
+    out = {}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return None
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                m = pat.match(k)
+                if m:
+                    out[(int(m.group(1)), m.group(2))] = float(st.get_tensor(k).double().norm())
+    return out or None
+
+
+def _hf_template(path: Path) -> str | None:
+    import json
+
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text("utf-8", errors="replace")
+    cfg = path / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            tpl = json.loads(cfg.read_text("utf-8")).get("chat_template")
+        except ValueError:
+            return None
+        return tpl if isinstance(tpl, str) else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bastion.adapters.cli PATH ...` (same as `bastion scan`)."""
+    parser = argparse.ArgumentParser(prog="bastion")
+    add_scan_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["scan", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
