@@ -130,7 +130,8 @@ def test_unload_frees_the_slot_and_refuses_while_in_use(hf_base, tmp_path):
     engine.abort_request("busy")
     engine.unload_adapter("a")
     assert not engine.adapters.slot_of
-    assert all(float(A.abs().sum()) == 0 for A, _ in engine.adapters.stacks.values())
+    assert all(float(A.abs().sum()) == 0 and all(float(B.abs().sum()) == 0 for _, B in Bs)
+               for A, Bs in engine.adapters.stacks.values())
     with pytest.raises(AdapterError):
         engine.add_request("gone", [5, 6], SamplingParams(), adapter="a")
 
@@ -155,8 +156,8 @@ def test_bad_adapters_are_refused_with_the_reason(hf_base, tmp_path):
 
 
 def test_lora_batch_groups_rows_by_slot():
-    b = LoraBatch.build([0, 2, 1, 2, 0, 2], torch.device("cpu"))
-    assert b.slots.tolist() == [2, 1]
-    assert b.gather.tolist() == [[1, 3, 5], [2, 0, 0]]
-    assert b.rows.tolist() == [1, 3, 5, 2] and b.keep.tolist() == [0, 1, 2, 3]
+    b = LoraBatch.build([0, 3, 1, 3, 0, 3], torch.device("cpu"))
+    assert (b.lo, b.hi) == (1, 3)  # slot 2 is in range but unused: empty row, dropped
+    assert b.gather.tolist() == [[2, 0, 0], [0, 0, 0], [1, 3, 5]]
+    assert b.rows.tolist() == [2, 1, 3, 5] and b.keep.tolist() == [0, 6, 7, 8]
     assert LoraBatch.build([0, 0], torch.device("cpu")) is None

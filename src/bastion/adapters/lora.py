@@ -2,9 +2,10 @@
 multi-LoRA delta.
 
 Our layers fuse q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, so an adapter's
-per-module factors are fused too: for qkv, A = [A_q; A_k; A_v] (stacked ranks) and B is
-block-diagonal, B[q rows, q ranks] = s_q B_q etc. Then x @ A^T @ B^T gives exactly
-[s_q B_q A_q x | s_k B_k A_k x | s_v B_v A_v x] — the PEFT result — in two matmuls.
+A factors are fused too: A = [A_q; A_k; A_v] (each zero-padded to the rank cap), one
+matmul t = x @ A^T, then each sub-module's B_i applies to its slice of t and adds into
+its slice of the output: [s_q B_q A_q x | s_k B_k A_k x | s_v B_v A_v x], the PEFT
+result. (A block-diagonal fused B would do it in one matmul but reads 2-3x more bytes.)
 The scale s = lora_alpha / r (or / sqrt(r) with rsLoRA) is folded into B.
 """
 
@@ -50,12 +51,8 @@ class LoraAdapter:
     name: str
     path: str
     rank: int  # largest per-module rank
-    # (layer, fused module) -> (A [R, in], B [out, R]) with the scale folded into B
-    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-
-    def fused_rank(self, layer: int, module: str) -> int:
-        w = self.weights.get((layer, module))
-        return 0 if w is None else w[0].shape[0]
+    # (layer, fused module) -> per sub-module (in FUSED order): (A [r, in], s*B [out, r]) or None
+    weights: dict[tuple[int, str], list[tuple[torch.Tensor, torch.Tensor] | None]]
 
 
 def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapter:
@@ -89,37 +86,27 @@ def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapt
     alpha, r0 = cfg.get("lora_alpha", cfg.get("r", 8)), cfg.get("r", 8)
     weights, max_rank = {}, 0
     for (layer, fused), subs in _group_by_fused(per_sub).items():
-        a_parts, b_blocks = [], []
+        parts: list[tuple[torch.Tensor, torch.Tensor] | None] = []
         for sub in FUSED[fused]:
             ab = subs.get(sub)
-            out_f = shapes[sub][1]
             if ab is None:
-                b_blocks.append((out_f, None))
+                parts.append(None)
                 continue
             a, b = ab.get("A"), ab.get("B")
             if a is None or b is None:
                 raise AdapterError(f"{path}: layer {layer} {sub} lacks lora_A or lora_B")
             r = a.shape[0]
-            if a.shape != (r, shapes[sub][0]) or b.shape != (out_f, r):
+            if a.shape != (r, shapes[sub][0]) or b.shape != (shapes[sub][1], r):
                 raise AdapterError(f"{path}: layer {layer} {sub} shapes A{tuple(a.shape)} B{tuple(b.shape)} "
-                                   f"do not fit in={shapes[sub][0]} out={out_f}")
+                                   f"do not fit in={shapes[sub][0]} out={shapes[sub][1]}")
             r_cfg = cfg.get("rank_pattern", {}).get(sub, r0)
             a_cfg = cfg.get("alpha_pattern", {}).get(sub, alpha)
             if r != r_cfg:
                 raise AdapterError(f"{path}: layer {layer} {sub} has rank {r}, config says {r_cfg}")
             scale = a_cfg / math.sqrt(r) if cfg.get("use_rslora") else a_cfg / r
-            a_parts.append(a)
-            b_blocks.append((out_f, b * scale))
+            parts.append((a, b * scale))
             max_rank = max(max_rank, r)
-        A = torch.cat(a_parts, 0)  # [R, in]
-        B = torch.zeros(sum(o for o, _ in b_blocks), A.shape[0])  # [out, R] block-diagonal
-        row = col = 0
-        for out_f, b in b_blocks:
-            if b is not None:
-                B[row : row + out_f, col : col + b.shape[1]] = b
-                col += b.shape[1]
-            row += out_f
-        weights[(layer, fused)] = (A, B)
+        weights[(layer, fused)] = parts
     if not weights:
         raise AdapterError(f"{path}: the adapter holds no LoRA tensors")
     return LoraAdapter(name=name, path=str(path), rank=max_rank, weights=weights)
@@ -135,12 +122,17 @@ def _group_by_fused(per_sub):
 @dataclass
 class LoraBatch:
     """Which rows of this step's flat batch use which adapter slot (built once per step,
-    shared by every layer). Rows without an adapter are simply absent."""
+    shared by every layer). Rows without an adapter are simply absent.
 
-    slots: torch.Tensor  # [n] long: adapter slots present in the batch
-    gather: torch.Tensor  # [n, m] long: row ids per slot, padded (padding rows are dropped)
+    NOTE: the batch covers the slot range [lo, hi] so the model reads the stacked
+    weights as a slice (a view), never gathering copies of them per layer."""
+
+    lo: int
+    hi: int
+    gather: torch.Tensor  # [hi - lo + 1, m] long: row ids per slot, padded (padding is dropped)
     rows: torch.Tensor  # [k] long: real row ids, in flattened [n*m] order of `keep`
     keep: torch.Tensor  # [k] long: positions in the flattened [n*m] that are real
+    dense: bool = False  # every (slot, row) position is real: `keep` is the identity
 
     @classmethod
     def build(cls, row_slots: list[int], device: torch.device) -> "LoraBatch | None":
@@ -150,34 +142,44 @@ class LoraBatch:
                 by_slot.setdefault(slot, []).append(row)
         if not by_slot:
             return None
+        lo, hi = min(by_slot), max(by_slot)
         m = max(len(r) for r in by_slot.values())
-        gather = torch.zeros(len(by_slot), m, dtype=torch.long)
+        gather = torch.zeros(hi - lo + 1, m, dtype=torch.long)
         rows, keep = [], []
-        for i, r in enumerate(by_slot.values()):
+        for slot, r in sorted(by_slot.items()):
+            i = slot - lo
             gather[i, : len(r)] = torch.tensor(r)
             rows += r
             keep += range(i * m, i * m + len(r))
-        return cls(torch.tensor(list(by_slot), device=device), gather.to(device),
-                   torch.tensor(rows, device=device), torch.tensor(keep, device=device))
+        return cls(lo, hi, gather.to(device), torch.tensor(rows, device=device), torch.tensor(keep, device=device),
+                   dense=len(keep) == gather.numel())
 
 
-def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, batch: LoraBatch) -> None:
-    """out[rows] += x[rows] @ A[slot]^T @ B[slot]^T, one batched matmul per factor.
-    x: [T, in]; A: [slots, R, in]; B: [slots, out, R]; out: [T, out] (updated in place)."""
-    xg = x[batch.gather]  # [n, m, in]
-    t = torch.bmm(xg, A[batch.slots].transpose(1, 2))  # [n, m, R]
-    d = torch.bmm(t, B[batch.slots].transpose(1, 2))  # [n, m, out]
-    out.index_add_(0, batch.rows, d.flatten(0, 1)[batch.keep])
+def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tuple[int, torch.Tensor]],
+             batch: LoraBatch) -> None:
+    """out[rows] += x[rows] @ A[slot]^T @ B[slot]^T per sub-module, batched over slots.
+    x: [T, in]; A_T: [slots, in, subs*R]; Bs: (output column offset, B_T_i [slots, R, out_i]);
+    out: [T, out_total], updated in place."""
+    sl = slice(batch.lo, batch.hi + 1)
+    xg = x[batch.gather].to(A.dtype)  # [n, m, in]
+    t = torch.bmm(xg, A[sl])  # [n, m, subs*R]
+    r = A.shape[2] // len(Bs)
+    # sub-module outputs tile the fused output's columns in order: one scatter for all
+    parts = [torch.bmm(t[..., i * r : (i + 1) * r], B[sl]) for i, (_, B) in enumerate(Bs)]  # [n, m, out_i]
+    d = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).flatten(0, 1)  # [n*m, out]
+    if batch.dense is False:
+        d = d[batch.keep]
+    out.index_add_(0, batch.rows, d.to(out.dtype))
 
 
 @dataclass
 class LoraStep:
     """What the model needs to add adapter deltas this step."""
 
-    stacks: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    stacks: dict
     batch: LoraBatch
 
     def apply(self, layer: int, module: str, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.stacks[(layer, module)]
-        add_lora(out, x, A, B, self.batch)
+        A, Bs = self.stacks[(layer, module)]
+        add_lora(out, x, A, Bs, self.batch)
         return out

@@ -128,6 +128,22 @@ class BaseModelInfo:
         return "path" if looks_local else "namespace"
 
 
+_HF_LINEAR = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|"
+                        r"down_proj)\.weight$")
+
+
+def hf_weight_norms(weights: Mapping[str, Any]) -> dict[tuple[int, str], float]:
+    """‖W‖_F per (layer, module) from HF-named base weights (torch tensors or numpy
+    arrays), e.g. LoadedCheckpoint.weights, for relative ΔW thresholds."""
+    out = {}
+    for name, w in weights.items():
+        m = _HF_LINEAR.match(name)
+        if m:
+            v = w.detach().double().norm() if hasattr(w, "detach") else np.linalg.norm(np.asarray(w, np.float64))
+            out[(int(m.group(1)), m.group(2))] = float(v)
+    return out
+
+
 def name_aliases(name: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The served name, its GGUF-file variants and its public hub id (when known)."""
     out: list[str] = []

@@ -82,6 +82,30 @@ def add_bench_parsers(subparsers: Any) -> None:
     o.add_argument("--out", default="bench_results/offline")
     o.set_defaults(func=run_offline_cmd)
 
+    lo = subparsers.add_parser("lora", help="batch of N requests on N adapters vs the base model")
+    lo.add_argument("--batch", type=int, default=8)
+    lo.add_argument("--rank", type=int, default=16)
+    lo.add_argument("--prompt-len", type=int, default=256)
+    lo.add_argument("--new-tokens", type=int, default=64)
+    lo.add_argument("--runs", type=int, default=5)
+    lo.add_argument("--threads", type=int, default=2)
+    lo.add_argument("--out", default="bench_results/lora")
+    lo.set_defaults(func=run_lora_cmd)
+
+
+def run_lora_cmd(args: argparse.Namespace) -> int:
+    from bastion.bench.lora import LoraBenchConfig, plot_lora, run_lora_bench
+    from bastion.bench.serving import load_corpus_text
+
+    cfg = LoraBenchConfig(batch=args.batch, rank=args.rank, prompt_len=args.prompt_len,
+                          new_tokens=args.new_tokens, runs=args.runs, threads=args.threads)
+    result = run_lora_bench(cfg, load_corpus_text())
+    table = (f"| batch | rank | base decode tok/s | {cfg.batch} adapters decode tok/s | ratio |\n|---|---|---|---|---|\n"
+             f"| {cfg.batch} | {cfg.rank} | {result['median_decode_tok_s']['base']:.1f} | "
+             f"{result['median_decode_tok_s']['lora']:.1f} | {result['lora_over_base']:.2f} |")
+    _write_report(Path(args.out), "lora", result, table, plot_lora)
+    return 0
+
 
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:

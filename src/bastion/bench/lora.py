@@ -1,0 +1,113 @@
+"""`bastion bench lora`: decode tokens/s of one batch of N requests on N different
+LoRA adapters vs the same batch on the base model, same engine, same run.
+
+Adapters are random PEFT-format LoRAs (rank r on all seven projections, B non-zero) on
+the embedded model, written to a temporary directory; the speed of a LoRA delta does
+not depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time
+per step = (t(N tokens) - t(1 token)) / (N - 1); base and LoRA runs alternate and we
+report medians.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoraBenchConfig:
+    batch: int = 8
+    rank: int = 16
+    prompt_len: int = 256
+    new_tokens: int = 64
+    runs: int = 5
+    threads: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "rank", "prompt_len", "runs", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.new_tokens < 2:
+            raise ValueError("new_tokens must be >= 2")
+
+
+def write_random_adapter(path: Path, arch, rank: int, seed: int) -> Path:
+    from safetensors.torch import save_file
+
+    from bastion.adapters.lora import module_shapes
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i in range(arch.num_layers):
+        for mod, (fan_in, fan_out) in module_shapes(arch).items():
+            part = "self_attn" if mod.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            pre = f"base_model.model.model.layers.{i}.{part}.{mod}"
+            tensors[f"{pre}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(fan_out, rank, generator=g) * 0.01
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(module_shapes(arch))}))
+    return path
+
+
+def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
+    from bastion.adapters.registry import LoraConfig
+    from bastion.config import CacheConfig, Config, ModelConfig
+    from bastion.engine.llm import LLM
+    from bastion.engine.sampling_params import SamplingParams
+
+    llm = LLM(Config(model=ModelConfig(threads=cfg.threads), cache=CacheConfig(prefix_caching=False)),
+              show_progress=False)
+    engine = llm.engine
+    engine.enable_lora(LoraConfig(max_loras=cfg.batch, max_lora_rank=cfg.rank))
+    names = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(cfg.batch):
+            names.append(f"bench-{i}")
+            engine.adapters.load(names[-1], str(write_random_adapter(Path(tmp) / names[-1],
+                                                                     engine.runner.model.arch, cfg.rank, i)))
+    ids = llm.tokenizer.encode(text)
+    prompts = [ids[i * 37 : i * 37 + cfg.prompt_len] for i in range(cfg.batch)]
+
+    def timed(adapters: list[str | None], n: int) -> float:
+        p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+        for i, (prompt, a) in enumerate(zip(prompts, adapters)):
+            engine.add_request(f"t{time.monotonic_ns()}-{i}", prompt, p, adapter=a)
+        t = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        return time.perf_counter() - t
+
+    modes = {"base": [None] * cfg.batch, "lora": names}
+    timed(modes["lora"], 2)  # warm-up
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for run in range(cfg.runs):
+        for m in (("base", "lora") if run % 2 == 0 else ("lora", "base")):
+            t1, tn = timed(modes[m], 1), timed(modes[m], cfg.new_tokens)
+            samples[m].append(cfg.batch * (cfg.new_tokens - 1) / (tn - t1))
+            print(f"[run {run + 1}] {m}: {samples[m][-1]:.1f} decode tok/s (batch {cfg.batch})")
+    med = {m: statistics.median(v) for m, v in samples.items()}
+    return {"config": asdict(cfg), "decode_tok_s": samples, "median_decode_tok_s": med,
+            "lora_over_base": med["lora"] / med["base"], "torch_threads": torch.get_num_threads()}
+
+
+def plot_lora(result: dict, path: Path) -> None:
+    from bastion.bench.plots import _new_figure
+
+    fig = _new_figure(6, 4)
+    ax = fig.subplots()
+    med = result["median_decode_tok_s"]
+    ax.bar(list(med), list(med.values()), color=["#777", "#2a7"])
+    for m, v in result["decode_tok_s"].items():
+        ax.scatter([m] * len(v), v, color="k", s=10, zorder=3)
+    b = result["config"]["batch"]
+    ax.set_ylabel("decode tokens/s (batch total)")
+    ax.set_title(f"{b} requests: base vs {b} different LoRA adapters (ratio {result['lora_over_base']:.2f})")
+    fig.savefig(path)
