@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
 
+    from bastion.adapters.cli import add_scan_parser
+
+    add_scan_parser(sub)
+
     bench = sub.add_parser("bench", help="benchmarks (write JSON + PNG)")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bastion.bench.cli import add_bench_parsers
