@@ -64,6 +64,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     lora_config = LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     engine = AsyncEngine.from_config(config)
     if loras or args.enable_lora or args.admin_key:
+        from bastion.adapters.gate import VettingGate
+
+        engine.gate = VettingGate.for_model(args.model, served_name=engine.model_name,
+                                            allow_unvetted=args.allow_unvetted)
         engine.engine.enable_lora(lora_config)
         for name, path in loras:
             asyncio.run(engine.load_adapter(name, path))
@@ -120,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-lora", action="store_true", help="allow adapters (also implied by --lora)")
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots")
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--allow-unvetted", action="store_true",
+                   help="load adapters that fail the vetting gate (logged as an override)")
     p.add_argument("--admin-key", default=None,
                    help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
     p.set_defaults(func=cmd_serve)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from bastion.adapters.gate import AdapterRefused, VettingGate
 from bastion.adapters.registry import LoraConfig
 from bastion.config import ServerConfig
 
@@ -36,12 +37,19 @@ def _write_adapter(path, arch, seed=0, r=4):
 
 
 @pytest.fixture(scope="module")
-def admin_server(real_engine):
+def gate(real_engine):
+    return VettingGate.for_model(None, served_name=real_engine.model_name)
+
+
+@pytest.fixture(scope="module")
+def admin_server(real_engine, gate):
     if real_engine.engine.adapters is None:
         real_engine.engine.enable_lora(LoraConfig(max_loras=2, max_lora_rank=8))
+    real_engine.gate = gate
     handle = ServerThread.start(real_engine, ServerConfig(admin_key="adm-secret"))
     yield handle
     handle.stop()
+    real_engine.gate = None
 
 
 def test_load_select_unload_over_http(admin_server, tmp_path):
@@ -90,3 +98,34 @@ def test_admin_endpoints_are_off_without_an_admin_key(fake_server):
     with fake_server.http() as http:
         r = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"})
         assert r.status_code == 403 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_gate_refuses_artifact_attacks_over_http(admin_server, tmp_path):
+    """A pickle beside the weights, or an adapter made for another base model, is
+    refused at load (400, reasons named) and never reaches the registry."""
+    arch = admin_server.engine.engine.runner.model.arch
+    pickled = _write_adapter(tmp_path / "pickled", arch, seed=1)
+    (pickled / "extra.bin").write_bytes(b"\x80\x04K\x01.")  # pickle protocol 4 of the int 1
+    swapped = _write_adapter(tmp_path / "swapped", arch, seed=2)
+    cfg = json.loads((swapped / "adapter_config.json").read_text())
+    (swapped / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}))
+    with admin_server.http() as http:
+        for name, path, reason in (("pk", pickled, "pickle"), ("sw", swapped, "base")):
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, headers=ADMIN)
+            assert r.status_code == 400, r.text
+            msg = r.json()["error"]["message"]
+            assert "vetting gate" in msg and reason in msg.lower(), msg
+        assert admin_server.engine.engine.adapters.slot_of == {}
+
+
+def test_allow_unvetted_override_loads_and_is_logged(real_engine, gate, tmp_path, caplog):
+    arch = real_engine.engine.runner.model.arch
+    path = _write_adapter(tmp_path / "pk", arch, seed=3)
+    (path / "model.pt").write_bytes(b"\x80\x04K\x01.")
+    with pytest.raises(AdapterRefused, match="pickle"):
+        gate.check("pk", str(path))
+    override = VettingGate(gate.base, allow_unvetted=True)
+    with caplog.at_level("WARNING", logger="bastion.adapters.gate"):
+        report = override.check("pk", str(path))
+    assert report.verdict == "fail"
+    assert any("OVERRIDE --allow-unvetted" in r.getMessage() for r in caplog.records)

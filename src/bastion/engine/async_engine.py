@@ -42,6 +42,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._accepting = True
+        self.gate = None  # adapters.gate.VettingGate: every adapter load is scanned first
         self._stopped = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
@@ -126,10 +127,15 @@ class AsyncEngine:
         self._wake.set()
         return await asyncio.wrap_future(fut)
 
-    async def load_adapter(self, name: str, path: str) -> None:
+    async def load_adapter(self, name: str, path: str):
+        """Vet (when a gate is set) then load; returns the scan report or None."""
         if self.engine.adapters is None:
             raise ValueError("LoRA serving is not enabled (start with --lora or --enable-lora)")
+        report = None
+        if self.gate is not None:  # scanning reads and hashes files: keep it off the loop
+            report = await asyncio.get_running_loop().run_in_executor(None, self.gate.check, name, path)
         await self.call_in_engine(lambda eng: eng.adapters.load(name, path))
+        return report
 
     async def unload_adapter(self, name: str) -> None:
         await self.call_in_engine(lambda eng: eng.unload_adapter(name))
