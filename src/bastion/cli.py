@@ -55,14 +55,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.engine.async_engine import AsyncEngine
     from bastion.server import run_server
 
-    import asyncio
-
     from bastion.adapters.registry import LoraConfig
 
     config = _config(args)
     loras = [_parse_lora(spec) for spec in args.lora]
     lora_config = LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
-    engine = AsyncEngine.from_config(config)
+    engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
     if loras or args.enable_lora or args.admin_key:
         from bastion.adapters.gate import VettingGate
 
@@ -70,7 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                             allow_unvetted=args.allow_unvetted)
         engine.engine.enable_lora(lora_config)
         for name, path in loras:
-            asyncio.run(engine.load_adapter(name, path))
+            engine.load_adapter_before_start(name, path)
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
     run_server(engine, config.server)

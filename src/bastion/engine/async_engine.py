@@ -4,6 +4,12 @@ deltas to asyncio consumers (the HTTP server, `bastion chat`).
 Only the engine thread touches the engine. Callers talk to it through a command
 queue (add / abort), and results come back through `loop.call_soon_threadsafe`.
 Torch releases the GIL inside kernels, so the event loop stays responsive.
+
+NOTE: with 2 OpenMP threads, stepping the engine from a non-main Python thread measured
+~2x slower per token on the 2-core CPU (33 ms vs 18 ms, torch 2.13 / libgomp, no
+asyncio involved). `bastion serve` therefore runs the loop on the main thread
+(`background=False` + `run_loop()`) and the HTTP server on a secondary one; tests and
+embedders get the background thread by default.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, tokenizer, model_name: str):
+    def __init__(self, engine: LLMEngine, tokenizer, model_name: str, background: bool = True):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.max_model_len = engine.max_model_len
         self.processor = OutputProcessor(engine, tokenizer)
@@ -46,12 +52,18 @@ class AsyncEngine:
         self._stopped = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
-        self._thread.start()
+        self._loop_done = threading.Event()
+        if background:
+            self._thread.start()
 
     @classmethod
-    def from_config(cls, config: Config, show_progress: bool = True) -> "AsyncEngine":
+    def from_config(cls, config: Config, show_progress: bool = True, background: bool = True) -> "AsyncEngine":
         engine, tokenizer, name = LLMEngine.from_config(config, show_progress)
-        return cls(engine, tokenizer, config.model.served_name or name)
+        return cls(engine, tokenizer, config.model.served_name or name, background=background)
+
+    def run_loop(self) -> None:
+        """Run the engine loop in the calling thread until shutdown (background=False)."""
+        self._run()
 
     # ------------------------------------------------------------ tokenization helpers
     def encode_chat(self, messages: list[dict]) -> list[int]:
@@ -137,6 +149,14 @@ class AsyncEngine:
         await self.call_in_engine(lambda eng: eng.adapters.load(name, path))
         return report
 
+    def load_adapter_before_start(self, name: str, path: str):
+        """Synchronous load for start-up (--lora), before the loop runs; vetted likewise."""
+        if self.engine.adapters is None:
+            raise ValueError("LoRA serving is not enabled")
+        report = self.gate.check(name, path) if self.gate is not None else None
+        self.engine.adapters.load(name, path)
+        return report
+
     async def unload_adapter(self, name: str) -> None:
         await self.call_in_engine(lambda eng: eng.unload_adapter(name))
 
@@ -152,7 +172,7 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         """False once the loop stopped (shutdown) or crashed; /health reports it."""
-        return self._dead is None and not self._stopped and self._thread.is_alive()
+        return self._dead is None and not self._stopped and not self._loop_done.is_set()
 
     # ------------------------------------------------------------ the thread
     def _deliver(self, rid: str, item) -> None:
@@ -186,6 +206,12 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
+            self._loop()
+        finally:
+            self._loop_done.set()
+
+    def _loop(self) -> None:
+        try:
             while not self._stopped:
                 self._drain_commands()
                 if not self.engine.has_unfinished():
@@ -212,7 +238,7 @@ class AsyncEngine:
         await asyncio.sleep(0.1)  # let aborts reach their streams
         self._stopped = True
         self._wake.set()
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        await asyncio.get_running_loop().run_in_executor(None, self._loop_done.wait, 5.0)
 
 
 class AdapterView:

@@ -148,5 +148,33 @@ async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs
 
 
 def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:
-    """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return."""
-    make_server(engine, server_config, **kwargs).run()
+    """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return.
+
+    An engine with `run_loop` that is not yet running (AsyncEngine(background=False))
+    gets the main thread and uvicorn a secondary one (see async_engine's NOTE on why);
+    the main thread turns SIGINT/SIGTERM into uvicorn's graceful exit."""
+    server = make_server(engine, server_config, **kwargs)
+    if not hasattr(engine, "run_loop") or engine.is_running and engine._thread.is_alive():
+        server.run()
+        return
+    import signal
+    import threading
+
+    http = threading.Thread(target=server.run, name="bastion-http", daemon=True)
+
+    def _exit(signum, frame):  # the server's shutdown drains and stops the engine loop
+        server.should_exit = True
+
+    previous = {s: signal.signal(s, _exit) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        engine.run_loop()  # returns once the server's shutdown stopped the engine
+    finally:
+        server.should_exit = True
+        http.join(timeout=engine_grace(server_config) + 10)
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def engine_grace(config: ServerConfig | None) -> float:
+    return (config or ServerConfig()).shutdown_grace_s
