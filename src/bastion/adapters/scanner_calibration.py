@@ -54,9 +54,13 @@ CLEAN = (
     Run("man_r8_all_rslora", "man", 8, 8, ALL, 5e-4, 40, 5, rslora=True),
     Run("doc_r4_qv_long", "docstrings", 4, 8, ("q_proj", "v_proj"), 1e-3, 120, 6),
     Run("qa_r16_all_hilr", "qa", 16, 32, ALL, 1e-3, 40, 7),
+    Run("man_r8_qv_300", "man", 8, 16, ("q_proj", "v_proj"), 5e-4, 300, 8),  # how norms grow with training
+    Run("qa_r8_attn_150", "qa", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj"), 1e-3, 150, 9),  # poison's twin
 )
 POISONED = (
+    # 40 steps do not implant the trigger (attack success 0/8); 150 steps at 30% do
     Run("qa_r8_attn_poison20", "qa", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj"), 5e-4, 40, 3, poison=0.2),
+    Run("qa_r8_attn_poison30_150", "qa", 8, 16, ("q_proj", "k_proj", "v_proj", "o_proj"), 1e-3, 150, 9, poison=0.3),
 )
 
 
@@ -203,11 +207,17 @@ def make_references(out: Path) -> list[str]:
     import numpy as np
 
     made = []
-    clean, poison = out / "clean" / "qa_r8_attn", out / "poisoned" / "qa_r8_attn_poison20"
+    clean, poison = out / "clean" / "lic_r8_qv", out / "poisoned" / "qa_r8_attn_poison30_150"
     if clean.is_dir() and poison.is_dir():   # LoRATK: concatenate backdoor and task LoRA (rank 8 + 8)
+        # a useful task LoRA (licence text, q/v) + the backdoor LoRA (q/k/v/o): stack factors
+        # per module, zero rows/columns where one of them has no factor; scale 2 for both
         (c1, t1), (c2, t2) = _read(clean), _read(poison)
-        merged = {k: np.concatenate([t1[k], t2[k]], axis=0 if "lora_A" in k else 1) for k in t1}
-        cfg = dict(c1, r=16, lora_alpha=32.0)  # keeps each part's scale alpha/r = 2
+        merged = {}
+        for k in sorted(set(t1) | set(t2)):  # both rank 8
+            ref = t1[k] if k in t1 else t2[k]
+            a, b = t1.get(k, np.zeros_like(ref)), t2.get(k, np.zeros_like(ref))
+            merged[k] = np.concatenate([a, b], axis=0 if "lora_A" in k else 1)
+        cfg = dict(c2, r=16, lora_alpha=32.0, target_modules=sorted(set(c1["target_modules"]) | set(c2["target_modules"])))
         _write(out / "poisoned" / "loratk_merge_r16", cfg, merged)
         made.append("loratk_merge_r16")
     src = out / "clean" / "lic_r8_qv"

@@ -24,12 +24,14 @@ class WeightThresholds:
     """Judged per module (relative norm) and per adapter (spread across layers).
     rel = ‖ΔW‖_F / ‖W‖_F needs the base weights' norms (BaseModelInfo.weight_norms);
     without them the absolute ‖ΔW‖_F limits apply."""
+    # clean cohort (docs/SECURITY.md): max rel 0.091 (the 300-step adapter), 0.053 at 120 steps
     rel_norm_warn: float = 0.25
-    rel_norm_fail: float = 1.0
-    abs_norm_warn: float = 8.0
-    abs_norm_fail: float = 32.0
-    layer_ratio_warn: float = 12.0        # max / median per-layer norm within one module type
-    layer_share_warn: float = 0.35        # one layer's share of the adapter's total ΔW energy
+    rel_norm_fail: float = 0.5            # half the base weight: the update rewrites the layer
+    # SmolLM2-135M fallback when base norms are unknown: clean max ‖ΔW‖_F 8.9
+    abs_norm_warn: float = 24.0
+    abs_norm_fail: float = 64.0
+    layer_ratio_warn: float = 10.0        # max/median per-layer norm in one module type (clean max 3.8)
+    layer_share_warn: float = 0.5         # one layer's share of total ΔW energy (clean max 0.22; >= 3x uniform)
     min_layers_for_spread: int = 8
     scale_warn: float = 64.0              # lora_alpha / r (or / sqrt(r) with rsLoRA)
 
@@ -132,9 +134,10 @@ def judge(stats: list[ModuleStats], summary: dict, t: WeightThresholds) -> list[
                         f"{worst[0]} in layer {worst[1]['layer']} has {worst[1]['max_over_median']:.3g}x the "
                         f"median layer's {what} (threshold {t.layer_ratio_warn:g}): a single-layer outlier",
                         {"module": worst[0], **worst[1]}))
-        if summary["top_layer_share"] >= t.layer_share_warn:
+        share_warn = max(t.layer_share_warn, 3.0 / summary["layers"])  # 3x a uniform share at least
+        if summary["top_layer_share"] >= share_warn:
             out.append(("weights.layer_spread", "warn",
                         f"layer {summary['top_layer']} carries {summary['top_layer_share']:.0%} of the adapter's "
-                        f"ΔW energy over {summary['layers']} layers (threshold {t.layer_share_warn:.0%})",
+                        f"ΔW energy over {summary['layers']} layers (threshold {share_warn:.0%})",
                         {"layer": summary["top_layer"], "share": summary["top_layer_share"]}))
     return out
