@@ -24,7 +24,17 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-memory", type=float, default=1.0, metavar="GB", help="KV cache budget in GiB")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (fp caches)")
+    p.add_argument("--kv-cache", default="auto", metavar="KIND",
+                   help="auto (model dtype), fp32, bf16, fp16, or a KIVI-quantized cache: kivi (the measured "
+                        "default), int8, kivi4, kivi2, kXvY (X, Y in 2/4/8, e.g. k4v2)")
+    p.add_argument("--kv-group-size", type=int, default=None, metavar="G",
+                   help="KIVI group size (tokens per key group = channels per value group; block size)")
+    p.add_argument("--kv-residual", type=int, default=None, metavar="R", help="KIVI full-precision window")
+    p.add_argument("--kv-sink", type=int, default=None, metavar="S",
+                   help="KIVI: first S tokens kept in full precision (multiple of G)")
+    p.add_argument("--kv-hadamard", action=argparse.BooleanOptionalAction, default=None,
+                   help="KIVI: rotate K and V by a Hadamard matrix before quantizing")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64, help="max concurrently running requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
@@ -44,7 +54,9 @@ def _config(args: argparse.Namespace) -> Config:
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
                           max_model_len=args.max_model_len, threads=args.threads),
         cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
-                          prefix_caching=not args.no_prefix_caching),
+                          prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,
+                          kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, kv_sink=args.kv_sink,
+                          kv_hadamard=args.kv_hadamard),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         server=server,

@@ -6,6 +6,7 @@ user input, so a bad flag fails at start-up with a message naming the field.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -44,24 +45,81 @@ class ModelConfig:
             raise ValueError(f"fp16_gemv must be auto, on or off, got {self.fp16_gemv!r}")
 
 
+_FP_KV = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+# quantized presets -> (k_bits, v_bits); "kXvY" (X, Y in 2/4/8) names any other pair
+_KV_PRESETS = {"int8": (8, 8), "kivi4": (4, 4), "kivi2": (2, 2), "kivi": (4, 2)}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """Paged KV cache. Capacity is either `num_blocks` or a byte budget `kv_memory_gb`;
-    the block count is derived from the real bytes per token of the chosen cache kind."""
+    the block count is derived from the real bytes per token of the chosen cache kind.
+
+    `kind`: auto (the model dtype), fp32/bf16/fp16, or a KIVI-quantized cache: int8
+    (K8V8), kivi4 (K4V4), kivi2 (K2V2), kivi (the measured default, see
+    docs/BENCHMARKS.md), or kXvY with X, Y in 2/4/8. For quantized kinds the block
+    size is the group size G; `kv_residual` newest tokens (R) and the first `kv_sink`
+    tokens stay in full precision; `kv_hadamard` rotates K and V before quantizing.
+    None means the preset's default."""
 
     block_size: int = 16
-    kind: str = "auto"  # "auto" = same dtype as the model; or float32/bfloat16/float16
+    kind: str = "auto"
     kv_memory_gb: float = 1.0
     num_blocks: int | None = None  # overrides kv_memory_gb (tests use tiny pools)
     prefix_caching: bool = True
+    kv_group_size: int | None = None
+    kv_residual: int | None = None
+    kv_sink: int | None = None
+    kv_hadamard: bool | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
         _positive("kv_memory_gb", self.kv_memory_gb)
         if self.num_blocks is not None:
             _positive("num_blocks", self.num_blocks)
-        if self.kind not in ("auto", *_DTYPES):
-            raise ValueError(f"kv cache kind must be auto or one of {_DTYPES}, got {self.kind!r}")
+        if self.kind not in _FP_KV and self.kv_bits is None:
+            raise ValueError(f"kv cache kind {self.kind!r}: expected auto, fp32, bf16, fp16, "
+                             f"{', '.join(_KV_PRESETS)} or kXvY with X, Y in 2/4/8 (e.g. k4v2)")
+        if self.quantized:
+            self.quant_options()  # validates group/residual/sink
+
+    @property
+    def kv_bits(self) -> tuple[int, int] | None:
+        """(k_bits, v_bits) of a quantized kind, None for fp kinds."""
+        if self.kind in _KV_PRESETS:
+            return _KV_PRESETS[self.kind]
+        m = re.fullmatch(r"k([248])v([248])", self.kind)
+        return (int(m[1]), int(m[2])) if m else None
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind not in _FP_KV
+
+    @property
+    def fp_dtype(self) -> str:
+        """Full-precision kind: auto/float32/bfloat16/float16 (quantized kinds: auto)."""
+        return _FP_KV.get(self.kind, "auto")
+
+    def quant_options(self) -> dict:
+        """Group size, residual window, sink and rotation with preset defaults filled in."""
+        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False}
+        if self.kind == "kivi":  # the default quantized config (measured: docs/BENCHMARKS.md)
+            preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False}
+        opts = {
+            "group_size": preset["group_size"] if self.kv_group_size is None else self.kv_group_size,
+            "residual": preset["residual"] if self.kv_residual is None else self.kv_residual,
+            "sink": preset["sink"] if self.kv_sink is None else self.kv_sink,
+            "hadamard": preset["hadamard"] if self.kv_hadamard is None else self.kv_hadamard,
+        }
+        g = opts["group_size"]
+        if not isinstance(g, int) or g <= 0 or g % 4:
+            raise ValueError(f"kv_group_size={g!r}: must be a positive multiple of 4")
+        if not isinstance(opts["residual"], int) or opts["residual"] < 0:
+            raise ValueError(f"kv_residual={opts['residual']!r}: must be >= 0")
+        if not isinstance(opts["sink"], int) or opts["sink"] < 0 or opts["sink"] % g:
+            raise ValueError(f"kv_sink={opts['sink']!r}: must be >= 0 and a multiple of the group size {g}")
+        return opts
 
 
 @dataclass(frozen=True)

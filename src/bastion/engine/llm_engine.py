@@ -8,7 +8,7 @@ import torch
 
 from bastion.config import Config
 from bastion.engine.kv_cache.block_manager import BlockManager
-from bastion.engine.kv_cache.fp import FPKVCache
+from bastion.engine.kv_cache.factory import build_kv_cache
 from bastion.engine.model_runner import ModelRunner, StepLogits
 from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.models.loader import load_checkpoint
@@ -40,7 +40,11 @@ class LLMEngine:
                  eos_token_id: int | None, max_model_len: int):
         self.config = config
         self.kv_cache = kv_cache
-        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size, config.cache.prefix_caching)
+        # NOTE: a quantized cache keeps each sequence's newest tokens in its own fp window,
+        # which a prefix-cache hit could not bring along, so prefix caching is fp-only.
+        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size,
+                                          config.cache.prefix_caching and kv_cache.num_seq_slots is None,
+                                          num_seq_slots=kv_cache.num_seq_slots)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_cache, next(model.parameters()).device)
         self.sampler = Sampler()
@@ -66,18 +70,13 @@ class LLMEngine:
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
         if _want_fp16_gemv(config, device, sum(p.numel() * p.element_size() for p in model.parameters())):
             model.enable_fp16_gemv()
-        kv_dtype = dtype if config.cache.kind == "auto" else _DTYPES[config.cache.kind]
         a = ckpt.arch
-        per_token = FPKVCache.bytes_per_token(a.num_layers, a.num_kv_heads, a.head_dim, kv_dtype)
-        num_blocks = config.cache.num_blocks or int(config.cache.kv_memory_gb * 2**30 // (per_token * config.cache.block_size))
-        if num_blocks < 1:
-            raise ValueError("kv_memory_gb is too small for a single KV block")
-        kv = FPKVCache(num_layers=a.num_layers, num_kv_heads=a.num_kv_heads, head_dim=a.head_dim,
-                       num_blocks=num_blocks, block_size=config.cache.block_size, dtype=kv_dtype, device=device)
+        kv = build_kv_cache(config, a, dtype, device)
         eos = ckpt.tokenizer.eos_token_id
         engine = cls(config, model, kv, vocab_size=a.vocab_size, eos_token_id=eos, max_model_len=max_len)
-        log.info("engine ready: %s on %s/%s, %d KV blocks x %d tokens, max_model_len %d",
-                 ckpt.name, device, config.model.dtype, num_blocks, config.cache.block_size, max_len)
+        log.info("engine ready: %s on %s/%s, KV cache %s: %d blocks x %d tokens (%.0f bytes/token), max_model_len %d",
+                 ckpt.name, device, config.model.dtype, config.cache.kind, kv.num_blocks, kv.block_size,
+                 kv.token_bytes, max_len)
         return engine, ckpt.tokenizer, ckpt.name
 
     # ------------------------------------------------------------------ adapters

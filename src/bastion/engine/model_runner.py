@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bastion.engine.kv_cache.base import AttentionMetadata, KVCache, PrefillSegment
+from bastion.engine.kv_cache.base import AttentionMetadata, KVCache, PrefillSegment, SeqSpan
 from bastion.engine.request import Request
 from bastion.engine.scheduler import ScheduledBatch
 
@@ -61,6 +61,11 @@ class ModelRunner:
             end = req.num_computed_tokens + n
             meta.prefills.append(PrefillSegment(row, n, self._slots(req.block_ids, 0, end).to(self.device)))
             row += n
+        row = 0
+        for req, n in items:
+            meta.spans.append(SeqSpan(req.seq_slot, req.block_ids, req.num_computed_tokens, n, row))
+            row += n
+        self.kv.begin_step(meta)
         return (items, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), meta)
 
     def _lora_step(self, items):

@@ -38,6 +38,7 @@ class Request:
     cache_salt: str = ""  # separates prefix-cache namespaces (e.g. per adapter)
     lora_slot: int = 0  # 0 = base model; else the adapter registry's slot
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks
+    seq_slot: int = -1  # per-sequence cache state slot (KIVI fp window), held while it owns blocks
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

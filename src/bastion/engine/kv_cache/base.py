@@ -28,6 +28,18 @@ class PrefillSegment:
 
 
 @dataclass
+class SeqSpan:
+    """One sequence's share of this step, for caches that keep per-sequence state
+    (the KIVI pool's full-precision window)."""
+
+    seq_slot: int  # the sequence's slot from the block manager (-1 if it gives none)
+    block_ids: list[int]
+    num_cached: int  # tokens whose K/V is already stored
+    num_new: int  # tokens computed this step (rows q_start .. q_start + num_new)
+    q_start: int
+
+
+@dataclass
 class AttentionMetadata:
     """Where this step's tokens go and what each attends to.
 
@@ -42,18 +54,22 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None = None  # [B, max_ctx] bool, True = attend
     decode_ctx_lens: torch.Tensor | None = None  # [B] long
     prefills: list[PrefillSegment] = field(default_factory=list)
+    spans: list[SeqSpan] = field(default_factory=list)  # in row order (decodes first)
+    plan: object = None  # whatever the cache derives once per step in begin_step
 
 
 class KVCache(ABC):
-    """A paged KV pool for all layers. Implementations: fp (this file's sibling fp.py)."""
+    """A paged KV pool for all layers. Implementations: fp.py (fp32/bf16/fp16 tensors)
+    and kivi.py (KIVI codes with explicit scale tensors + a per-sequence fp window)."""
 
     num_blocks: int
     block_size: int
+    token_bytes: float  # real bytes one pooled token occupies across all layers
+    reserved_bytes: int = 0  # fixed memory besides the blocks (e.g. fp windows)
+    num_seq_slots: int | None = None  # per-sequence state slots the block manager must hand out
 
-    @staticmethod
-    @abstractmethod
-    def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int) -> float:
-        """Real bytes one token occupies across all layers (admission uses this)."""
+    def begin_step(self, meta: AttentionMetadata) -> None:
+        """Called once per step before the forward (per-step index plans); default: nothing."""
 
     @abstractmethod
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:

@@ -16,8 +16,12 @@ from bastion.engine.request import Request
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_seq_slots: int | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        # NOTE: caches with per-sequence state (KIVI's fp window) have a fixed number of
+        # sequence slots; a request holds one exactly while it holds blocks.
+        self.free_seq_slots = None if num_seq_slots is None else list(range(num_seq_slots - 1, -1, -1))
         self.prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
         self.block_hash: list[bytes | None] = [None] * num_blocks
@@ -49,6 +53,10 @@ class BlockManager:
         reusable = sum(1 for b in hits if self.ref_count[b] == 0)  # hits that sit in the free list
         if need > self.num_free_blocks - reusable:
             return False
+        if self.free_seq_slots is not None and req.seq_slot < 0:
+            if not self.free_seq_slots:
+                return False
+            req.seq_slot = self.free_seq_slots.pop()
         for b in hits:
             if self.ref_count[b] == 0:
                 del self.free[b]
@@ -79,6 +87,9 @@ class BlockManager:
             if self.ref_count[b] == 0:
                 self.free[b] = None
         req.block_ids = []
+        if self.free_seq_slots is not None and req.seq_slot >= 0:
+            self.free_seq_slots.append(req.seq_slot)
+            req.seq_slot = -1
 
     # ------------------------------------------------------------ prefix cache
     def _chain_hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:

@@ -20,9 +20,11 @@ class FPKVCache(KVCache):
         self.k = torch.zeros(num_layers, slots, num_kv_heads, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.scale = head_dim ** -0.5
+        self.token_bytes = self.bytes_per_token(num_layers, num_kv_heads, head_dim, dtype)
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16) -> float:
+        """K and V of one token across all layers."""
         return 2 * num_layers * num_kv_heads * head_dim * _BYTES[dtype]
 
     def write(self, layer, k, v, meta: AttentionMetadata) -> None:
