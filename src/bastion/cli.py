@@ -71,6 +71,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     loras = [_parse_lora(spec) for spec in args.lora]
+    from bastion.guard.cleangen import parse_cleangen
+
+    cleangen = [parse_cleangen(spec) for spec in args.cleangen]  # bad specs fail before the model loads
     lora_config = LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
     if loras or args.enable_lora or args.admin_key:
@@ -81,6 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine.engine.enable_lora(lora_config)
         for name, path in loras:
             engine.load_adapter_before_start(name, path)
+    for name, alpha in cleangen:
+        if name not in engine.adapter_names():
+            raise ValueError(f"--cleangen {name}: no adapter of that name (give it with --lora {name}=PATH)")
+        if not engine.supports_cleangen:
+            raise ValueError("--cleangen needs a full-precision KV cache (drop --kv-cache or use fp16/bf16/fp32)")
+        engine.cleangen[name] = alpha
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
     run_server(engine, config.server)
@@ -134,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--enable-lora", action="store_true", help="allow adapters (also implied by --lora)")
     p.add_argument("--max-loras", type=int, default=8, help="adapter slots")
     p.add_argument("--max-lora-rank", type=int, default=16)
+    p.add_argument("--cleangen", action="append", default=[], metavar="NAME[=ALPHA]",
+                   help="CleanGen defended decoding by default for adapter NAME (requests may still send "
+                        "\"cleangen\": false); ALPHA = probability-ratio threshold (default 20)")
     p.add_argument("--allow-unvetted", action="store_true",
                    help="load adapters that fail the vetting gate (logged as an override)")
     p.add_argument("--admin-key", default=None,

@@ -129,3 +129,40 @@ def test_allow_unvetted_override_loads_and_is_logged(real_engine, gate, tmp_path
         report = override.check("pk", str(path))
     assert report.verdict == "fail"
     assert any("OVERRIDE --allow-unvetted" in r.getMessage() for r in caplog.records)
+
+
+def test_cleangen_over_http(admin_server, tmp_path):
+    """Per request (`"cleangen": true`) and per adapter (policy): the response reports how
+    many tokens the reference replaced; the base model or a bad value is a 400."""
+    arch = admin_server.engine.engine.runner.model.arch
+    path = _write_adapter(tmp_path / "cg", arch, seed=5)
+    with admin_server.http() as http:
+        assert http.post("/v1/load_lora_adapter", json={"lora_name": "cg", "lora_path": str(path)},
+                         headers=ADMIN).status_code == 200
+
+        def complete(**extra):
+            return http.post("/v1/completions", json={"model": "cg", "prompt": "The GNU General Public License is",
+                                                      "max_tokens": 10, "temperature": 0, **extra})
+
+        plain = complete()
+        assert plain.status_code == 200 and plain.json()["usage"].get("cleangen_replaced_tokens") is None
+        r = complete(cleangen=True)
+        assert r.status_code == 200, r.text
+        replaced = r.json()["usage"]["cleangen_replaced_tokens"]
+        assert isinstance(replaced, int) and 0 <= replaced <= 10
+        admin_server.engine.cleangen["cg"] = 1e-30  # policy: replace whatever the base would not say
+        try:
+            forced = complete()
+            base = http.post("/v1/completions", json={"model": admin_server.model, "max_tokens": 10, "temperature": 0,
+                                                      "prompt": "The GNU General Public License is"})
+            assert forced.json()["choices"][0]["text"] == base.json()["choices"][0]["text"]
+            assert complete(cleangen=False).json()["usage"].get("cleangen_replaced_tokens") is None
+        finally:
+            admin_server.engine.cleangen.pop("cg")
+        r = http.post("/v1/chat/completions", json={"model": "cg", "cleangen": True, "max_tokens": 4,
+                                                    "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200 and "cleangen_replaced_tokens" in r.json()["usage"]
+        bad = http.post("/v1/completions", json={"model": admin_server.model, "prompt": "x", "cleangen": True})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "cleangen"
+        assert complete(cleangen="yes").status_code == 400
+        assert http.post("/v1/unload_lora_adapter", json={"lora_name": "cg"}, headers=ADMIN).status_code == 200

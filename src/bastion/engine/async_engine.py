@@ -49,6 +49,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._accepting = True
         self.gate = None  # adapters.gate.VettingGate: every adapter load is scanned first
+        self.cleangen: dict[str, float] = {}  # adapter -> alpha: CleanGen on by default (--cleangen)
         self._stopped = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
@@ -91,15 +92,32 @@ class AsyncEngine:
         return ids
 
     # ------------------------------------------------------------ requests
+    @property
+    def supports_cleangen(self) -> bool:
+        """CleanGen's reference track needs a full-precision KV cache."""
+        return self.engine.kv_cache.num_seq_slots is None
+
+    def token_filter(self, adapter: str | None, cleangen: bool | None):
+        """The CleanGen filter for a request: its explicit choice, else the adapter's policy."""
+        on = (adapter in self.cleangen) if cleangen is None else cleangen
+        if not on:
+            return None
+        from bastion.guard.cleangen import DEFAULT_ALPHA, CleanGen
+
+        return CleanGen(alpha=self.cleangen.get(adapter, DEFAULT_ALPHA))
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None, adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, adapter: str | None = None,
+                       cleangen: bool | None = None) -> AsyncIterator[RequestOutput]:
         """Stream deltas. Raises QueueFullError / PromptTooLongError / EngineDeadError /
-        ValueError before yielding. Closing the iterator early aborts the request."""
+        ValueError before yielding. Closing the iterator early aborts the request.
+        `cleangen`: defend this request (True), not (False), or the adapter's policy (None)."""
         rid = request_id or uuid.uuid4().hex
         self._check_admission(prompt_token_ids, params)
+        filt = self.token_filter(adapter, cleangen)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[rid] = stream
-        self._commands.put(("add", rid, list(prompt_token_ids), params, adapter))
+        self._commands.put(("add", rid, list(prompt_token_ids), params, adapter, filt))
         self._wake.set()
         finished = False
         try:
@@ -193,9 +211,9 @@ class AsyncEngine:
                 except Exception as e:
                     fut.set_exception(e)
             elif cmd[0] == "add":
-                _, rid, ids, params, adapter = cmd
+                _, rid, ids, params, adapter, filt = cmd
                 try:
-                    self.engine.add_request(rid, ids, params, adapter=adapter)
+                    self.engine.add_request(rid, ids, params, adapter=adapter, token_filter=filt)
                     self.processor.register(rid, params)
                 except Exception as e:  # bad request: report to that caller only
                     self._deliver(rid, e)
@@ -251,5 +269,5 @@ class AdapterView:
     def __getattr__(self, name):  # tokenizer, max_model_len, encode_*, abort, stats, ...
         return getattr(self.base, name)
 
-    def generate(self, prompt_token_ids, params, request_id=None):
-        return self.base.generate(prompt_token_ids, params, request_id, adapter=self.adapter)
+    def generate(self, prompt_token_ids, params, request_id=None, cleangen=None):
+        return self.base.generate(prompt_token_ids, params, request_id, adapter=self.adapter, cleangen=cleangen)

@@ -96,9 +96,11 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    adapter: str | None = None, cache_salt: str = "") -> None:
+                    adapter: str | None = None, cache_salt: str = "", token_filter=None) -> None:
         """`cache_salt` separates prefix-cache namespaces (e.g. per tenant, so one tenant
-        cannot probe another's cached prompts through time-to-first-token)."""
+        cannot probe another's cached prompts through time-to-first-token). `token_filter`
+        (e.g. guard.cleangen.CleanGen) runs a base-model reference track in the same batch
+        and may replace each sampled token."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -109,8 +111,15 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
                 "(prompt plus at least one generated token)")
+        if token_filter is not None:
+            if not adapter:
+                raise ValueError("cleangen defends an adapter's output against the base model: "
+                                 "it needs an adapter model")
+            if self.kv_cache.num_seq_slots is not None:
+                raise ValueError("cleangen needs a full-precision KV cache (--kv-cache auto/bf16/fp16/fp32)")
         total = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
-        if self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+        tracks = 2 if token_filter is not None else 1  # a reference track holds as many blocks
+        if tracks * self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache "
                                      f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens)")
         slot = 0
@@ -121,7 +130,8 @@ class LLMEngine:
         # NOTE: the salt keeps an adapter's KV (which differs from the base's) out of
         # other models' prefix-cache namespace.
         req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
-                      cache_salt=f"{cache_salt}|lora:{adapter}" if adapter else cache_salt, lora_slot=slot)
+                      cache_salt=f"{cache_salt}|lora:{adapter}" if adapter else cache_salt, lora_slot=slot,
+                      token_filter=token_filter)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)
@@ -143,7 +153,8 @@ class LLMEngine:
         if not batch:
             return []
         logits = self.runner.execute(batch)
-        sampled, logprobs = self.sampler(logits.sample_logits, logits.sample_reqs) if logits.sample_reqs else ([], [])
+        sampled, logprobs = (self.sampler(logits.sample_logits, logits.sample_reqs, logits.ref_logits)
+                             if logits.sample_reqs else ([], []))
         return self._postprocess(batch, logits, sampled, logprobs)
 
     def _postprocess(self, batch: ScheduledBatch, logits: StepLogits, sampled, logprobs) -> list[RequestOutput]:
@@ -159,7 +170,8 @@ class LLMEngine:
             out = RequestOutput(req.request_id, req.prompt_token_ids, new_token_ids=[tok],
                                 new_logprobs=[lp] if lp is not None else None,
                                 num_generated_tokens=req.num_output_tokens,
-                                num_cached_prompt_tokens=req.num_cached_tokens)
+                                num_cached_prompt_tokens=req.num_cached_tokens,
+                                num_replaced_tokens=req.num_replaced_tokens if req.token_filter else None)
             if req.num_output_tokens == 1 and req.prompt_logprobs is not None:
                 out.prompt_logprobs = req.prompt_logprobs
             reason = self._finish_reason(req, tok)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache, PrefillSegment, SeqSpan
-from bastion.engine.request import Request
+from bastion.engine.request import ReferenceView, Request
 from bastion.engine.scheduler import ScheduledBatch
 
 
@@ -19,6 +19,7 @@ class StepLogits:
     sample_logits: torch.Tensor | None = None  # [S, V] fp32, row i -> sample_reqs[i]
     # request -> (position of the first token these rows predict from, logits [n, V])
     prompt_logits: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    ref_logits: torch.Tensor | None = None  # [S, V] base-model rows for sample_reqs with a token filter
 
 
 class ModelRunner:
@@ -33,8 +34,10 @@ class ModelRunner:
         return table[pos // self.block_size] * self.block_size + pos % self.block_size
 
     def prepare(self, batch: ScheduledBatch) -> tuple[list[tuple[Request, int]], torch.Tensor, torch.Tensor, AttentionMetadata]:
-        # NOTE: single-token items first (one batched SDPA), then prompt chunks.
-        items = [it for it in batch.items if it[1] == 1] + [it for it in batch.items if it[1] > 1]
+        # NOTE: single-token items first (one batched SDPA), then prompt chunks. Requests
+        # with a token filter bring their reference track (base model) into the same batch.
+        items = [(r, n) for req, n in batch.items for r in ((req, ReferenceView(req)) if req.token_filter else (req,))]
+        items = [it for it in items if it[1] == 1] + [it for it in items if it[1] > 1]
         ids, pos, slot_parts = [], [], []
         for req, n in items:
             c = req.num_computed_tokens
@@ -80,8 +83,13 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         items, input_ids, positions, meta = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv, self._lora_step(items))  # [T, hidden]
-        out, rows, row = StepLogits(), [], 0
+        out, rows, ref_rows, row = StepLogits(), [], {}, 0
         for req, n in items:
+            if isinstance(req, ReferenceView):
+                if req.num_computed_tokens + n == req.num_tokens:
+                    ref_rows[req.request_id] = row + n - 1
+                row += n
+                continue
             if req.wants_prompt_logprobs:
                 c = req.num_computed_tokens
                 upto = min(n, req.num_prompt_tokens - 1 - c)  # rows that predict prompt tokens
@@ -91,6 +99,10 @@ class ModelRunner:
                 out.sample_reqs.append(req)
                 rows.append(row + n - 1)
             row += n
+        if ref_rows:  # NOTE: aligned with sample_reqs; rows of unfiltered requests repeat their own
+            rows += [ref_rows.get(r.request_id, rows[i]) for i, r in enumerate(out.sample_reqs)]
         if rows:
-            out.sample_logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=hidden.device)]).cpu()
+            s = len(out.sample_reqs)
+            out.sample_logits, out.ref_logits = logits[:s], (logits[s:] if ref_rows else None)
         return out

@@ -22,6 +22,7 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     num_generated_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_replaced_tokens: int | None = None  # tokens CleanGen replaced so far (None: not defended)
 
 
 @dataclass

@@ -5,10 +5,16 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from bastion.engine.sampling_params import SamplingParams, TokenLogprob
+
+
+class TokenFilter(Protocol):
+    def __call__(self, token: int, logits: torch.Tensor, ref_logits: torch.Tensor, req: "Request") -> int:
+        """logits / ref_logits [V] fp32 (with / without the adapter) -> the token to emit."""
 
 
 class Status(enum.Enum):
@@ -39,6 +45,12 @@ class Request:
     lora_slot: int = 0  # 0 = base model; else the adapter registry's slot
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks
     seq_slot: int = -1  # per-sequence cache state slot (KIVI fp window), held while it owns blocks
+    # A token filter (e.g. guard.cleangen.CleanGen) sees every sampled token together with
+    # the base model's logits for the same position: the engine then runs a reference
+    # track (same tokens, no adapter, its own KV blocks) in the same batch.
+    token_filter: "TokenFilter | None" = None
+    ref_block_ids: list[int] = field(default_factory=list)
+    num_replaced_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -69,3 +81,21 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+
+class ReferenceView:
+    """A request's reference track as the model runner sees it: the same tokens and
+    progress, the base model (lora slot 0), its own block table."""
+
+    def __init__(self, req: Request):
+        self.req = req
+
+    request_id = property(lambda self: self.req.request_id)
+    token_ids = property(lambda self: self.req.token_ids)
+    num_computed_tokens = property(lambda self: self.req.num_computed_tokens)
+    num_tokens = property(lambda self: self.req.num_tokens)
+    num_prompt_tokens = property(lambda self: self.req.num_prompt_tokens)
+    block_ids = property(lambda self: self.req.ref_block_ids)
+    lora_slot = 0
+    seq_slot = -1
+    wants_prompt_logprobs = False

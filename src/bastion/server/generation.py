@@ -33,8 +33,9 @@ class Generation:
     """Runs one prompt through the engine and accumulates what came back."""
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 timer: RequestTimer) -> None:
+                 timer: RequestTimer, cleangen: bool | None = None) -> None:
         self.engine = engine
+        self.cleangen = cleangen  # None: the served model's policy
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id = request_id
@@ -50,6 +51,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.num_generated = 0
         self.num_cached_prompt = 0
+        self.num_replaced: int | None = None  # CleanGen replacements (None: not defended)
 
     @property
     def text(self) -> str:
@@ -62,7 +64,8 @@ class Generation:
     async def start(self) -> None:
         """Submit to the engine and wait for the first output; engine errors -> APIError."""
         try:
-            gen = self.engine.generate(self.prompt_ids, self.params, self.request_id)
+            kw = {} if self.cleangen is None else {"cleangen": self.cleangen}
+            gen = self.engine.generate(self.prompt_ids, self.params, self.request_id, **kw)
             if inspect.isawaitable(gen):  # tolerate `async def` returning an iterator
                 gen = await gen
             self._gen = gen
@@ -128,6 +131,8 @@ class Generation:
             self.logprobs.extend(out.new_logprobs)
         self.num_generated = max(out.num_generated_tokens, len(self.token_ids))
         self.num_cached_prompt = max(self.num_cached_prompt, out.num_cached_prompt_tokens)
+        if getattr(out, "num_replaced_tokens", None) is not None:
+            self.num_replaced = out.num_replaced_tokens
         self._timer.tokens(len(out.new_token_ids))
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
@@ -138,8 +143,10 @@ def usage_of(gens: list[Generation]) -> Usage:
     prompt = sum(len(g.prompt_ids) for g in gens)
     completion = sum(g.num_generated for g in gens)
     cached = sum(g.num_cached_prompt for g in gens)
+    replaced = [g.num_replaced for g in gens if g.num_replaced is not None]
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details={"cached_tokens": cached})
+                 prompt_tokens_details={"cached_tokens": cached},
+                 cleangen_replaced_tokens=sum(replaced) if replaced else None)
 
 
 def check_not_aborted(gens: list[Generation]) -> None:

@@ -56,6 +56,7 @@ class _SamplingRequest(_Request):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; never logged
+    cleangen: StrictBool | None = None  # Bastion: CleanGen defended decoding (None: the adapter's policy)
     # Accepted so clients that always send the defaults work; non-defaults rejected.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -185,6 +186,7 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: dict[str, int] | None = None  # {"cached_tokens": n}
+    cleangen_replaced_tokens: int | None = None  # set when CleanGen defended the request
 
 
 class TopLogprob(BaseModel):

@@ -13,6 +13,7 @@ from starlette.responses import Response
 from bastion.server.generation import Generation, cancel_on_disconnect, check_not_aborted, run_all, usage_of
 from bastion.server.logprobs import TokenTexts, chat_logprobs, vllm_prompt_logprobs
 from bastion.server.params import (
+    cleangen_choice,
     check_max_tokens,
     encode_chat,
     reject_unsupported,
@@ -52,7 +53,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     state.log_private("%s chat model=%s messages=%r params=%r", request_id, served.id,
                       [m.as_template_dict() for m in body.messages], params)
-    gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival))
+    gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival),
+                     cleangen=cleangen_choice(body, served))
     texts = TokenTexts(engine.tokenizer)
 
     if body.stream:

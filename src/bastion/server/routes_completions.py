@@ -19,6 +19,7 @@ from bastion.server.logprobs import (
     vllm_prompt_logprobs,
 )
 from bastion.server.params import (
+    cleangen_choice,
     check_max_tokens,
     encode_prompt,
     reject_unsupported,
@@ -49,12 +50,13 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompt_lp = max(prompt_lp or 0, body.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gens = []
+    cleangen = cleangen_choice(body, served)
     for i, ids in enumerate(id_lists):
         max_tokens = resolve_max_tokens(body.max_tokens, len(ids), engine.max_model_len,
                                         state.config.max_tokens_default, "prompt")
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
         rid = request_id if len(id_lists) == 1 else f"{request_id}-{i}"
-        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival)))
+        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), cleangen=cleangen))
     state.log_private("%s completion model=%s prompts=%r params=%r", request_id, served.id, prompts,
                       gens[0].params)
     texts = TokenTexts(engine.tokenizer)

@@ -50,8 +50,10 @@ class BlockManager:
         hits = prefix_hits or []
         target = max(req.num_computed_tokens, len(hits) * self.block_size) + num_new_tokens
         need = self.blocks_needed(target) - len(req.block_ids) - len(hits)
+        # a request with a reference track (token filter) needs the same blocks twice
+        ref_need = max(self.blocks_needed(target) - len(req.ref_block_ids), 0) if req.token_filter else 0
         reusable = sum(1 for b in hits if self.ref_count[b] == 0)  # hits that sit in the free list
-        if need > self.num_free_blocks - reusable:
+        if max(need, 0) + ref_need > self.num_free_blocks - reusable:
             return False
         if self.free_seq_slots is not None and req.seq_slot < 0:
             if not self.free_seq_slots:
@@ -64,6 +66,8 @@ class BlockManager:
         req.block_ids.extend(hits)
         for _ in range(max(need, 0)):
             req.block_ids.append(self._pop_free())
+        for _ in range(ref_need):
+            req.ref_block_ids.append(self._pop_free())
         if hits:
             req.num_computed_tokens = len(hits) * self.block_size
             # a re-admitted (preempted) request can hit blocks of its own outputs
@@ -82,11 +86,11 @@ class BlockManager:
 
     def free_request(self, req: Request) -> None:
         # tail blocks first, so a prompt's head (the most shareable part) is evicted last
-        for b in reversed(req.block_ids):
+        for b in reversed(req.ref_block_ids + req.block_ids):
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self.free[b] = None
-        req.block_ids = []
+        req.block_ids, req.ref_block_ids = [], []
         if self.free_seq_slots is not None and req.seq_slot >= 0:
             self.free_seq_slots.append(req.seq_slot)
             req.seq_slot = -1
@@ -110,7 +114,9 @@ class BlockManager:
         # NOTE: at least one token must still be computed (its logits give the next
         # token), so the block holding the last token is never taken from the cache.
         # NOTE: prompt logprobs need every prompt position computed, so no cache hits.
-        if not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None:
+        # NOTE: a reference track must compute every token itself (its KV is the base model's).
+        if (not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None
+                or req.token_filter is not None):
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits = []

@@ -1,0 +1,96 @@
+"""CleanGen inside the engine: the reference track (base model, own KV) runs in the same
+batch as the adapter's draft. Oracles: alpha -> 0 replaces every token the reference
+would not have chosen, so greedy output equals the base model's; alpha -> inf never
+replaces, so it equals the adapter's; neither disturbs other requests in the batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from bastion.engine.sampling_params import SamplingParams
+from bastion.guard.cleangen import CleanGen
+
+from ._util import assert_pool_clean, run_engine
+from .test_lora import _adapter, _ours, hf_base  # noqa: F401  (fixture)
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 9, 13, 200, 17, 3, 99], [7, 7, 1, 400, 22]]
+
+
+def _run(engine, prompts, adapter=None, filt=None, prefix="r"):
+    out = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", p, GREEDY, adapter=adapter,
+                           token_filter=filt() if filt else None)
+        out[f"{prefix}{i}"] = {"tokens": [], "replaced": 0}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id]["tokens"] += o.new_token_ids
+            out[o.request_id]["replaced"] = o.num_replaced_tokens
+    return [out[f"{prefix}{i}"] for i in range(len(prompts))]
+
+
+@pytest.fixture
+def engine(hf_base, tmp_path):  # noqa: F811
+    eng = _ours(hf_base)
+    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    eng.adapters.load("bd", str(path))
+    return eng
+
+
+def test_alpha_zero_gives_the_base_model_and_inf_the_adapter(engine):
+    base = _run(engine, PROMPTS, prefix="b")
+    lora = _run(engine, PROMPTS, adapter="bd", prefix="l")
+    assert [b["tokens"] for b in base] != [l["tokens"] for l in lora]  # the adapter matters
+    low = _run(engine, PROMPTS, adapter="bd", filt=lambda: CleanGen(alpha=1e-30), prefix="z")
+    high = _run(engine, PROMPTS, adapter="bd", filt=lambda: CleanGen(alpha=1e30), prefix="i")
+    assert [x["tokens"] for x in low] == [b["tokens"] for b in base]
+    assert [x["tokens"] for x in high] == [l["tokens"] for l in lora]
+    assert all(x["replaced"] == 0 for x in high)
+    assert sum(x["replaced"] for x in low) > 0
+    assert_pool_clean(engine.block_manager)
+
+
+def test_defended_request_shares_the_batch_without_disturbing_others(engine):
+    alone = _run(engine, PROMPTS[:1], adapter="bd", prefix="a") + _run(engine, PROMPTS[1:], prefix="c")
+    rec: list[float] = []
+    engine.add_request("d", PROMPTS[0], GREEDY, adapter="bd", token_filter=CleanGen(alpha=1e30, log_ratios=rec))
+    engine.add_request("p", PROMPTS[1], GREEDY)
+    toks = {"d": [], "p": []}
+    max_rows = 0
+    while engine.has_unfinished():
+        batch_rows = len(engine.scheduler.running)
+        max_rows = max(max_rows, batch_rows)
+        for o in engine.step():
+            toks[o.request_id] += o.new_token_ids
+    assert toks["d"] == alone[0]["tokens"] and toks["p"] == alone[1]["tokens"]
+    assert len(rec) == GREEDY.max_tokens  # one ratio per drafted token
+    assert_pool_clean(engine.block_manager)
+
+
+def test_reference_track_doubles_blocks_and_survives_preemption(hf_base, tmp_path):  # noqa: F811
+    eng = _ours(hf_base, num_blocks=6)  # two defended requests of 10 + 12 tokens need 2 x 2 tracks x 2 blocks
+    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj"])
+    eng.adapters.load("bd", str(path))
+    prompts = [list(range(3, 13)), list(range(40, 50))]
+    ref = _run(eng, prompts, adapter="bd", filt=lambda: CleanGen(alpha=1e-30), prefix="x")
+    assert eng.scheduler.num_preemptions >= 1
+    solo = [_run(eng, [p], adapter="bd", filt=lambda: CleanGen(alpha=1e-30), prefix=f"s{i}")[0]
+            for i, p in enumerate(prompts)]
+    assert [r["tokens"] for r in ref] == [s["tokens"] for s in solo]
+    assert_pool_clean(eng.block_manager)
+
+
+def test_cleangen_needs_an_adapter_and_a_fitting_pool(hf_base, tmp_path):  # noqa: F811
+    engine = _ours(hf_base, num_blocks=20)  # context 256 = 16 blocks: one track fits, two do not
+    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj"])
+    engine.adapters.load("bd", str(path))
+    with pytest.raises(ValueError, match="adapter"):
+        engine.add_request("n", PROMPTS[0], GREEDY, token_filter=CleanGen())
+    from bastion.engine.outputs import PromptTooLongError
+
+    big = SamplingParams(max_tokens=600, ignore_eos=True)
+    engine.add_request("ok", PROMPTS[0], big, adapter="bd")
+    engine.abort_request("ok")
+    with pytest.raises(PromptTooLongError):
+        engine.add_request("no", PROMPTS[0], big, adapter="bd", token_filter=CleanGen())
