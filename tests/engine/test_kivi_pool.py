@@ -55,7 +55,7 @@ def _run(spec, sink, use_rot, schedule, seed=0, layers=1):
     g = spec.group_size
     cache = KIVIKVCache(num_layers=layers, num_kv_heads=H, head_dim=D, num_blocks=64, spec=spec,
                         num_seq_slots=4, sink=sink, use_hadamard=use_rot, fp_dtype=torch.float32)
-    bm = BlockManager(64, g, False, num_seq_slots=4)
+    bm = BlockManager(64, g, False, num_seq_slots=4, blocks_for=cache.blocks_for)
     runner = ModelRunner(None, cache, torch.device("cpu"))
     rot = hadamard(D) if use_rot else None
     reqs = {name: Request(name, [1] * total, SamplingParams(max_tokens=1)) for name, total in schedule["seqs"].items()}

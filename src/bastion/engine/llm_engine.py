@@ -44,7 +44,7 @@ class LLMEngine:
         # which a prefix-cache hit could not bring along, so prefix caching is fp-only.
         self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size,
                                           config.cache.prefix_caching and kv_cache.num_seq_slots is None,
-                                          num_seq_slots=kv_cache.num_seq_slots)
+                                          num_seq_slots=kv_cache.num_seq_slots, blocks_for=kv_cache.blocks_for)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_cache, next(model.parameters()).device)
         self.sampler = Sampler()
@@ -119,7 +119,7 @@ class LLMEngine:
                 raise ValueError("cleangen needs a full-precision KV cache (--kv-cache auto/bf16/fp16/fp32)")
         total = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
         tracks = 2 if token_filter is not None else 1  # a reference track holds as many blocks
-        if tracks * self.block_manager.blocks_needed(total) > self.block_manager.num_blocks:
+        if tracks * self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache "
                                      f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens)")
         slot = 0

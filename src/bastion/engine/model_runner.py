@@ -38,14 +38,27 @@ class ModelRunner:
         # with a token filter bring their reference track (base model) into the same batch.
         items = [(r, n) for req, n in batch.items for r in ((req, ReferenceView(req)) if req.token_filter else (req,))]
         items = [it for it in items if it[1] == 1] + [it for it in items if it[1] > 1]
-        ids, pos, slot_parts = [], [], []
+        ids, pos = [], []
         for req, n in items:
             c = req.num_computed_tokens
             ids += req.token_ids[c : c + n]
             pos += range(c, c + n)
-            slot_parts.append(self._slots(req.block_ids, c, c + n))
-        meta = AttentionMetadata(slot_mapping=torch.cat(slot_parts).to(self.device))
-        decodes = [req for req, n in items if n == 1]
+        num_decodes = sum(1 for _, n in items if n == 1)
+        meta = self._slot_metadata(items, num_decodes) if self.kv.uses_slots else AttentionMetadata(
+            slot_mapping=torch.empty(0, dtype=torch.long), num_decodes=num_decodes)
+        row = 0
+        for req, n in items:
+            meta.spans.append(SeqSpan(req.seq_slot, req.block_ids, req.num_computed_tokens, n, row))
+            row += n
+        self.kv.begin_step(meta)
+        return (items, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), meta)
+
+    def _slot_metadata(self, items, num_decodes: int) -> AttentionMetadata:
+        """Slot-addressed metadata (fp pools): where new K/V go, what each row attends to."""
+        meta = AttentionMetadata(slot_mapping=torch.cat(
+            [self._slots(req.block_ids, req.num_computed_tokens, req.num_computed_tokens + n) for req, n in items]
+        ).to(self.device))
+        decodes = [req for req, _ in items[:num_decodes]]
         if decodes:
             ctx = torch.tensor([r.num_computed_tokens + 1 for r in decodes])
             max_ctx = int(ctx.max())
@@ -64,12 +77,7 @@ class ModelRunner:
             end = req.num_computed_tokens + n
             meta.prefills.append(PrefillSegment(row, n, self._slots(req.block_ids, 0, end).to(self.device)))
             row += n
-        row = 0
-        for req, n in items:
-            meta.spans.append(SeqSpan(req.seq_slot, req.block_ids, req.num_computed_tokens, n, row))
-            row += n
-        self.kv.begin_step(meta)
-        return (items, torch.tensor(ids, device=self.device), torch.tensor(pos, device=self.device), meta)
+        return meta
 
     def _lora_step(self, items):
         if self.lora_stacks is None:

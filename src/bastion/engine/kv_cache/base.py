@@ -67,6 +67,11 @@ class KVCache(ABC):
     token_bytes: float  # real bytes one pooled token occupies across all layers
     reserved_bytes: int = 0  # fixed memory besides the blocks (e.g. fp windows)
     num_seq_slots: int | None = None  # per-sequence state slots the block manager must hand out
+    uses_slots: bool = True  # reads slot_mapping / decode_slots / prefills (KIVI plans from spans)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        """Blocks a sequence of num_tokens tokens must own (the block manager asks this)."""
+        return -(-num_tokens // self.block_size)
 
     def begin_step(self, meta: AttentionMetadata) -> None:
         """Called once per step before the forward (per-step index plans); default: nothing."""

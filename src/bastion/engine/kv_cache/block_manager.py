@@ -17,8 +17,10 @@ from bastion.engine.request import Request
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_seq_slots: int | None = None):
+                 num_seq_slots: int | None = None, blocks_for=None):
         self.num_blocks, self.block_size = num_blocks, block_size
+        # tokens -> blocks a sequence must own (KIVI: only groups that left the fp window)
+        self.blocks_for = blocks_for or self.blocks_needed
         # NOTE: caches with per-sequence state (KIVI's fp window) have a fixed number of
         # sequence slots; a request holds one exactly while it holds blocks.
         self.free_seq_slots = None if num_seq_slots is None else list(range(num_seq_slots - 1, -1, -1))
@@ -49,9 +51,9 @@ class BlockManager:
         Returns False, changing nothing, if the pool cannot hold it."""
         hits = prefix_hits or []
         target = max(req.num_computed_tokens, len(hits) * self.block_size) + num_new_tokens
-        need = self.blocks_needed(target) - len(req.block_ids) - len(hits)
+        need = self.blocks_for(target) - len(req.block_ids) - len(hits)
         # a request with a reference track (token filter) needs the same blocks twice
-        ref_need = max(self.blocks_needed(target) - len(req.ref_block_ids), 0) if req.token_filter else 0
+        ref_need = max(self.blocks_for(target) - len(req.ref_block_ids), 0) if req.token_filter else 0
         reusable = sum(1 for b in hits if self.ref_count[b] == 0)  # hits that sit in the free list
         if max(need, 0) + ref_need > self.num_free_blocks - reusable:
             return False

@@ -4,6 +4,8 @@ Storage, per layer (H = kv heads, D = head dim, G = group size = block size):
   quantized pool, one block = one G-token group (layouts of quant.py):
     k_codes [N, G, H, D*kb/8] uint8   k_scale, k_zero [N, H, D] fp16      (per channel)
     v_codes [N, G, H, D*vb/8] uint8   v_scale, v_zero [N, G, H, D/G] fp16 (per token)
+  (a sequence owns blocks only for groups that have left the window: block_ids[i] holds
+  positions S + i*G .. S + i*G + G - 1; see blocks_for)
   full-precision region, one per sequence slot (the block manager hands slots out):
     k_fp, v_fp [slots * (S + W), H, D]: S sink tokens, then a ring of W = R + G tokens.
 
@@ -85,6 +87,8 @@ def _long(x, device) -> torch.Tensor:
 
 
 class KIVIKVCache(KVCache):
+    uses_slots = False  # plans its own indices from meta.spans in begin_step
+
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, spec: KVQuantSpec,
                  num_seq_slots: int, sink: int = 0, use_hadamard: bool = False,
                  fp_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
@@ -120,6 +124,11 @@ class KIVIKVCache(KVCache):
         """The frontier: tokens [0, nq) have left the window (quantized, or sink)."""
         return split_context(self.spec, ctx_len)[0]
 
+    def blocks_for(self, num_tokens: int) -> int:
+        """Quantized blocks a sequence of num_tokens holds: one per group that has left the
+        window, sink groups excepted (block_ids[i] holds positions S + i*G ..)."""
+        return max(0, self.quantized_tokens(num_tokens) - self.sink) // self.block_size
+
     # ------------------------------------------------------------------ per-step plan
     def _ring_row(self, slot: int, p: int) -> int:
         return slot * self.region + self.sink + p % self.ring
@@ -138,11 +147,11 @@ class KIVIKVCache(KVCache):
                 jobs.sink_dst += [span.seq_slot * self.region + p for p in range(p0, p0 + g)]
             else:
                 jobs.q_src += src
-                jobs.q_dst.append(span.block_ids[p0 // g])
+                jobs.q_dst.append(span.block_ids[(p0 - self.sink) // g])
         return jobs
 
     def begin_step(self, meta: AttentionMetadata) -> None:
-        dev, g, sg = self.device, self.block_size, self.sink // self.block_size
+        dev, g = self.device, self.block_size
         plan = _Plan(meta.num_decodes, prefills=[])
         decs = meta.spans[: meta.num_decodes]
         if decs:
@@ -153,7 +162,7 @@ class KIVIKVCache(KVCache):
                 ctx0, ctx1 = sp.num_cached, sp.num_cached + sp.num_new
                 nq0, nq1 = self.quantized_tokens(ctx0), self.quantized_tokens(ctx1)
                 fp_rows.append(self._fp_rows(sp.seq_slot, nq0, ctx1))
-                tables.append(sp.block_ids[sg : max(sg, nq0 // g)])
+                tables.append(sp.block_ids[: self.blocks_for(ctx0)])
                 j = self._jobs(sp, nq0, nq1, lambda p, s=sp.seq_slot: self._ring_row(s, p))
                 for a in ("q_src", "q_dst", "sink_src", "sink_dst"):
                     getattr(jobs, a).extend(getattr(j, a))
@@ -177,7 +186,7 @@ class KIVIKVCache(KVCache):
             # tail rows: 0 .. ctx1 - nq0 hold positions nq0 .. ctx1 (old window, then new)
             j = self._jobs(sp, nq0, nq1, lambda p, nq0=nq0: p - nq0)
             base = sp.seq_slot * self.region
-            table = sp.block_ids[sg : max(sg, nq0 // g)]
+            table = sp.block_ids[: self.blocks_for(ctx0)]
             plan.prefills.append(_Prefill(
                 rows=slice(sp.q_start, sp.q_start + sp.num_new),
                 old_idx=_long([self._ring_row(sp.seq_slot, p) for p in range(nq0, ctx0)], dev),
