@@ -60,7 +60,8 @@ class CacheConfig:
     (K8V8), kivi4 (K4V4), kivi2 (K2V2), kivi (the measured default, see
     docs/BENCHMARKS.md), or kXvY with X, Y in 2/4/8. For quantized kinds the block
     size is the group size G; `kv_residual` newest tokens (R) and the first `kv_sink`
-    tokens stay in full precision; `kv_hadamard` rotates K and V before quantizing.
+    tokens stay in full precision; `kv_hadamard` rotates K and V before quantizing;
+    `kv_clip` picks each group's range by least squared error instead of min-max.
     None means the preset's default."""
 
     block_size: int = 16
@@ -72,6 +73,7 @@ class CacheConfig:
     kv_residual: int | None = None
     kv_sink: int | None = None
     kv_hadamard: bool | None = None
+    kv_clip: bool | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -103,14 +105,15 @@ class CacheConfig:
 
     def quant_options(self) -> dict:
         """Group size, residual window, sink and rotation with preset defaults filled in."""
-        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False}
+        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False, "clip": False}
         if self.kind == "kivi":  # the default quantized config (measured: docs/BENCHMARKS.md)
-            preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False}
+            preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False, "clip": False}
         opts = {
             "group_size": preset["group_size"] if self.kv_group_size is None else self.kv_group_size,
             "residual": preset["residual"] if self.kv_residual is None else self.kv_residual,
             "sink": preset["sink"] if self.kv_sink is None else self.kv_sink,
             "hadamard": preset["hadamard"] if self.kv_hadamard is None else self.kv_hadamard,
+            "clip": preset["clip"] if self.kv_clip is None else self.kv_clip,
         }
         g = opts["group_size"]
         if not isinstance(g, int) or g <= 0 or g % 4:

@@ -162,3 +162,9 @@ def test_bad_pool_options():
     with pytest.raises(ValueError, match="group_size"):
         KIVIKVCache(num_layers=1, num_kv_heads=H, head_dim=12, num_blocks=4, spec=KVQuantSpec(4, 2, 8, 8),
                     num_seq_slots=1)
+
+
+def test_pool_with_clipped_ranges_matches_its_oracle():
+    spec = KVQuantSpec(4, 2, 8, 8, clip=True)
+    worst, *_ = _run(spec, 8, True, _schedule(8, 8, seed=2))
+    assert worst < 2e-5

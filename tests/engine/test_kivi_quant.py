@@ -356,3 +356,22 @@ def test_hadamard_rotation_preserves_scores():
     vqb = QuantValues(*(t.view(1, 2, 16, *t.shape[1:]) for t in vq))
     out = quantized_decode_attention(qr, QuantKeys(*(t[None] for t in kq)), vqb, None, None, spec)
     assert (out - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_clipping_never_increases_group_error_and_helps_at_2_bits(bits):
+    torch.manual_seed(3)
+    v = torch.randn(512, 3, 64)
+    v[:, :, 5] *= 5  # outlier channel
+    errs = {}
+    for clip in (False, True):
+        spec = KVQuantSpec(4, bits, 32, 0, clip=clip)
+        d = dequantize_values(quantize_values(v, spec), spec)
+        errs[clip] = ((d - v) ** 2).view(512, 3, 2, 32).sum(-1)  # per value group
+        kspec = KVQuantSpec(bits, 4, 32, 0, clip=clip)
+        k = dequantize_keys(quantize_keys(v, kspec), kspec)
+        errs[(clip, "k")] = ((k - v) ** 2).view(16, 32, 3, 64).sum(1)  # per key group (channel)
+    assert bool((errs[True] <= errs[False] + 1e-6).all())
+    assert bool((errs[(True, "k")] <= errs[(False, "k")] + 1e-6).all())
+    if bits == 2:
+        assert errs[True].sum() < 0.8 * errs[False].sum()

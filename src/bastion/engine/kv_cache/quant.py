@@ -40,6 +40,10 @@ class KVQuantSpec:
     v_bits: int = 4
     group_size: int = 32
     residual: int = 128
+    # MSE-optimal clipping: each group's range may shrink toward its midpoint (factors in
+    # _CLIP) when that lowers the group's squared error. Trades the s/2 bound on the
+    # extremes for less error on the rest; computed once per group at quantization time.
+    clip: bool = False
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -138,19 +142,44 @@ def _round_fp16(x: torch.Tensor, up: bool) -> torch.Tensor:
     return torch.where(bad, torch.nextafter(h, step), h)
 
 
-def _minmax_quant(x: torch.Tensor, dim: int, bits: int):
-    """Asymmetric min-max over `dim` (kept). x fp32. Returns codes uint8 (same shape as x),
-    scale, zero fp16 (dim reduced to size 1)."""
-    levels = (1 << bits) - 1
-    zero = _round_fp16(x.amin(dim, keepdim=True), up=False)  # m <= every x
+_CLIP = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+
+
+def _grid(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int):
+    """Codes uint8, scale, zero (fp16) for the range [lo, hi] (zero rounded down, scale up)."""
+    zero = _round_fp16(lo, up=False)  # m <= lo
     zf = zero.float()
-    # fp64: (max - m) / L is then within 2^-53 of exact, so s*L >= max - m really holds
-    scale = _round_fp16((x.amax(dim, keepdim=True).double() - zf.double()) / levels, up=True)
+    # fp64: (hi - m) / L is then within 2^-53 of exact, so s*L >= hi - m really holds
+    scale = _round_fp16((hi.double() - zf.double()) / levels, up=True)
     sf = scale.float()
-    # s == 0 only if max == m exactly: every x == m, code 0 reconstructs exactly.
+    # s == 0 only if hi == m exactly: every x == m, code 0 reconstructs exactly.
     div = torch.where(sf > 0, sf, torch.ones_like(sf))
     codes = torch.round((x - zf) / div).clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
+
+
+def _minmax_quant(x: torch.Tensor, dim: int, bits: int, clip: bool = False):
+    """Asymmetric min-max over `dim` (kept). x fp32. Returns codes uint8 (same shape as x),
+    scale, zero fp16 (dim reduced to size 1). clip: per group, the shrink of [min, max]
+    toward its midpoint (from _CLIP) with the least squared reconstruction error."""
+    levels = (1 << bits) - 1
+    lo, hi = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
+    best = _grid(x, lo, hi, levels)
+    if not clip:
+        return best
+    mid, half = (lo + hi) / 2, (hi - lo) / 2
+
+    def err(q):
+        return ((q[0].float() * q[1].float() + q[2].float() - x) ** 2).sum(dim, keepdim=True)
+
+    best_err = err(best)
+    for f in _CLIP[1:]:
+        cand = _grid(x, mid - f * half, mid + f * half, levels)
+        e = err(cand)
+        better = e < best_err
+        best = tuple(torch.where(better, c, b) for c, b in zip(cand, best))
+        best_err = torch.minimum(e, best_err)
+    return best
 
 
 def quantize_keys(k: torch.Tensor, spec: KVQuantSpec) -> QuantKeys:
@@ -163,7 +192,7 @@ def quantize_keys(k: torch.Tensor, spec: KVQuantSpec) -> QuantKeys:
     if d * spec.k_bits % 8:
         raise ValueError(f"head_dim={d} cannot be packed at {spec.k_bits} bits")
     x = k.float().reshape(t // g, g, h, d)
-    codes, scale, zero = _minmax_quant(x, dim=1, bits=spec.k_bits)  # scale [n, 1, H, D]
+    codes, scale, zero = _minmax_quant(x, dim=1, bits=spec.k_bits, clip=spec.clip)  # scale [n, 1, H, D]
     return QuantKeys(pack(codes, spec.k_bits), scale.squeeze(1), zero.squeeze(1))
 
 
@@ -174,7 +203,7 @@ def quantize_values(v: torch.Tensor, spec: KVQuantSpec) -> QuantValues:
     spec.check_head_dim(d)
     g = spec.group_size
     x = v.float().reshape(t, h, d // g, g)
-    codes, scale, zero = _minmax_quant(x, dim=-1, bits=spec.v_bits)  # scale [T, H, D/G, 1]
+    codes, scale, zero = _minmax_quant(x, dim=-1, bits=spec.v_bits, clip=spec.clip)  # scale [T, H, D/G, 1]
     return QuantValues(pack(codes.reshape(t, h, d), spec.v_bits), scale.squeeze(-1), zero.squeeze(-1))
 
 
