@@ -1,4 +1,4 @@
-"""PNG plots and Markdown tables of benchmark results (serving and offline).
+"""PNG plots and Markdown tables of benchmark results (serving, offline, kv-quality).
 
 Uses matplotlib's object API (`Figure` + Agg canvas) rather than pyplot, so plotting
 changes no process-wide backend or figure registry: safe inside a server or a test.
@@ -138,3 +138,64 @@ def format_level_line(name: str, rep: int, s: Mapping[str, Any]) -> str:
             + (f", {s['short_outputs']} SHORT outputs" if s.get("short_outputs") else "")
             + (f", errors: {s['errors']}" if s.get("errors") else ""))
 
+
+# ---------------------------------------------------------------- kv-quality
+
+def _settings(o: dict | None) -> str:
+    if not o:
+        return "–"
+    return (f"G{o['group_size']} R{o['residual']} S{o['sink']}" + (" had" if o.get("hadamard") else "")
+            + (" clip" if o.get("clip") else ""))
+
+
+def kv_quality_table(result: dict) -> str:
+    rows = result["rows"] + result.get("peer_rows", [])
+    lines = [f"Teacher forcing, {result['config']['steps']} decode steps; delta vs the {result['reference']} "
+             "cache (peers: vs HF fp32 DynamicCache); bytes incl. fp16 window, sink and scales", "",
+             "| config | settings | ctx | PPL | ΔPPL % | top-1 | KL | bytes/token | vs fp16 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ppl" in r:
+            lines.append(f"| {r['config']} | {_settings(r.get('options'))} | {r['ctx']} | {r['ppl']:.3f} | "
+                         f"{r['delta_ppl_pct']:+.2f} | {r['top1_agreement']:.3f} | {r['kl']:.2e} | "
+                         f"{r['bytes_per_token']:.0f} | {r['ratio_vs_fp16']:.2f}× |")
+    pk = [r for r in rows if "passkey" in r]
+    if pk:
+        ctxs = sorted({r["ctx"] for r in pk})
+        lines += ["", "Passkey retrieval (greedy, success over depths)", "",
+                  "| config | " + " | ".join(f"ctx {c}" for c in ctxs) + " |", "|---|" + "---|" * len(ctxs)]
+        for name in dict.fromkeys(r["config"] for r in pk):
+            got = {r["ctx"]: r for r in pk if r["config"] == name}
+            lines.append(f"| {name} | " + " | ".join(
+                f"{sum(h['ok'] for h in got[c]['passkey'])}/{len(got[c]['passkey'])}" if c in got else "–"
+                for c in ctxs) + " |")
+    return "\n".join(lines)
+
+
+def plot_kv_quality(result: dict, path: Any) -> None:
+    fig = _new_figure(12, 5)
+    ax1, ax2 = fig.subplots(1, 2)
+    rows = [r for r in result["rows"] + result.get("peer_rows", []) if "ppl" in r and r["config"] != "fp32"]
+    ctxs = sorted({r["ctx"] for r in rows})
+    names = list(dict.fromkeys(r["config"] for r in rows))
+    markers = "osD^v<>"
+    for r in rows:
+        c, m = f"C{names.index(r['config']) % 10}", markers[ctxs.index(r["ctx"]) % len(markers)]
+        ax1.scatter(r["bytes_per_token"], max(r["delta_ppl_pct"], 1e-3), color=c, marker=m)
+        ax2.scatter(r["bytes_per_token"], r["top1_agreement"], color=c, marker=m)
+    for n in names:
+        ax1.scatter([], [], color=f"C{names.index(n) % 10}", label=n)
+    for i, c in enumerate(ctxs):
+        ax2.scatter([], [], color="k", marker=markers[i % len(markers)], label=f"ctx {c}")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log")
+        ax.set_xlabel("KV bytes per token (all layers, incl. window/sink/scales)")
+        ax.grid(True, alpha=0.3)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("ΔPPL % vs fp32 cache (floored at 1e-3)")
+    ax2.set_ylabel("top-1 agreement")
+    ax1.legend(fontsize=7)
+    ax2.legend(fontsize=7)
+    fig.suptitle("bastion bench kv-quality: quality vs KV bytes")
+    fig.tight_layout()
+    fig.savefig(path)
