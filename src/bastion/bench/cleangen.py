@@ -165,9 +165,22 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def built_cohort(cohort_dir: Path, cohort_name: str, only: set[str] | None = None) -> sc.Cohort:
+    """The cohort's adapters that `bastion bench security` has already trained (nothing is
+    trained here), optionally restricted to `only`."""
+    specs = {s.name: s for s in sc.COHORTS[cohort_name] if (only is None or s.name in only)}
+    cohort = sc.Cohort(Path(cohort_dir), specs)
+    present = {n: s for n, s in specs.items() if (cohort.path(n) / "adapter_model.safetensors").is_file()}
+    if not present:
+        raise ValueError(f"no trained adapters of cohort {cohort_name!r} under {cohort_dir} "
+                         "(run `bastion bench security` first)")
+    return sc.Cohort(Path(cohort_dir), present)
+
+
 def run_cleangen(cohort_dir: Path, cohort_name: str, *, n_eval: int, n_calib: int, budget: float, max_tokens: int,
-                 threads: int | None, timing_batch: int, timing_repeats: int, log=print) -> dict:
-    cohort = sc.build(cohort_dir, cohort_name, log=log)  # reuses adapters already trained
+                 threads: int | None, timing_batch: int, timing_repeats: int, only: set[str] | None = None,
+                 log=print) -> dict:
+    cohort = built_cohort(cohort_dir, cohort_name, only)
     llm = sec.make_llm(threads)
     prompts: dict = {}
     rows = {}
@@ -201,6 +214,7 @@ def add_cleangen_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--timing-batch", type=int, default=8)
     p.add_argument("--timing-repeats", type=int, default=5)
+    p.add_argument("--only", default=None, help="comma list of adapter names (default: every trained one)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default="bench_results/cleangen")
     p.set_defaults(func=run_cleangen_cmd)
@@ -211,7 +225,8 @@ def run_cleangen_cmd(args: argparse.Namespace) -> int:
     cohort_dir = Path(args.cohort_dir or ("bench_results/security/cohort" + ("" if args.cohort == "full" else "_small")))
     result = run_cleangen(cohort_dir, args.cohort, n_eval=args.n_eval, n_calib=args.n_calib, budget=args.budget,
                           max_tokens=args.max_tokens, threads=args.threads, timing_batch=args.timing_batch,
-                          timing_repeats=args.timing_repeats)
+                          timing_repeats=args.timing_repeats,
+                          only=set(args.only.split(",")) if args.only else None)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cleangen.json").write_text(json.dumps(result, indent=2))
