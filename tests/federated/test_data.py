@@ -37,3 +37,19 @@ def test_canaries_inserted_repeat_times_and_references_differ(owners):
 def test_deterministic(owners):
     again = build_owner(2, 4, byte_tokenizer(), **KW)
     assert torch.equal(again.train, owners[2].train)
+
+
+def test_python_docs_ignore_the_process_state(monkeypatch):
+    """Owners are rebuilt in every ClientApp process and in checking processes: what a
+    process imported or monkeypatched (Ray patches inspect.isgenerator) must not change
+    the documents, or train / held-out would split differently there."""
+    import inspect
+
+    from bastion.federated.data import SOURCES
+
+    def texts():
+        return [(doc_id, read()) for doc_id, read in SOURCES["python-docs"]()]
+
+    before = texts()
+    monkeypatch.setattr(inspect, "isgenerator", lambda obj: False)
+    assert texts() == before and len(before) > 100

@@ -43,6 +43,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_run_options(p)
 
 
+def _same_config(rep: dict, cfg) -> bool:
+    """The run was made with `cfg` (keys added to FedConfig since then take their defaults)."""
+    from bastion.federated.config import FedConfig
+
+    try:
+        return FedConfig.from_record(rep["config"]) == cfg
+    except (KeyError, ValueError):
+        return False
+
+
 def _label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
 
@@ -67,28 +77,38 @@ def synthetic_oracle(ranks=(2, 4, 8, 16), shape=(96, 64), seed: int = 0) -> dict
             "fedavg_of_A_B_rel_error": lora_math.relative_error(lora_math.product(avg, 16.0 / max(ranks)), ideal)}
 
 
-def posthoc_canary_gap(cfg, run_dir: Path, memo: dict) -> float:
+def posthoc_canary_gap(cfg, run_dir: Path, rep: dict, memo: dict) -> float | None:
     """Canary NLL-gap increase (final - base, nats, mean over owners) recomputed from the
-    exported adapter, for reports written before the clients sent `canary-gap`. Same data,
-    same scoring as the ClientApps (the exported adapter reproduces their scores: tested)."""
+    exported adapter, for reports written before the clients sent `canary-gap`. Same
+    scoring as the ClientApps. The owners' data is rebuilt here, so first check that it is
+    the data the run used: the exported adapter must reproduce every owner's reported
+    final held-out perplexity (rel. 1e-3). None if it does not (the data source changed
+    since the run): the gap is then unknown, never computed on other canaries."""
     from peft import PeftModel
 
     from bastion.federated import modeling
     from bastion.federated.client import owner_data
-    from bastion.federated.train import canary_leakage
+    from bastion.federated.train import canary_leakage, heldout_nll
+
+    pad = modeling.load_tokenizer(cfg.model).eos_id
 
     def gap(model) -> float:
         vals = []
         for owner in range(cfg.clients):
             d = owner_data(cfg, owner)
-            pad = modeling.load_tokenizer(cfg.model).eos_id
             vals.append(canary_leakage(model, d.canary_prefixes, d.canary_secrets, d.reference_secrets, pad)["canary-gap"])
         return sum(vals) / len(vals)
 
-    key = (cfg.model, cfg.clients, cfg.seed, cfg.seq_len, cfg.train_records, cfg.canaries, cfg.canary_refs)
+    adapted = PeftModel.from_pretrained(modeling.load_base(cfg.model), str(run_dir)).eval()
+    for owner, v in rep["utility"]["final_perplexity_per_owner"].items():
+        nll, tokens = heldout_nll(adapted, owner_data(cfg, int(owner)).heldout)
+        if abs(math.exp(nll / tokens) / float(v["perplexity"]) - 1) > 1e-3:
+            return None
+    key = (cfg.model, cfg.clients, cfg.seed, cfg.seq_len, cfg.train_records, cfg.heldout_records, cfg.canaries,
+           cfg.canary_repeats, cfg.canary_refs)
     if key not in memo:
         memo[key] = gap(modeling.load_base(cfg.model))
-    return gap(PeftModel.from_pretrained(modeling.load_base(cfg.model), str(run_dir)).eval()) - memo[key]
+    return gap(adapted) - memo[key]
 
 
 def _summarise(strategy: str, eps: float, rep: dict) -> dict:
@@ -133,9 +153,11 @@ def _monotone(rows: list[dict]) -> dict:
     for s in sorted({r["strategy"] for r in rows}):
         mine = sorted((r for r in rows if r["strategy"] == s), key=lambda r: -float(r["epsilon"]))
         exp = [r["exposure_bits"] for r in mine]
+        auc = [r["canary_auc"] for r in mine]
         gap = [r["canary_gap_increase_nats"] for r in mine]
         out[s] = {"order": [r["epsilon"] for r in mine], "exposure": exp,
                   "exposure_monotone_non_increasing": all(a >= b for a, b in zip(exp, exp[1:])),
+                  "canary_auc": auc, "auc_monotone_non_increasing": all(a >= b for a, b in zip(auc, auc[1:])),
                   "canary_gap_increase_nats": gap,
                   "gap_monotone_non_increasing": None if None in gap else all(a >= b for a, b in zip(gap, gap[1:]))}
     return out
@@ -233,12 +255,14 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from bastion.federated.export import write_report
+
     out = Path(args.out)
     rows, t0, base_gap = [], time.time(), {}
     for strategy, eps, cfg in configs:
         run_dir = out / "runs" / f"{strategy}_eps{_label(eps)}"
         report_path = run_dir / "training_report.json"
-        if report_path.exists() and not args.fresh and json.loads(report_path.read_text())["config"] == cfg.to_record():
+        if report_path.exists() and not args.fresh and _same_config(json.loads(report_path.read_text()), cfg):
             rep = json.loads(report_path.read_text())
             print(f"[bench] reuse {run_dir}")
         else:
@@ -248,17 +272,20 @@ def main(args: argparse.Namespace) -> int:
             except (ValueError, RuntimeError, FileNotFoundError) as exc:
                 print(f"error: {strategy} eps={_label(eps)}: {exc}", file=sys.stderr)
                 return 1
-        if rep["leakage"].get("canary_gap_increase_nats") is None and cfg.canaries:
-            rep["leakage"]["canary_gap_increase_nats"] = posthoc_canary_gap(cfg, run_dir, base_gap)
-            rep["leakage"]["canary_gap_source"] = "post-hoc from the exported adapter"
+        if (rep["leakage"].get("canary_gap_increase_nats") is None and cfg.canaries
+                and "canary_gap_source" not in rep["leakage"]):
+            gap = posthoc_canary_gap(cfg, run_dir, rep, base_gap)
+            rep["leakage"]["canary_gap_increase_nats"] = gap
+            rep["leakage"]["canary_gap_source"] = (
+                "post-hoc from the exported adapter (owners' final perplexities reproduced)" if gap is not None else
+                "unknown: the owners' data rebuilt now differs from the run's (perplexities not reproduced)")
+            write_report(report_path, rep)  # computed once, kept with the run
         rows.append(_summarise(strategy, eps, rep))
     result = {"command": " ".join(["bastion", "bench", "federated", *sys.argv[3:]]) if sys.argv[1:3] == ["bench", "federated"] else None,
               "config": configs[0][2].to_record() if configs else None,
               "runs": rows, "gain_kept_vs_non_private": _gain_kept(rows), "leakage_monotone": _monotone(rows),
               "oracle_synthetic": synthetic_oracle(), "bench_wall_s": round(time.time() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    from bastion.federated.export import write_report
-
     write_report(out / "federated.json", result)
     plot(rows, out / "federated.png")
     (out / "federated.md").write_text(markdown(result))

@@ -54,6 +54,8 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=d["rounds"])
     p.add_argument("--local-steps", type=int, default=d["local_steps"], help="DP-SGD steps per owner per round")
     p.add_argument("--batch-size", type=int, default=d["batch_size"], help="expected (Poisson) batch size")
+    p.add_argument("--micro-batch", type=int, default=d["micro_batch"],
+                   help="records per forward/backward pass (memory only; the DP step is the same)")
     p.add_argument("--lr", type=float, default=d["lr"])
     p.add_argument("--seq-len", type=int, default=d["seq_len"], help="tokens per training record")
     p.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank (fedavg, ffa)")

@@ -95,7 +95,7 @@ def train(msg: Message, context: Context) -> Message:
     plan = privacy.plan(cfg.epsilon, n, cfg.batch_size, cfg.rounds * cfg.local_steps)
     stats = local_train(peft_model, data.train, steps=cfg.local_steps, batch_size=cfg.batch_size,
                         lr=cfg.lr, noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-                        private=cfg.private)  # secret sampling / noise seeds
+                        private=cfg.private, micro_batch=cfg.micro_batch)  # secret sampling / noise seeds
     out = modeling.get_lora(peft_model, "B" if cfg.strategy == "ffa" else "AB")
     steps_done = server_round * cfg.local_steps
     eps_prv = privacy.epsilon_prv(plan.noise_multiplier, plan.sample_rate, steps_done, plan.delta)

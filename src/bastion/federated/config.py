@@ -36,6 +36,7 @@ class FedConfig:
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     local_steps: int = 4  # DP-SGD steps per owner per round
     batch_size: int = 32  # expected batch (Poisson rate q = batch_size / n); DP favours large
+    micro_batch: int = 32  # records per forward/backward (memory only: the step is the same)
     lr: float = 2e-3  # Adam
     seq_len: int = 32  # tokens per record (the unit record-level DP protects)
     train_records: int = 512  # per owner (cap; fewer if the domain is short)
@@ -58,7 +59,7 @@ class FedConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         if self.clients < 2:
             raise ValueError(f"clients must be >= 2 (Flower samples at least 2), got {self.clients}")
-        for name in ("rounds", "rank", "local_steps", "batch_size", "seq_len", "train_records",
+        for name in ("rounds", "rank", "local_steps", "batch_size", "micro_batch", "seq_len", "train_records",
                      "heldout_records", "eval_records", "canary_refs", "threads", "parallel",
                      "max_grad_norm", "lora_alpha", "lr", "client_clip"):
             _positive(name, getattr(self, name))

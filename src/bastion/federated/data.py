@@ -3,7 +3,7 @@
 Four domains, one per owner (owner i gets domain i % 4; with more than 4 owners a domain's
 documents are sharded among its owners by document index):
 
-  0 python-docs   docstrings of Python standard-library modules, classes and functions
+  0 python-docs   docstrings of Python standard-library modules, classes and functions (from source)
   1 man-pages     troff manual pages under /usr/share/man, macros stripped
   2 licences      /usr/share/common-licenses/* and /usr/share/doc/*/copyright
   3 package-docs  README / NEWS / changelog files under /usr/share/doc
@@ -16,9 +16,9 @@ measured against reference secrets of the same format that were never inserted.
 
 from __future__ import annotations
 
+import ast
 import gzip
-import importlib
-import inspect
+import importlib.util
 import random
 import re
 from collections.abc import Callable, Iterator
@@ -61,21 +61,31 @@ def byte_tokenizer() -> Tokenizer:
 # --- document sources: each yields (doc_id, text) in a deterministic order -------------
 
 def _python_docs() -> Iterator[tuple[str, Callable[[], str]]]:
+    """Docstrings read from the modules' *source* with `ast`, never from live objects:
+    what a running process has imported or monkeypatched (Ray replaces
+    `inspect.isgenerator`, for one) must not change an owner's data, or a ClientApp and
+    the process that checks it would split train / held-out differently."""
     for mod_name in _STDLIB:
         try:
-            mod = importlib.import_module(mod_name)
-        except Exception:  # noqa: BLE001 - optional modules (e.g. _sqlite3) may be absent
+            spec = importlib.util.find_spec(mod_name)
+        except (ImportError, ValueError):
             continue
-        doc = inspect.getdoc(mod)
+        origin = getattr(spec, "origin", None)
+        if not origin or not origin.endswith(".py"):  # built-in / C modules have no source
+            continue
+        try:
+            tree = ast.parse(Path(origin).read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        doc = ast.get_docstring(tree)
         if doc:
             yield mod_name, (lambda t=f"Module {mod_name}\n\n{doc}": t)
-        for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or getattr(obj, "__module__", None) != mod.__name__:
-                continue
-            if inspect.isclass(obj) or inspect.isfunction(obj):
-                doc = inspect.getdoc(obj)
-                if doc and len(doc) > 80:
-                    yield f"{mod_name}.{name}", (lambda t=f"{mod_name}.{name}\n\n{doc}": t)
+        defs = {node.name: node for node in tree.body  # top level, last definition wins
+                if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))}
+        for name, node in sorted(defs.items()):
+            doc = ast.get_docstring(node)
+            if not name.startswith("_") and doc and len(doc) > 80:
+                yield f"{mod_name}.{name}", (lambda t=f"{mod_name}.{name}\n\n{doc}": t)
 
 
 _TROFF_ESC = re.compile(r"\\f(\[[^\]]*\]|\(..|.)|\\\(..|\\\[[^\]]*\]|\\[&|^%:]|\\s[-+]?\d")

@@ -22,12 +22,17 @@ def per_sample_nll(model, x: torch.Tensor) -> torch.Tensor:
 
 def local_train(peft_model, train: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                 noise_multiplier: float, max_grad_norm: float, private: bool,
-                seed: int | None = None) -> dict[str, float]:
+                seed: int | None = None, micro_batch: int = 32) -> dict[str, float]:
     """`steps` steps of Poisson-sampled (DP-)Adam over `train` [n, L].
 
     Private: Opacus per-sample gradients on the trainable (LoRA) parameters only, each
     clipped to `max_grad_norm`, summed, N(0, (sigma C)^2) added, divided by the expected
     batch size. Non-private: plain Adam on the batch mean (same sampling).
+
+    A sampled batch is processed `micro_batch` records at a time (memory: the logits alone
+    are micro_batch x L x vocab floats); the step is the same as one pass over the whole
+    batch: per-record clipped gradients are summed across micro-batches (Opacus
+    `signal_skip_step`), and noise is added once per step.
 
     seed=None (what ClientApps use): sampling and noise come from generators seeded by
     os.urandom, because subsampling amplification and the noise both assume the server
@@ -61,10 +66,21 @@ def local_train(peft_model, train: torch.Tensor, *, steps: int, batch_size: int,
                     p.grad_sample = torch.zeros((0, *p.shape))
                 optimizer.step()
             continue
-        loss = per_sample_nll(module, train[idx]).mean()
-        loss.backward()
+        chunks = idx.split(micro_batch)
+        loss_sum = 0.0
+        for j, chunk in enumerate(chunks):
+            nll = per_sample_nll(module, train[chunk])  # [len(chunk)]
+            loss_sum += float(nll.detach().sum())
+            if private:  # Opacus recovers per-record gradients from the chunk mean
+                nll.mean().backward()
+                if j < len(chunks) - 1:  # clip and sum this chunk's per-record gradients only
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad()  # drops grad_sample, keeps the clipped sum
+            else:  # mean over the whole batch, accumulated in .grad
+                (nll.sum() / idx.numel()).backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss_sum / idx.numel())
         sizes.append(idx.numel())
     if private:
         module._close()  # remove Opacus hooks; the PEFT model is used afterwards
