@@ -472,13 +472,13 @@ def _run_cli(argv, capsys):
 
 def test_cli_exit_codes(adapter, tiny, capsys, tmp_path):
     base_dir = str(tiny[2])
-    code, out = _run_cli(["scan", str(adapter), "--base", base_dir, "--json"], capsys)
+    code, out = _run_cli(["scan", str(adapter), "--base", base_dir, "--json", "--no-behaviour"], capsys)
     report = json.loads(out.out)
     assert code == 0 and report["verdict"] == "pass", out.out
     assert report["weights"]["summary"]["metric"] == "rel"  # norms read from the HF base dir
 
     (adapter / "tokenizer.json").write_text("{}")
-    code, out = _run_cli(["scan", str(adapter), "--base", base_dir], capsys)
+    code, out = _run_cli(["scan", str(adapter), "--base", base_dir, "--no-behaviour"], capsys)
     assert code == 3 and "WARN" in out.out
 
     _edit_config(adapter, auto_mapping={"parent_library": "os"})

@@ -33,6 +33,16 @@ def add_scan_parser(subparsers) -> argparse.ArgumentParser:
                    help="served name of the base (default: derived from MODEL)")
     p.add_argument("--no-base-weights", action="store_true",
                    help="do not read the base weights' norms (absolute instead of relative ΔW thresholds)")
+    p.add_argument("--behaviour", "--behavior", action=argparse.BooleanOptionalAction, default=True,
+                   help="behaviour probes: run the base model with and without the adapter on a prompt battery, "
+                        "with and without candidate backdoor triggers (loads the model: ~20-30 s on 2 CPU cores); "
+                        "--no-behaviour skips them (default: run, unless an earlier check failed)")
+    p.add_argument("--probe-prompts", metavar="FILE", default=None,
+                   help="behaviour probe battery: one user message per line (default: built from text on the "
+                        "machine); give prompts of the adapter's advertised task")
+    p.add_argument("--probe-triggers", metavar="LIST", default=None,
+                   help="comma-separated candidate triggers (default: rare tokens, punctuation, entities, years)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads for the behaviour probes")
     p.set_defaults(func=cmd_scan)
     return p
 
@@ -54,13 +64,45 @@ def cmd_scan(args: argparse.Namespace) -> int:
     except OSError as e:
         print(f"bastion scan: error: base model: {e}", file=sys.stderr)
         return EXIT_IO
+    probe = None
+    if args.behaviour:
+        from bastion.adapters.behaviour import CANDIDATE_TRIGGERS, BehaviourProbe, Trigger
+
+        try:
+            prompts = [ln.strip() for ln in Path(args.probe_prompts).read_text("utf-8").splitlines() if ln.strip()] \
+                if args.probe_prompts else None
+        except OSError as e:
+            print(f"bastion scan: error: --probe-prompts: {e}", file=sys.stderr)
+            return EXIT_IO
+        triggers = tuple(Trigger(t.strip(), "custom") for t in args.probe_triggers.split(",") if t.strip()) \
+            if args.probe_triggers else CANDIDATE_TRIGGERS
+        if not triggers or (prompts is not None and not prompts):
+            print("bastion scan: error: empty --probe-prompts or --probe-triggers", file=sys.stderr)
+            return EXIT_USAGE
+        probe = _SafeProbe(BehaviourProbe(model=args.base, threads=args.threads, prompts=prompts, triggers=triggers))
     try:
-        report = scan_adapter(path, base=base)
+        report = scan_adapter(path, base=base, behaviour=probe)
     except OSError as e:
         print(f"bastion scan: error: {e}", file=sys.stderr)
         return EXIT_IO
     print(report.to_json() if args.json else report.to_text())
     return report.exit_code
+
+
+class _SafeProbe:
+    """A probe that could not run (no tokenizer, model not loadable, ...) is a warning,
+    not a crash: the scan's other layers still report."""
+
+    def __init__(self, probe):
+        self.probe = probe
+
+    def __call__(self, view, base):
+        from bastion.adapters.scanner import Finding
+
+        try:
+            return self.probe(view, base)
+        except Exception as e:  # noqa: BLE001 - any failure to run the model is reported
+            return [Finding("behaviour", "warn", f"behaviour probes could not run: {type(e).__name__}: {e}")]
 
 
 def load_base_info(model: str | None, *, name: str | None = None, weight_norms: bool = True):

@@ -10,8 +10,9 @@ safe to read:
   3. weights (scanner_weights): NaN/Inf, per-module ΔW statistics, spread across layers,
      judged against calibrated thresholds.
 A fourth layer, behaviour probes (base vs base+adapter, with and without candidate
-triggers), plugs in through the `behaviour` argument; it is not implemented here and a
-report says so. See docs/SECURITY.md for the threat model and the calibration.
+triggers: adapters.behaviour.BehaviourProbe, which runs the model), plugs in through the
+`behaviour` argument; without it a report says the probes did not run. See
+docs/SECURITY.md for the threat model and the calibration.
 
 The verdict is the worst finding's severity: any `fail` -> "fail", else any `warn` ->
 "warn", else "pass". Nothing in a scan imports, unpickles or renders adapter content.
@@ -313,8 +314,8 @@ def scan_adapter(path: str | Path, *, base: BaseModelInfo | None = None, limits:
     if header is not None and not add.failed("safetensors") and pairs:
         factors = _weights(root, header, pairs, spec, base, add, limits, weights)
     if behaviour is None:
-        add("behaviour", "info", "behaviour probes not run (not configured): backdoor triggers are not "
-            "tested; weight statistics alone catch few backdoors (docs/SECURITY.md)")
+        add("behaviour", "info", "behaviour probes not run (--no-behaviour or not configured): backdoor "
+            "triggers are not tested; weight statistics alone catch few backdoors (docs/SECURITY.md)")
     elif add.failed():
         add("behaviour", "info", "behaviour probes skipped: the adapter already failed")
     else:

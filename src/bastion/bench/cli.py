@@ -1,4 +1,4 @@
-"""`bastion bench serving|offline`: argument parsing and the glue that starts servers,
+"""`bastion bench serving|offline|lora|kv-quality|kv-memory`: argument parsing and the glue that starts servers,
 runs a benchmark and writes JSON + PNG + a Markdown table to --out.
 
 `add_bench_parsers(subparsers)` is what `bastion.cli` wires under `bastion bench`;
@@ -91,6 +91,99 @@ def add_bench_parsers(subparsers: Any) -> None:
     lo.add_argument("--threads", type=int, default=2)
     lo.add_argument("--out", default="bench_results/lora")
     lo.set_defaults(func=run_lora_cmd)
+
+    q = subparsers.add_parser("kv-quality", help="quantized KV cache: delta PPL, top-1 agreement, passkey, bytes")
+    q.add_argument("--configs", type=_variants, default=None, metavar="LIST",
+                   help="comma list of kind or name=kind[:gG][:rR][:sS][:had][:clip] (default: fp16, int8, kivi4, "
+                        "kivi2, k4v2, k2v4, kivi and variants); the fp32 reference always runs")
+    q.add_argument("--contexts", type=_ints, default=(2048, 4096, 8192), help="teacher-forcing contexts")
+    q.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps per context")
+    q.add_argument("--chunk", type=int, default=512, help="prefill chunk")
+    q.add_argument("--passkey-contexts", type=_ints, default=(4096, 8192))
+    q.add_argument("--passkey-depths", default="0.1,0.3,0.5,0.7,0.9", help="needle depths (fractions)")
+    q.add_argument("--model", help="GGUF file or HF dir (default: the embedded SmolLM2)")
+    q.add_argument("--max-model-len", type=int, default=8192)
+    q.add_argument("--hf-python", help="python of a venv with transformers + optimum-quanto: adds HF "
+                   "QuantizedCache int4/int2 peers (see bastion/bench/kv_quality.py)")
+    q.add_argument("--hf-dir", default=peers.DEFAULT_HF_DIR, help="HF-format export of the model for the peers")
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--text-dir", default="/usr/share/common-licenses")
+    q.add_argument("--out", default="bench_results/kv_quality")
+    q.set_defaults(func=run_kv_quality_cmd)
+
+    m = subparsers.add_parser("kv-memory", help="quantized KV cache: decode latency vs context, tokens and "
+                              "throughput at a fixed KV byte budget")
+    m.add_argument("--configs", type=_variants, default=None, metavar="LIST",
+                   help="comma list like --configs of kv-quality (default: bf16, fp16, int8, kivi4, kivi2, kivi)")
+    m.add_argument("--contexts", type=_ints, default=(512, 1024, 2048, 4096, 8192))
+    m.add_argument("--steps", type=int, default=64, help="timed decode steps per context")
+    m.add_argument("--kv-memory", type=float, default=0.05, metavar="GB", help="KV budget for the batch sweep")
+    m.add_argument("--batches", type=_ints, default=(1, 2, 4, 8, 16, 32, 64))
+    m.add_argument("--prompt-len", type=int, default=512)
+    m.add_argument("--new-tokens", type=int, default=64)
+    m.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
+    m.add_argument("--model", help="GGUF file or HF dir (default: the embedded SmolLM2)")
+    m.add_argument("--max-model-len", type=int, default=8192)
+    m.add_argument("--threads", type=int, default=2)
+    m.add_argument("--text-dir", default="/usr/share/common-licenses")
+    m.add_argument("--out", default="bench_results/kv_memory")
+    m.set_defaults(func=run_kv_memory_cmd)
+
+    from bastion.bench.cleangen import add_cleangen_parser
+    from bastion.bench.security import add_security_parser
+
+    add_security_parser(subparsers)
+    add_cleangen_parser(subparsers)
+
+
+def _variants(text: str) -> tuple[Any, ...]:
+    from bastion.bench.kv_quality import parse_variant
+
+    try:
+        return tuple(parse_variant(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def run_kv_quality_cmd(args: argparse.Namespace) -> int:
+    from bastion.bench import kv_quality as kq
+    from bastion.bench import plots
+
+    try:
+        cfg = kq.KVQualityConfig(contexts=args.contexts, steps=args.steps, chunk=args.chunk,
+                                 passkey_contexts=args.passkey_contexts, passkey_depths=_floats(args.passkey_depths),
+                                 max_model_len=args.max_model_len, threads=args.threads, text_dir=args.text_dir,
+                                 model=args.model, variants=args.configs or kq.DEFAULT_VARIANTS)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    hf_dir = ""
+    if args.hf_python:
+        gguf = args.model if args.model and args.model.endswith(".gguf") else None
+        hf_dir = str(peers.export_hf_model(gguf, args.hf_dir).resolve())
+    result = kq.run_kv_quality(cfg, hf_python=args.hf_python, hf_dir=hf_dir)
+    _write_report(Path(args.out), "kv_quality", result, plots.kv_quality_table(result), plots.plot_kv_quality)
+    return 0
+
+
+def run_kv_memory_cmd(args: argparse.Namespace) -> int:
+    from bastion.bench import kv_memory as km
+
+    try:
+        cfg = km.KVMemoryConfig(contexts=args.contexts, steps=args.steps, kv_memory_gb=args.kv_memory,
+                                batches=args.batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                                dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
+                                text_dir=args.text_dir, model=args.model, variants=args.configs or km.DEFAULT_VARIANTS)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = km.run_kv_memory(cfg)
+    _write_report(Path(args.out), "kv_memory", result, km.kv_memory_table(result), km.plot_kv_memory)
+    return 0
 
 
 def run_lora_cmd(args: argparse.Namespace) -> int:
