@@ -161,3 +161,32 @@ def test_lora_batch_groups_rows_by_slot():
     assert b.gather.tolist() == [[2, 0, 0], [0, 0, 0], [1, 3, 5]]
     assert b.rows.tolist() == [2, 1, 3, 5] and b.keep.tolist() == [0, 6, 7, 8]
     assert LoraBatch.build([0, 0], torch.device("cpu")) is None
+
+
+def test_step_plan_skips_modules_no_adapter_targets(hf_base, tmp_path):
+    """Only the (layer, module, sub-module) triples some adapter of the batch targets are
+    computed; skipping the others must not change a delta (checked against the full sum)."""
+    from bastion.adapters.lora import add_lora
+
+    _, path_qv = _adapter(hf_base, tmp_path, "qv", 8, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          layers_to_transform=[1])
+    _, path_mlp = _adapter(hf_base, tmp_path, "mlp", 9, r=4, lora_alpha=8, target_modules=["down_proj"])
+    engine = _ours(hf_base)
+    reg = engine.adapters
+    reg.load("qv", str(path_qv))
+    reg.load("mlp", str(path_mlp))
+    s_qv, s_mlp = reg.slot("qv"), reg.slot("mlp")
+    assert reg.plan(frozenset({s_qv})) == {(1, "qkv_proj"): (0, 2)}
+    both = reg.plan(frozenset({s_qv, s_mlp}))
+    assert both[(1, "qkv_proj")] == (0, 2) and both[(0, "down_proj")] == (0,) and (0, "qkv_proj") not in both
+    # the skipped-sub-module path equals the all-sub-modules path on q/v-only weights
+    A, Bs = reg.stacks[(1, "qkv_proj")]
+    batch = LoraBatch.build([s_qv, 0, s_qv], torch.device("cpu"))
+    x = torch.randn(3, A.shape[1])
+    full, part = torch.zeros(3, sum(b.shape[2] for _, b in Bs)), torch.zeros(3, sum(b.shape[2] for _, b in Bs))
+    add_lora(full, x, A, Bs, batch)
+    add_lora(part, x, A, Bs, batch, (0, 2))
+    assert full.abs().sum() > 0 and full[1].abs().sum() == 0
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-6)
+    reg.unload("qv")
+    assert reg.plan(frozenset({s_qv})) == {}

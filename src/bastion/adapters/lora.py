@@ -156,30 +156,45 @@ class LoraBatch:
 
 
 def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tuple[int, torch.Tensor]],
-             batch: LoraBatch) -> None:
+             batch: LoraBatch, subs: tuple[int, ...] | None = None) -> None:
     """out[rows] += x[rows] @ A[slot]^T @ B[slot]^T per sub-module, batched over slots.
     x: [T, in]; A_T: [slots, in, subs*R]; Bs: (output column offset, B_T_i [slots, R, out_i]);
-    out: [T, out_total], updated in place."""
+    out: [T, out_total], updated in place. `subs`: the sub-modules some adapter of this
+    batch targets (None = all); the others' B are all zero here and are skipped."""
     sl = slice(batch.lo, batch.hi + 1)
     xg = x[batch.gather].to(A.dtype)  # [n, m, in]
     t = torch.bmm(xg, A[sl])  # [n, m, subs*R]
     r = A.shape[2] // len(Bs)
-    # sub-module outputs tile the fused output's columns in order: one scatter for all
-    parts = [torch.bmm(t[..., i * r : (i + 1) * r], B[sl]) for i, (_, B) in enumerate(Bs)]  # [n, m, out_i]
-    d = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).flatten(0, 1)  # [n*m, out]
-    if batch.dense is False:
-        d = d[batch.keep]
-    out.index_add_(0, batch.rows, d.to(out.dtype))
+    if subs is None or len(subs) == len(Bs):
+        # sub-module outputs tile the fused output's columns in order: one scatter for all
+        parts = [torch.bmm(t[..., i * r : (i + 1) * r], B[sl]) for i, (_, B) in enumerate(Bs)]  # [n, m, out_i]
+        d = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).flatten(0, 1)  # [n*m, out]
+        if batch.dense is False:
+            d = d[batch.keep]
+        out.index_add_(0, batch.rows, d.to(out.dtype))
+        return
+    for i in subs:  # e.g. q and v of qkv (PEFT's default targets): k's columns stay untouched
+        col, B = Bs[i]
+        d = torch.bmm(t[..., i * r : (i + 1) * r], B[sl]).flatten(0, 1)  # [n*m, out_i]
+        if batch.dense is False:
+            d = d[batch.keep]
+        out[:, col : col + B.shape[2]].index_add_(0, batch.rows, d.to(out.dtype))
 
 
 @dataclass
 class LoraStep:
-    """What the model needs to add adapter deltas this step."""
+    """What the model needs to add adapter deltas this step. `plan`: (layer, fused module)
+    -> the sub-modules that at least one adapter of this batch targets; modules absent
+    from it are skipped (an adapter on q/v of the top layers costs only those)."""
 
     stacks: dict
     batch: LoraBatch
+    plan: dict[tuple[int, str], tuple[int, ...]] | None = None
 
     def apply(self, layer: int, module: str, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        subs = None if self.plan is None else self.plan.get((layer, module))
+        if self.plan is not None and not subs:
+            return out
         A, Bs = self.stacks[(layer, module)]
-        add_lora(out, x, A, Bs, self.batch)
+        add_lora(out, x, A, Bs, self.batch, subs)
         return out

@@ -54,6 +54,9 @@ class AdapterRegistry:
                 self.stacks[(layer, fused)] = (A, Bs)
         self.slot_of: dict[str, int] = {}
         self.adapters: dict[str, LoraAdapter] = {}
+        # slot -> (layer, fused module) -> indices of the sub-modules that slot's adapter targets
+        self._targets: dict[int, dict[tuple[int, str], tuple[int, ...]]] = {}
+        self._plans: dict[frozenset[int], dict[tuple[int, str], tuple[int, ...]]] = {}
 
     def load(self, name: str, path: str) -> LoraAdapter:
         if name in self.slot_of:
@@ -76,6 +79,9 @@ class AdapterRegistry:
                         sA[slot, :, i * r_cap : i * r_cap + a.shape[0]] = a.t().to(sA.dtype)
                         sBs[i][1][slot, : b.shape[1]] = b.t().to(sA.dtype)
         self.slot_of[name], self.adapters[name] = slot, adapter
+        self._targets[slot] = {key: tuple(i for i, part in enumerate(parts) if part is not None)
+                               for key, parts in adapter.weights.items()}
+        self._plans.clear()
         log.info("adapter %s loaded from %s into slot %d (rank %d)", name, path, slot, adapter.rank)
         return adapter
 
@@ -84,6 +90,8 @@ class AdapterRegistry:
         if slot is None:
             raise AdapterError(f"adapter {name!r} is not loaded")
         del self.adapters[name]
+        self._targets.pop(slot, None)
+        self._plans.clear()
         self._clear(slot)
 
     def _clear(self, slot: int) -> None:
@@ -92,6 +100,18 @@ class AdapterRegistry:
                 sA[slot].zero_()
                 for _, sB in sBs:
                     sB[slot].zero_()
+
+    def plan(self, slots: frozenset[int]) -> dict[tuple[int, str], tuple[int, ...]]:
+        """(layer, fused module) -> sub-modules (sorted) that any of these slots' adapters
+        targets; memoised per slot set until the next load/unload."""
+        plan = self._plans.get(slots)
+        if plan is None:
+            merged: dict[tuple[int, str], set[int]] = {}
+            for slot in slots:
+                for key, subs in self._targets.get(slot, {}).items():
+                    merged.setdefault(key, set()).update(subs)
+            plan = self._plans[slots] = {key: tuple(sorted(v)) for key, v in merged.items() if v}
+        return plan
 
     def slot(self, name: str | None) -> int:
         if not name:

@@ -89,6 +89,8 @@ def add_bench_parsers(subparsers: Any) -> None:
     lo.add_argument("--new-tokens", type=int, default=64)
     lo.add_argument("--runs", type=int, default=5)
     lo.add_argument("--threads", type=int, default=2)
+    lo.add_argument("--targets", default="q_proj,v_proj",
+                    help="comma-separated projections each adapter targets (default PEFT's for Llama; 'all' = 7)")
     lo.add_argument("--out", default="bench_results/lora")
     lo.set_defaults(func=run_lora_cmd)
 
@@ -186,15 +188,23 @@ def run_kv_memory_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lora_targets(text: str) -> tuple[str, ...]:
+    from bastion.adapters.lora import SUB_TO_FUSED
+
+    return tuple(SUB_TO_FUSED) if text.strip() == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def run_lora_cmd(args: argparse.Namespace) -> int:
     from bastion.bench.lora import LoraBenchConfig, plot_lora, run_lora_bench
     from bastion.bench.serving import load_corpus_text
 
     cfg = LoraBenchConfig(batch=args.batch, rank=args.rank, prompt_len=args.prompt_len,
-                          new_tokens=args.new_tokens, runs=args.runs, threads=args.threads)
+                          new_tokens=args.new_tokens, runs=args.runs, threads=args.threads,
+                          targets=_lora_targets(args.targets))
     result = run_lora_bench(cfg, load_corpus_text())
-    table = (f"| batch | rank | base decode tok/s | {cfg.batch} adapters decode tok/s | ratio |\n|---|---|---|---|---|\n"
-             f"| {cfg.batch} | {cfg.rank} | {result['median_decode_tok_s']['base']:.1f} | "
+    table = (f"| batch | rank | targets | base decode tok/s | {cfg.batch} adapters decode tok/s | ratio |\n"
+             f"|---|---|---|---|---|---|\n| {cfg.batch} | {cfg.rank} | {','.join(cfg.targets)} | "
+             f"{result['median_decode_tok_s']['base']:.1f} | "
              f"{result['median_decode_tok_s']['lora']:.1f} | {result['lora_over_base']:.2f} |")
     _write_report(Path(args.out), "lora", result, table, plot_lora)
     return 0

@@ -1,8 +1,8 @@
 """`bastion bench lora`: decode tokens/s of one batch of N requests on N different
 LoRA adapters vs the same batch on the base model, same engine, same run.
 
-Adapters are random PEFT-format LoRAs (rank r on all seven projections, B non-zero) on
-the embedded model, written to a temporary directory; the speed of a LoRA delta does
+Adapters are random PEFT-format LoRAs (rank r on the `targets` projections of every
+layer, B non-zero; default PEFT's own default for Llama, q_proj + v_proj) on the embedded model, written to a temporary directory; the speed of a LoRA delta does
 not depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time
 per step = (t(N tokens) - t(1 token)) / (N - 1); base and LoRA runs alternate and we
 report medians.
@@ -28,16 +28,22 @@ class LoraBenchConfig:
     new_tokens: int = 64
     runs: int = 5
     threads: int = 2
+    targets: tuple[str, ...] = ("q_proj", "v_proj")   # PEFT's default target modules for Llama
 
     def __post_init__(self) -> None:
+        from bastion.adapters.lora import SUB_TO_FUSED
+
         for name in ("batch", "rank", "prompt_len", "runs", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        bad = [t for t in self.targets if t not in SUB_TO_FUSED]
+        if not self.targets or bad:
+            raise ValueError(f"targets must be a non-empty subset of {tuple(SUB_TO_FUSED)}, got {bad or '()'}")
         if self.new_tokens < 2:
             raise ValueError("new_tokens must be >= 2")
 
 
-def write_random_adapter(path: Path, arch, rank: int, seed: int) -> Path:
+def write_random_adapter(path: Path, arch, rank: int, seed: int, targets: tuple[str, ...] | None = None) -> Path:
     from safetensors.torch import save_file
 
     from bastion.adapters.lora import module_shapes
@@ -46,6 +52,8 @@ def write_random_adapter(path: Path, arch, rank: int, seed: int) -> Path:
     tensors = {}
     for i in range(arch.num_layers):
         for mod, (fan_in, fan_out) in module_shapes(arch).items():
+            if targets is not None and mod not in targets:
+                continue
             part = "self_attn" if mod.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             pre = f"base_model.model.model.layers.{i}.{part}.{mod}"
             tensors[f"{pre}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
@@ -53,7 +61,7 @@ def write_random_adapter(path: Path, arch, rank: int, seed: int) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(module_shapes(arch))}))
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": [m for m in module_shapes(arch) if targets is None or m in targets]}))
     return path
 
 
@@ -72,7 +80,7 @@ def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
         for i in range(cfg.batch):
             names.append(f"bench-{i}")
             engine.adapters.load(names[-1], str(write_random_adapter(Path(tmp) / names[-1],
-                                                                     engine.runner.model.arch, cfg.rank, i)))
+                                                                     engine.runner.model.arch, cfg.rank, i, cfg.targets)))
     ids = llm.tokenizer.encode(text)
     prompts = [ids[i * 37 : i * 37 + cfg.prompt_len] for i in range(cfg.batch)]
 

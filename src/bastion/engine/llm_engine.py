@@ -86,7 +86,7 @@ class LLMEngine:
 
         p = next(self.runner.model.parameters())
         self.adapters = AdapterRegistry(self.runner.model.arch, config, p.dtype, p.device)
-        self.runner.lora_stacks = self.adapters.stacks
+        self.runner.lora = self.adapters
 
     def unload_adapter(self, name: str) -> None:
         slot = self.adapters.slot(name) if self.adapters else 0

@@ -25,7 +25,7 @@ class StepLogits:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, kv_cache: KVCache, device: torch.device):
         self.model, self.kv, self.device = model, kv_cache, device
-        self.lora_stacks = None  # set when adapters are enabled (AdapterRegistry.stacks)
+        self.lora = None  # the AdapterRegistry, set when adapters are enabled
         self.block_size = kv_cache.block_size
 
     def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
@@ -80,13 +80,15 @@ class ModelRunner:
         return meta
 
     def _lora_step(self, items):
-        if self.lora_stacks is None:
+        if self.lora is None:
             return None
         from bastion.adapters.lora import LoraBatch, LoraStep
 
         row_slots = [req.lora_slot for req, n in items for _ in range(n)]
         batch = LoraBatch.build(row_slots, self.device)
-        return None if batch is None else LoraStep(self.lora_stacks, batch)
+        if batch is None:
+            return None
+        return LoraStep(self.lora.stacks, batch, self.lora.plan(frozenset(row_slots) - {0}))
 
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         items, input_ids, positions, meta = self.prepare(batch)
