@@ -72,8 +72,12 @@ def test_run_kv_memory_end_to_end(tiny_maker, tmp_path):
         assert result["capacity"][name]["max_batch"] == 4
         sweep = result["sweep"][name]
         assert set(sweep) == {"1", "2", "4"}
-        assert all(s["decode_tokens"] > 0 and s["decode_tok_s"] > 0 and s["preemptions"] == 0 for s in sweep.values())
-        assert result["capacity"][name]["best_batch"] in (1, 2, 4)
+        # decode_tok_s is a two-run difference: None when timing noise on a loaded machine
+        # makes the longer run no slower (reported as missing, never as a negative rate)
+        assert all(s["decode_tokens"] > 0 and s["preemptions"] == 0 and s["t_total_s"] > 0 and
+                   (s["decode_tok_s"] is None or s["decode_tok_s"] > 0) for s in sweep.values())
+        rates = [s["decode_tok_s"] for s in sweep.values() if s["decode_tok_s"]]
+        assert result["capacity"][name].get("best_batch") in ((1, 2, 4) if rates else (None,))
     table = km.kv_memory_table(result)
     assert "| q |" in table and "Fixed KV budget" in table
     km.plot_kv_memory(result, tmp_path / "m.png")
