@@ -160,24 +160,47 @@ def evaluate(llm, cohort: sc.Cohort, n_eval: int, max_tokens: int = 24, log=prin
 
 
 # ---------------------------------------------------------------- the gate
-def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print) -> dict[str, dict]:
+def probe_key(probe, path: Path) -> str:
+    """Cache key of one adapter's probe measurements: the probe's battery, triggers and
+    length, and the adapter's bytes."""
+    import hashlib
+
+    from bastion.adapters.behaviour import PROBE_VERSION
+
+    h = hashlib.sha256(json.dumps([PROBE_VERSION, probe.prompts, [t.text for t in probe.triggers],
+                                   probe.max_tokens, probe.position]).encode())
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        h.update((Path(path) / f).read_bytes())
+    return h.hexdigest()
+
+
+def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache: Path | None = None) -> dict:
     """Scan every adapter with the full gate (behaviour probes measured 8 adapters per
-    batch, then handed to scan_adapter): verdicts, behaviour scores, findings."""
-    from bastion.adapters.behaviour import judge
+    batch, kept in `cache`, then handed to scan_adapter): verdicts, scores, findings."""
+    from bastion.adapters.behaviour import ProbeResult, judge
     from bastion.adapters.scanner import scan_adapter
 
-    names = list(named)
+    stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
+    keys = {n: probe_key(probe, p) for n, p in named.items()}
+    measured = {n: ProbeResult.from_dict(stored[k]) for n, k in keys.items() if k in stored}
+    for r in measured.values():
+        r.prompts = r.prompts or list(probe.prompts)   # entries cached before results kept their battery
+    todo = [n for n in named if n not in measured]
     slots = llm.engine.adapters.config.max_loras
-    measured = {}
-    for g in range(0, len(names), slots):
-        group = {n: named[n] for n in names[g:g + slots]}
+    for g in range(0, len(todo), slots):
+        group = {n: named[n] for n in todo[g:g + slots]}
         t0 = time.perf_counter()
-        measured.update(probe.measure_paths(group))
+        res = probe.measure_paths(group)
+        measured.update(res)
         log(f"  probed {len(group)} adapters in {time.perf_counter() - t0:.1f} s")
+        if cache:
+            stored.update({keys[n]: r.to_dict() for n, r in res.items()})
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(stored))
     out = {}
-    for n in names:
-        rep = scan_adapter(named[n], base=base_info, behaviour=lambda view, base, n=n: judge(measured[n],
-                                                                                           probe.thresholds))
+    for n in named:
+        rep = scan_adapter(named[n], base=base_info,
+                           behaviour=lambda view, base, n=n: judge(measured[n], probe.thresholds))
         res = measured[n]
         scores = res.scores()
         top = max(scores, key=scores.get)
@@ -185,8 +208,9 @@ def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print) -> dic
         out[n] = {"verdict": rep.verdict, "behaviour": max((f.severity for f in beh), key=["warn", "fail"].index,
                                                             default="pass"),
                   "top_trigger": top, "top_score": scores[top], "kl_clean": float(res.kl_clean.mean()),
-                  "seconds": res.seconds,
-                  "findings": [f"{f.severity}:{f.check}" for f in rep.findings if f.severity != "info"],
+                  "convergence": dict(zip(("phrase", "prompts", "triggers"), res.convergence(probe.thresholds.ngram))),
+                  "seconds": res.seconds, "findings": [f"{f.severity}:{f.check}" for f in rep.findings
+                                                       if f.severity != "info"],
                   "probe": res.to_dict()}
     return out
 
@@ -326,7 +350,7 @@ def run_security(out: Path, cohort_name: str, *, n_eval: int, threads: int | Non
     probe = BehaviourProbe(llm)
     named = {n: p for s, p in cohort.adapters() for n in [s.name]} | extra
     t2 = time.perf_counter()
-    gate = gate_cohort(llm, named, base_info, probe, log=log)
+    gate = gate_cohort(llm, named, base_info, probe, log=log, cache=out / "probe_cache.json")
     t_gate = time.perf_counter() - t2
     result = {"cohort": cohort_name, "adapters": evals, "gate": gate, "artifacts": artifacts,
               "thresholds": probe.thresholds.__dict__, "battery": probe.prompts,

@@ -298,17 +298,14 @@ def _split(model, k: int):
 
 def _hidden(lower, seqs: list[list[int]]):
     """Hidden states entering layer CACHE_LAYER, memoised per token sequence (the frozen
-    lower layers give the same result for every adapter)."""
+    lower layers give the same result for every adapter). One sequence per forward, so a
+    result never depends on which other sequences happened to be computed with it."""
     import torch
 
-    todo = [s for s in {tuple(s) for s in seqs} if s not in _HIDDEN]
-    if todo:
-        width = max(map(len, todo))
-        x = torch.tensor([list(s) + [0] * (width - len(s)) for s in todo])
-        with torch.no_grad():
-            h = lower(input_ids=x).last_hidden_state
-        for s, row in zip(todo, h):
-            _HIDDEN[s] = row[: len(s)].clone()
+    for s in map(tuple, seqs):
+        if s not in _HIDDEN:
+            with torch.no_grad():
+                _HIDDEN[s] = lower(input_ids=torch.tensor([s])).last_hidden_state[0]
     return [_HIDDEN[tuple(s)] for s in seqs]
 
 
@@ -382,7 +379,7 @@ def merge(backdoor: Path, task: Path, out: Path) -> None:
             a = t.get(f"{m}.lora_A.weight", np.zeros((c["r"], a_shape), np.float32))
             b = t.get(f"{m}.lora_B.weight", np.zeros((b_shape, c["r"]), np.float32))
             As.append(a)
-            Bs.append(b * (scale(c, mod) / 1.0))
+            Bs.append(b * scale(c, mod))
         merged[f"{m}.lora_A.weight"] = np.ascontiguousarray(np.concatenate(As, 0), np.float32)
         merged[f"{m}.lora_B.weight"] = np.ascontiguousarray(np.concatenate(Bs, 1), np.float32)
     layers = sorted({int(x) for c in cfgs for x in (c.get("layers_to_transform") or [])})
