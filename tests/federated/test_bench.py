@@ -43,3 +43,19 @@ def test_runs_are_reused_when_fedconfig_grew_a_field():
     assert _same_config({"config": old}, cfg)
     assert not _same_config({"config": {**old, "lr": 1.0}}, cfg)
     assert not _same_config({"config": {**old, "no_such_key": 1}}, cfg)
+
+
+def test_leakage_standard_error_pools_owners_and_drops_are_in_se_units():
+    from bastion.bench.federated import _drops_in_se
+    from bastion.federated.server import pooled_se
+
+    values = [1.0, 2.0, 3.0, 6.0]  # owner a: 1, 2; owner b: 3, 6
+    groups = [(2, 1.5, 2.5), (2, 4.5, 22.5)]  # (count, mean, mean of squares)
+    mean = sum(values) / 4
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    assert math.isclose(pooled_se(groups), sd / 2) and pooled_se([(1, 1.0, 1.0)]) is None
+    rows = [{"exposure_bits": 4.0, "exposure_se": 0.3}, {"exposure_bits": 3.0, "exposure_se": 0.4},
+            {"exposure_bits": 3.1, "exposure_se": 0.0}]
+    drops = _drops_in_se(rows, "exposure_bits", "exposure_se")
+    assert math.isclose(drops[0], 2.0) and drops[1] < 0
+    assert _drops_in_se([{"exposure_bits": 1.0, "exposure_se": None}] * 2, "exposure_bits", "exposure_se") is None

@@ -73,3 +73,27 @@ def test_adapter_loads_onto_smollm2(tmp_path):
     loaded = modeling.get_lora(model)
     assert set(loaded) == set(factors)
     assert all(torch.equal(loaded[k], factors[k]) for k in factors)
+
+
+def test_lora_on_last_layers_only_trains_and_exports_those(tmp_path):
+    """--lora-layers K: LoRA (and its gradients) only in the last K decoder layers; the
+    exported adapter declares them (layers_to_transform) and PEFT reloads it exactly."""
+    from peft import PeftModel
+
+    targets = ("q_proj", "v_proj")
+    config = modeling.model_config("tiny")  # 2 layers
+    shapes = modeling.linear_shapes(config, targets, last_layers=1)
+    assert set(shapes) == {"model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    assert len(modeling.linear_shapes(config, targets, last_layers=3)) == 4  # deeper than the model: all
+    with pytest.raises(ValueError, match="lora layers"):
+        modeling.linear_shapes(config, targets, last_layers=-1)
+    factors = {k: (torch.full_like(v, 0.02) if ".lora_B." in k else v)
+               for k, v in modeling.init_lora(shapes, 2, 0).items()}
+    peft_model = modeling.add_lora(modeling.load_base("tiny"), targets, 2, 4.0, factors, last_layers=1)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert trainable and all(".layers.1." in n for n in trainable)
+    write_adapter(tmp_path, factors, rank=2, alpha=4.0, targets=targets,
+                  layers=modeling.lora_layer_ids(config, 1))
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    loaded = modeling.get_lora(PeftModel.from_pretrained(modeling.load_base("tiny"), str(tmp_path)))
+    assert set(loaded) == set(factors) and all(torch.equal(loaded[k], factors[k]) for k in factors)

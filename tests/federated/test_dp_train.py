@@ -65,3 +65,23 @@ def test_micro_batches_give_the_same_step():
             out.append(modeling.get_lora(peft))
         for k in out[0]:
             torch.testing.assert_close(out[0][k], out[1][k], rtol=1e-4, atol=1e-5)
+
+
+def test_canary_leakage_pairs_gap_increase_with_the_base_model():
+    """gap-increase is the paired per-canary change from the base: zero for the base model
+    itself, equal to the difference of mean gaps otherwise; exposure/AUC moments are
+    consistent with their means (needed for the pooled standard error)."""
+    from bastion.federated.train import canary_gaps, canary_leakage
+
+    gen = torch.Generator().manual_seed(6)
+    prefixes = [tuple(torch.randint(0, 256, (5,), generator=gen).tolist()) for _ in range(3)]
+    secrets = [tuple(torch.randint(48, 58, (6,), generator=gen).tolist()) for _ in range(3)]
+    refs = [tuple(tuple(torch.randint(48, 58, (6,), generator=gen).tolist()) for _ in range(7)) for _ in range(3)]
+    base, tuned = _peft(), _peft(seed=1)
+    base_gaps = canary_gaps(base, prefixes, secrets, refs, 256)
+    same = canary_leakage(base, prefixes, secrets, refs, 256, base_gaps=base_gaps)
+    assert same["canaries"] == 3 and same["gap-increase"] == 0.0 and same["gap-increase-sq"] == 0.0
+    other = canary_leakage(tuned, prefixes, secrets, refs, 256, base_gaps=base_gaps)
+    assert abs(other["gap-increase"] - (other["canary-gap"] - same["canary-gap"])) < 1e-5
+    assert other["gap-increase-sq"] > 0 and other["exposure-sq"] >= other["exposure"] ** 2 - 1e-9
+    assert 0.0 <= other["canary-auc"] <= 1.0 and "gap-increase" not in canary_leakage(tuned, prefixes, secrets, refs, 256)

@@ -64,6 +64,10 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=float, default=d["lora_alpha"])
     p.add_argument("--target-modules", type=_modules, default=d["target_modules"],
                    help="comma-separated Llama linears or 'all' (default q_proj,v_proj)")
+    p.add_argument("--lora-layers", type=int, default=d["lora_layers"],
+                   help="LoRA on the last K decoder layers only (0 = all layers)")
+    p.add_argument("--flora-freeze-a", action=argparse.BooleanOptionalAction, default=d["flora_freeze_a"],
+                   help="flora: train B only (each round's fresh random A frozen, FFA-style)")
     p.add_argument("--max-grad-norm", type=float, default=d["max_grad_norm"], help="per-record clip norm C")
     p.add_argument("--train-records", type=int, default=d["train_records"], help="training records per owner")
     p.add_argument("--heldout-records", type=int, default=d["heldout_records"])

@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 from bastion.federated import modeling, privacy
 from bastion.federated.config import FedConfig
 from bastion.federated.data import OwnerData, build_owner
-from bastion.federated.train import canary_leakage, heldout_nll, local_train
+from bastion.federated.train import canary_gaps, canary_leakage, heldout_nll, local_train
 
 client_app = ClientApp()
 
@@ -58,7 +58,7 @@ def _model_for_round(cfg: FedConfig, owner: int, server_round: int, arrays: dict
     Returns (peft_model, rank). For FLoRA the global delta is merged into the base weights
     and the trainable LoRA is fresh (A random from `fresh_seed`, B = 0)."""
     model = modeling.load_base(cfg.model)
-    shapes = modeling.linear_shapes(model.config, cfg.target_modules)
+    shapes = modeling.linear_shapes(model.config, cfg.target_modules, cfg.lora_layers)
     rank = cfg.client_rank(owner)
     if cfg.strategy == "flora":  # callers have stored every stack received so far
         stacks = sorted(k for k in context.state.array_records if k.startswith("flora-"))
@@ -72,7 +72,7 @@ def _model_for_round(cfg: FedConfig, owner: int, server_round: int, arrays: dict
     else:
         weights = arrays or modeling.init_lora(shapes, rank, cfg.seed)
     peft_model = modeling.add_lora(model, cfg.target_modules, rank, cfg.lora_alpha, weights,
-                                   train_a=cfg.strategy != "ffa")
+                                   train_a=cfg.trains_a, last_layers=cfg.lora_layers)
     return peft_model, rank
 
 
@@ -124,6 +124,7 @@ def evaluate(msg: Message, context: Context) -> Message:
               "perplexity": math.exp(nll_sum / tokens)}
     if full:
         pad = modeling.load_tokenizer(cfg.model).eos_id
-        values.update(canary_leakage(peft_model, data.canary_prefixes, data.canary_secrets,
-                                     data.reference_secrets, pad))
+        canaries = (data.canary_prefixes, data.canary_secrets, data.reference_secrets, pad)
+        base_gaps = canary_gaps(modeling.load_base(cfg.model), *canaries) if server_round > 0 else None
+        values.update(canary_leakage(peft_model, *canaries, base_gaps=base_gaps))
     return Message(content=RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

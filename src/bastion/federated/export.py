@@ -18,8 +18,9 @@ from bastion.federated.modeling import BASE_NAME
 
 
 def write_adapter(out_dir: str | Path, factors: Factors, *, rank: int, alpha: float,
-                  targets: tuple[str, ...]) -> Path:
-    """factors: A [rank, in] / B [out, rank] per module; PEFT applies (alpha/rank) B A."""
+                  targets: tuple[str, ...], layers: list[int] | None = None) -> Path:
+    """factors: A [rank, in] / B [out, rank] per module; PEFT applies (alpha/rank) B A.
+    layers: decoder layers that carry LoRA (PEFT layers_to_transform); None = all."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
@@ -30,7 +31,8 @@ def write_adapter(out_dir: str | Path, factors: Factors, *, rank: int, alpha: fl
         if a.shape[0] != rank or b.shape[1] != rank:
             raise ValueError(f"{m}: factor ranks {a.shape[0]}/{b.shape[1]} != declared rank {rank}")
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(targets), lora_dropout=0.0,
-                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=BASE_NAME)
+                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=BASE_NAME,
+                        layers_to_transform=layers)
     config.save_pretrained(str(out))
     save_file({k: v.detach().float().contiguous() for k, v in factors.items()},
               str(out / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -94,15 +94,28 @@ def full_model_bytes(name: str) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def linear_shapes(config, targets: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """Module path -> (in_features, out_features) for every targeted Llama linear."""
+def lora_layer_ids(config, last: int = 0) -> list[int]:
+    """Decoder layers that carry LoRA: all when last == 0 or last >= the model's depth
+    (so one setting serves SmolLM2's 30 layers and the 2-layer CI model), else the last
+    `last` ones. Adapting only the top layers shrinks d (the DP noise norm grows with
+    sqrt(d)) and the backward pass, which stops at the lowest layer with a trainable
+    parameter."""
+    n = config.num_hidden_layers
+    if last < 0:
+        raise ValueError(f"lora layers must be >= 0, got {last}")
+    return list(range(n - last if 0 < last < n else 0, n))
+
+
+def linear_shapes(config, targets: tuple[str, ...], last_layers: int = 0) -> dict[str, tuple[int, int]]:
+    """Module path -> (in_features, out_features) for every targeted Llama linear (in the
+    last `last_layers` decoder layers; 0 = all)."""
     h, inter = config.hidden_size, config.intermediate_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     per = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
     out = {}
-    for layer in range(config.num_hidden_layers):
+    for layer in lora_layer_ids(config, last_layers):
         for t in targets:
             block = "self_attn" if t in _ATTN else "mlp"
             out[f"model.layers.{layer}.{block}.{t}"] = per[t]
@@ -142,12 +155,14 @@ def merge_deltas(model: torch.nn.Module, factors: dict[str, torch.Tensor]) -> No
 
 
 def add_lora(model: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
-             weights: dict[str, torch.Tensor] | None, train_a: bool = True):
-    """Wrap with PEFT LoRA, load `weights` (PEFT keys) and set which factors train."""
+             weights: dict[str, torch.Tensor] | None, train_a: bool = True, last_layers: int = 0):
+    """Wrap with PEFT LoRA (on the last `last_layers` decoder layers, 0 = all), load
+    `weights` (PEFT keys) and set which factors train."""
     from peft import LoraConfig, get_peft_model
 
+    layers = lora_layer_ids(model.config, last_layers) if last_layers else None
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                                  lora_dropout=0.0, bias="none"))
+                                                  lora_dropout=0.0, bias="none", layers_to_transform=layers))
     if weights is not None:
         set_lora(peft_model, weights)
     for name, p in peft_model.named_parameters():

@@ -38,6 +38,9 @@ def build_report(cfg: FedConfig, log, export_notes: dict, total_s: float) -> dic
         },
         "leakage": {"base_mean_exposure": base.get("mean_exposure"), "final_mean_exposure": final.get("mean_exposure"),
                     "base_canary_auc": base.get("mean_canary_auc"), "final_canary_auc": final.get("mean_canary_auc"),
+                    "final_exposure_se": final.get("exposure_se"), "final_canary_auc_se": final.get("canary_auc_se"),
+                    "canary_gap_increase_se": final.get("canary_gap_increase_se"),
+                    "canaries_scored": cfg.canaries * cfg.clients,
                     "max_exposure_bits": math.log2(cfg.canary_refs + 1),
                     # how many more nats training favoured the inserted secrets than unseen ones
                     "canary_gap_increase_nats": (final["mean_canary_gap"] - base["mean_canary_gap"]

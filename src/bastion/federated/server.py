@@ -54,8 +54,9 @@ class RunLog:
         per_owner, nll, tokens = {}, 0.0, 0
         for msg in replies:
             m = msg.content["metrics"]
-            per_owner[int(m["owner"])] = {k: m[k] for k in ("perplexity", "exposure", "canary-auc", "canary-gap")
-                                          if k in m}
+            per_owner[int(m["owner"])] = {k: m[k] for k in ("perplexity", "exposure", "canary-auc", "canary-gap",
+                                                            "exposure-sq", "canary-auc-sq", "canaries",
+                                                            "gap-increase", "gap-increase-sq") if k in m}
             nll, tokens = nll + m["nll-sum"], tokens + int(m["tokens"])
         ev = {"per_owner": dict(sorted(per_owner.items())),
               "union_perplexity": math.exp(nll / tokens) if tokens else float("nan")}
@@ -65,6 +66,12 @@ class RunLog:
             ev["mean_canary_auc"] = sum(o["canary-auc"] for o in per_owner.values()) / len(leaks)
             if all("canary-gap" in o for o in per_owner.values()):
                 ev["mean_canary_gap"] = sum(o["canary-gap"] for o in per_owner.values()) / len(leaks)
+            for key, name in (("exposure", "exposure_se"), ("canary-auc", "canary_auc_se"),
+                              ("gap-increase", "canary_gap_increase_se")):
+                se = pooled_se([(o["canaries"], o[key], o[f"{key}-sq"]) for o in per_owner.values()
+                                if f"{key}-sq" in o])
+                if se is not None:
+                    ev[name] = se
         row = self.row(server_round)
         row.update(evaluation=ev, elapsed_s=round(time.time() - self.t0, 1))
         if self.bar is not None and server_round > 0:
@@ -85,6 +92,18 @@ class RunLog:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def pooled_se(groups: list[tuple[int, float, float]]) -> float | None:
+    """Standard error of the mean over all canaries of all owners, from per-owner
+    (count, mean, mean of squares): the estimator noise of exposure / canary AUC for one
+    trained adapter (sample sd / sqrt(N)); None below 2 canaries."""
+    n = sum(int(c) for c, _, _ in groups)
+    if n < 2:
+        return None
+    mean = sum(c * m for c, m, _ in groups) / n
+    var = max(0.0, sum(c * sq for c, _, sq in groups) / n - mean * mean) * n / (n - 1)
+    return math.sqrt(var / n)
 
 
 def _complete(cfg: FedConfig, replies: Iterable[Message], what: str) -> list[Message]:
@@ -157,7 +176,7 @@ def initial_arrays(cfg: FedConfig) -> ArrayRecord:
     nothing (owners start from the base model)."""
     if cfg.strategy == "flora":
         return ArrayRecord()
-    shapes = modeling.linear_shapes(modeling.model_config(cfg.model), cfg.target_modules)
+    shapes = modeling.linear_shapes(modeling.model_config(cfg.model), cfg.target_modules, cfg.lora_layers)
     init = modeling.init_lora(shapes, cfg.rank, cfg.seed)
     if cfg.strategy == "ffa":
         init = {k: v for k, v in init.items() if ".lora_B." in k}
@@ -177,7 +196,7 @@ def global_adapter(cfg: FedConfig, strategy, final: ArrayRecord) -> tuple[lora_m
         return merged, rank, float(rank), notes
     factors = dict(final.to_torch_state_dict())
     if cfg.strategy == "ffa":  # A was never sent: rebuild the shared frozen A from the seed
-        shapes = modeling.linear_shapes(modeling.model_config(cfg.model), cfg.target_modules)
+        shapes = modeling.linear_shapes(modeling.model_config(cfg.model), cfg.target_modules, cfg.lora_layers)
         factors.update({k: v for k, v in modeling.init_lora(shapes, cfg.rank, cfg.seed).items() if ".lora_A." in k})
     return factors, cfg.rank, cfg.lora_alpha, {"export": "global factors", "rank": cfg.rank}
 
@@ -204,7 +223,10 @@ def run_federation(grid: Grid, cfg: FedConfig, out_dir: str, progress: bool = Tr
     factors, rank, alpha, notes = global_adapter(cfg, inner, result.arrays)
     from bastion.federated.export import write_adapter, write_report
 
-    write_adapter(out_dir, factors, rank=rank, alpha=alpha, targets=cfg.target_modules)
+    config = modeling.model_config(cfg.model)
+    layers = modeling.lora_layer_ids(config, cfg.lora_layers)
+    layers = layers if len(layers) < config.num_hidden_layers else None  # None: PEFT's "every layer"
+    write_adapter(out_dir, factors, rank=rank, alpha=alpha, targets=cfg.target_modules, layers=layers)
     report = build_report(cfg, log, notes, total_s=time.time() - log.t0)
     write_report(f"{out_dir}/training_report.json", report)
     return report

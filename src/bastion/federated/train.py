@@ -112,7 +112,22 @@ def secret_nll(model, prefix: tuple[int, ...], secrets: list[tuple[int, ...]], p
     return (nll.view(len(secrets), -1) * mask).sum(dim=1)
 
 
-def canary_leakage(model, prefixes, secrets, references, pad_id: int) -> dict[str, float]:
+def _canary_scores(model, prefixes, secrets, references, pad_id: int):
+    """Per canary: (exposure bits, AUC, gap nats); see canary_leakage."""
+    for prefix, secret, refs in zip(prefixes, secrets, references):
+        scores = secret_nll(model, prefix, [secret, *refs], pad_id)  # [1 + |R|]
+        lower = float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
+        yield (math.log2(len(refs) + 1) - math.log2(1 + lower), 1.0 - lower / len(refs),
+               float(scores[1:].mean() - scores[0]))  # gap: nats the secret is favoured by
+
+
+def canary_gaps(model, prefixes, secrets, references, pad_id: int) -> list[float]:
+    """[canaries] gap (nats) of each canary under `model` (e.g. the base model)."""
+    return [g for _, _, g in _canary_scores(model, prefixes, secrets, references, pad_id)]
+
+
+def canary_leakage(model, prefixes, secrets, references, pad_id: int,
+                   base_gaps: list[float] | None = None) -> dict[str, float]:
     """Exposure (Carlini et al. 2019) and membership AUC of the inserted canaries.
 
     For canary c with reference secrets R_c (never inserted): rank = 1 + #{r in R_c : nll(r)
@@ -120,15 +135,20 @@ def canary_leakage(model, prefixes, secrets, references, pad_id: int) -> dict[st
     ~1 bit expected for an untouched model. AUC = P(nll(c) < nll(r)), 0.5 when nothing leaks.
     gap = mean_r nll(r) - nll(c) in nats; its change from the base model (same canaries, so
     the prior on particular digit strings cancels) is the low-variance memorisation signal.
+    "*-sq" are the per-canary means of squares and "canaries" the count, so the server can
+    pool owners and report the estimator's standard error over canaries. With `base_gaps`
+    (the same canaries under the base model) "gap-increase" is the paired per-canary
+    increase, whose spread is the gap's estimator noise.
     """
     if not secrets:
-        return {"exposure": 0.0, "canary-auc": 0.5, "canary-gap": 0.0}
-    exposures, aucs, gaps = [], [], []
-    for prefix, secret, refs in zip(prefixes, secrets, references):
-        scores = secret_nll(model, prefix, [secret, *refs], pad_id)  # [1 + |R|]
-        lower = float((scores[1:] < scores[0]).sum()) + 0.5 * float((scores[1:] == scores[0]).sum())
-        exposures.append(math.log2(len(refs) + 1) - math.log2(1 + lower))
-        aucs.append(1.0 - lower / len(refs))
-        gaps.append(float(scores[1:].mean() - scores[0]))  # nats the secret is favoured by
-    return {"exposure": sum(exposures) / len(exposures), "canary-auc": sum(aucs) / len(aucs),
-            "canary-gap": sum(gaps) / len(gaps)}
+        return {"exposure": 0.0, "canary-auc": 0.5, "canary-gap": 0.0, "exposure-sq": 0.0, "canary-auc-sq": 0.25,
+                "canaries": 0}
+    exposures, aucs, gaps = map(list, zip(*_canary_scores(model, prefixes, secrets, references, pad_id)))
+    k = len(exposures)
+    out = {"exposure": sum(exposures) / k, "canary-auc": sum(aucs) / k, "canary-gap": sum(gaps) / k,
+           "exposure-sq": sum(e * e for e in exposures) / k, "canary-auc-sq": sum(a * a for a in aucs) / k,
+           "canaries": k}
+    if base_gaps is not None:
+        inc = [g - b for g, b in zip(gaps, base_gaps, strict=True)]
+        out.update({"gap-increase": sum(inc) / k, "gap-increase-sq": sum(i * i for i in inc) / k})
+    return out
