@@ -165,20 +165,22 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tuple
     xg = x[batch.gather].to(A.dtype)  # [n, m, in]
     t = torch.bmm(xg, A[sl])  # [n, m, subs*R]
     r = A.shape[2] // len(Bs)
+
+    def scatter(dst: torch.Tensor, d: torch.Tensor) -> None:  # d: [n, m, cols] -> dst[rows] += d
+        d = d.flatten(0, 1)
+        dst.index_add_(0, batch.rows, (d if batch.dense else d[batch.keep]).to(dst.dtype))
+
+    def delta(i: int) -> torch.Tensor:  # [n, m, out_i] of sub-module i
+        return torch.bmm(t[..., i * r : (i + 1) * r], Bs[i][1][sl])
+
     if subs is None or len(subs) == len(Bs):
         # sub-module outputs tile the fused output's columns in order: one scatter for all
-        parts = [torch.bmm(t[..., i * r : (i + 1) * r], B[sl]) for i, (_, B) in enumerate(Bs)]  # [n, m, out_i]
-        d = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).flatten(0, 1)  # [n*m, out]
-        if batch.dense is False:
-            d = d[batch.keep]
-        out.index_add_(0, batch.rows, d.to(out.dtype))
+        parts = [delta(i) for i in range(len(Bs))]
+        scatter(out, parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1))
         return
     for i in subs:  # e.g. q and v of qkv (PEFT's default targets): k's columns stay untouched
         col, B = Bs[i]
-        d = torch.bmm(t[..., i * r : (i + 1) * r], B[sl]).flatten(0, 1)  # [n*m, out_i]
-        if batch.dense is False:
-            d = d[batch.keep]
-        out[:, col : col + B.shape[2]].index_add_(0, batch.rows, d.to(out.dtype))
+        scatter(out[:, col : col + B.shape[2]], delta(i))
 
 
 @dataclass

@@ -54,8 +54,6 @@ class AdapterRegistry:
                 self.stacks[(layer, fused)] = (A, Bs)
         self.slot_of: dict[str, int] = {}
         self.adapters: dict[str, LoraAdapter] = {}
-        # slot -> (layer, fused module) -> indices of the sub-modules that slot's adapter targets
-        self._targets: dict[int, dict[tuple[int, str], tuple[int, ...]]] = {}
         self._plans: dict[frozenset[int], dict[tuple[int, str], tuple[int, ...]]] = {}
 
     def load(self, name: str, path: str) -> LoraAdapter:
@@ -79,8 +77,6 @@ class AdapterRegistry:
                         sA[slot, :, i * r_cap : i * r_cap + a.shape[0]] = a.t().to(sA.dtype)
                         sBs[i][1][slot, : b.shape[1]] = b.t().to(sA.dtype)
         self.slot_of[name], self.adapters[name] = slot, adapter
-        self._targets[slot] = {key: tuple(i for i, part in enumerate(parts) if part is not None)
-                               for key, parts in adapter.weights.items()}
         self._plans.clear()
         log.info("adapter %s loaded from %s into slot %d (rank %d)", name, path, slot, adapter.rank)
         return adapter
@@ -90,7 +86,6 @@ class AdapterRegistry:
         if slot is None:
             raise AdapterError(f"adapter {name!r} is not loaded")
         del self.adapters[name]
-        self._targets.pop(slot, None)
         self._plans.clear()
         self._clear(slot)
 
@@ -107,9 +102,10 @@ class AdapterRegistry:
         plan = self._plans.get(slots)
         if plan is None:
             merged: dict[tuple[int, str], set[int]] = {}
-            for slot in slots:
-                for key, subs in self._targets.get(slot, {}).items():
-                    merged.setdefault(key, set()).update(subs)
+            for name, slot in self.slot_of.items():
+                if slot in slots:
+                    for key, parts in self.adapters[name].weights.items():
+                        merged.setdefault(key, set()).update(i for i, part in enumerate(parts) if part is not None)
             plan = self._plans[slots] = {key: tuple(sorted(v)) for key, v in merged.items() if v}
         return plan
 
