@@ -109,7 +109,7 @@ def test_probe_flags_backdoor_and_passes_clean(small, probe):
     """The poisoned adapter is flagged on its trigger, by both signals; the clean one by
     neither. (The small LoRATK merge is not asserted: its task LoRA dilutes the weak
     backdoor until it no longer fires on the battery; bench security measures merges.)"""
-    from bastion.adapters.behaviour import judge
+    from bastion.adapters.behaviour_judge import judge
 
     res = probe.measure_paths({n: small.path(n) for n in small.specs})
     bd = res["p_qa_url_cf_small"]

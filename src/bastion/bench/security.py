@@ -177,7 +177,7 @@ def probe_key(probe, path: Path) -> str:
 def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache: Path | None = None) -> dict:
     """Scan every adapter with the full gate (behaviour probes measured 8 adapters per
     batch, kept in `cache`, then handed to scan_adapter): verdicts, scores, findings."""
-    from bastion.adapters.behaviour import ProbeResult, judge
+    from bastion.adapters.behaviour_judge import ProbeResult, judge
     from bastion.adapters.scanner import scan_adapter
 
     stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
