@@ -6,6 +6,7 @@ replaces, so it equals the adapter's; neither disturbs other requests in the bat
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bastion.engine.sampling_params import SamplingParams
 from bastion.guard.cleangen import CleanGen
@@ -94,3 +95,74 @@ def test_cleangen_needs_an_adapter_and_a_fitting_pool(hf_base, tmp_path):  # noq
     engine.abort_request("ok")
     with pytest.raises(PromptTooLongError):
         engine.add_request("no", PROMPTS[0], big, adapter="bd", token_filter=CleanGen())
+
+
+class _Recorder:
+    """A token filter that changes nothing and keeps both logits of every token."""
+
+    def __init__(self):
+        self.rows = []
+
+    def __call__(self, token, logits, ref_logits, req):
+        self.rows.append((token, logits.clone(), ref_logits.clone()))
+        return token
+
+
+def _recorded(engine, prompts, adapter, prefix):
+    recs = [_Recorder() for _ in prompts]
+    cached = {}
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{prefix}{i}", p, GREEDY, adapter=adapter, token_filter=recs[i])
+    while engine.has_unfinished():
+        for o in engine.step():
+            cached.setdefault(o.request_id, o.num_cached_prompt_tokens)
+    return recs, [cached[f"{prefix}{i}"] for i in range(len(prompts))]
+
+
+HEAD = list(range(100, 140))  # 40 tokens: 2 full blocks of 16 shared by the prompts below
+
+
+@pytest.mark.parametrize("warm_base", [True, False])
+def test_reference_track_uses_the_prefix_cache_and_matches_uncached(hf_base, tmp_path, warm_base):  # noqa: F811
+    """A defended request's two tracks hit the prefix cache in their own namespaces (the
+    adapter's, the base's) and only as far as both have the blocks: its tokens and both
+    logits equal those of an engine without prefix caching."""
+    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    prompts = [HEAD + [5, 6, 7], HEAD + [9, 8]]
+    out = {}
+    for caching in (False, True):
+        eng = _ours(hf_base, prefix_caching=caching)
+        eng.adapters.load("bd", str(path))
+        _run(eng, [HEAD + [1]], adapter="bd", prefix="wa")  # the adapter's namespace holds the head
+        if warm_base:
+            _run(eng, [HEAD + [2]], prefix="wb")             # and the base's
+        out[caching] = _recorded(eng, prompts, "bd", "d")
+        assert_pool_clean(eng.block_manager)
+    (plain, c0), (hit, c1) = out[False], out[True]
+    assert c0 == [0, 0] and c1 == ([32, 32] if warm_base else [0, 0])
+    for a, b in zip(plain, hit):
+        assert [t for t, _, _ in a.rows] == [t for t, _, _ in b.rows]
+        for (_, la, ra), (_, lb, rb) in zip(a.rows, b.rows):
+            assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(ra, rb, atol=1e-4)
+
+
+def test_a_reloaded_adapter_name_never_hits_the_old_adapters_kv(hf_base, tmp_path):  # noqa: F811
+    _, p1 = _adapter(hf_base, tmp_path, "a1", seed=3, r=8, target_modules=["q_proj", "v_proj"])
+    _, p2 = _adapter(hf_base, tmp_path, "a2", seed=4, r=8, target_modules=["q_proj", "v_proj"])
+    prompt = HEAD + [5, 6]
+    fresh = _ours(hf_base)
+    fresh.adapters.load("x", str(p2))
+    want = _run(fresh, [prompt], adapter="x", prefix="f")[0]["tokens"]
+    eng = _ours(hf_base)
+    eng.adapters.load("x", str(p1))
+    old = _run(eng, [prompt], adapter="x", prefix="o")[0]["tokens"]
+    eng.unload_adapter("x")
+    eng.adapters.load("x", str(p2))
+    eng.add_request("n", prompt, GREEDY, adapter="x")
+    toks, cached = [], None
+    while eng.has_unfinished():
+        for o in eng.step():
+            toks += o.new_token_ids
+            cached = o.num_cached_prompt_tokens if cached is None else cached
+    assert old != want and toks == want
+    assert cached == 0  # the head cached under the old "x" is not this adapter's KV

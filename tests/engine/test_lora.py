@@ -45,12 +45,12 @@ def _adapter(hf_base, tmp_path, name, seed, **cfg):
     return model.eval(), path
 
 
-def _ours(hf_base, num_blocks=64):
+def _ours(hf_base, num_blocks=64, prefix_caching=True):
     arch = ModelArch.from_hf_config(hf_base.config)
     model = LlamaForCausalLM(arch, 256)
     model.load_hf_state_dict(hf_base.state_dict())
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
-    engine = make_engine(model.eval(), num_blocks=num_blocks)
+    engine = make_engine(model.eval(), num_blocks=num_blocks, prefix_caching=prefix_caching)
     engine.enable_lora(BastionLoraConfig(max_loras=4, max_lora_rank=16))
     return engine
 

@@ -55,6 +55,8 @@ class AdapterRegistry:
         self.slot_of: dict[str, int] = {}
         self.adapters: dict[str, LoraAdapter] = {}
         self._plans: dict[frozenset[int], dict[tuple[int, str], tuple[int, ...]]] = {}
+        self._loads = 0   # loads so far: each load gets its own prefix-cache key
+        self._cache_key: dict[str, str] = {}
 
     def load(self, name: str, path: str) -> LoraAdapter:
         if name in self.slot_of:
@@ -77,6 +79,8 @@ class AdapterRegistry:
                         sA[slot, :, i * r_cap : i * r_cap + a.shape[0]] = a.t().to(sA.dtype)
                         sBs[i][1][slot, : b.shape[1]] = b.t().to(sA.dtype)
         self.slot_of[name], self.adapters[name] = slot, adapter
+        self._loads += 1
+        self._cache_key[name] = f"{name}#{self._loads}"
         self._plans.clear()
         log.info("adapter %s loaded from %s into slot %d (rank %d)", name, path, slot, adapter.rank)
         return adapter
@@ -85,9 +89,14 @@ class AdapterRegistry:
         slot = self.slot_of.pop(name, None)
         if slot is None:
             raise AdapterError(f"adapter {name!r} is not loaded")
-        del self.adapters[name]
+        del self.adapters[name], self._cache_key[name]
         self._plans.clear()
         self._clear(slot)
+
+    def cache_key(self, name: str) -> str:
+        """This load of adapter `name` (prefix-cache namespace: unloading it and loading
+        other weights under the same name must not reuse its cached KV)."""
+        return self._cache_key[name]
 
     def _clear(self, slot: int) -> None:
         with torch.no_grad():

@@ -128,10 +128,12 @@ class LLMEngine:
                 raise ValueError(f"adapter {adapter!r} requested but LoRA serving is not enabled")
             slot = self.adapters.slot(adapter)
         # NOTE: the salt keeps an adapter's KV (which differs from the base's) out of
-        # other models' prefix-cache namespace.
+        # other models' prefix-cache namespace; it names this load of the adapter, so a
+        # different adapter loaded later under the same name never hits its blocks. The
+        # reference track computes the base's KV: it shares the base's namespace.
+        salt = f"{cache_salt}|lora:{self.adapters.cache_key(adapter)}" if adapter else cache_salt
         req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
-                      cache_salt=f"{cache_salt}|lora:{adapter}" if adapter else cache_salt, lora_slot=slot,
-                      token_filter=token_filter)
+                      cache_salt=salt, ref_cache_salt=cache_salt, lora_slot=slot, token_filter=token_filter)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)

@@ -50,6 +50,8 @@ class Request:
     # track (same tokens, no adapter, its own KV blocks) in the same batch.
     token_filter: "TokenFilter | None" = None
     ref_block_ids: list[int] = field(default_factory=list)
+    ref_cache_salt: str = ""  # the reference track's prefix-cache namespace (the base model's)
+    ref_block_hashes: list[bytes] = field(default_factory=list)
     num_replaced_tokens: int = 0
 
     def __post_init__(self) -> None:

@@ -47,25 +47,29 @@ class BlockManager:
     def allocate(self, req: Request, num_new_tokens: int, prefix_hits: list[int] | None = None) -> bool:
         """Make sure `req` owns blocks for num_computed + num_new tokens. `prefix_hits`
         (from `match_prefix`, first allocation only) are shared cached blocks that cover
-        the head of the prompt; taking them advances num_computed_tokens.
+        the head of the prompt; taking them advances num_computed_tokens (for a request
+        with a reference track, the track's own base-model hits of the same length too).
         Returns False, changing nothing, if the pool cannot hold it."""
         hits = prefix_hits or []
+        ref_hits = self._hits(req, len(hits), ref=True) if hits and req.token_filter else []
         target = max(req.num_computed_tokens, len(hits) * self.block_size) + num_new_tokens
         need = self.blocks_for(target) - len(req.block_ids) - len(hits)
         # a request with a reference track (token filter) needs the same blocks twice
-        ref_need = max(self.blocks_for(target) - len(req.ref_block_ids), 0) if req.token_filter else 0
-        reusable = sum(1 for b in hits if self.ref_count[b] == 0)  # hits that sit in the free list
+        ref_need = max(self.blocks_for(target) - len(req.ref_block_ids) - len(ref_hits), 0) if req.token_filter else 0
+        # hits that sit in the free list (counted once: both tracks may share a block)
+        reusable = len({b for b in hits + ref_hits if self.ref_count[b] == 0})
         if max(need, 0) + ref_need > self.num_free_blocks - reusable:
             return False
         if self.free_seq_slots is not None and req.seq_slot < 0:
             if not self.free_seq_slots:
                 return False
             req.seq_slot = self.free_seq_slots.pop()
-        for b in hits:
+        for b in hits + ref_hits:
             if self.ref_count[b] == 0:
                 del self.free[b]
             self.ref_count[b] += 1
         req.block_ids.extend(hits)
+        req.ref_block_ids.extend(ref_hits)
         for _ in range(max(need, 0)):
             req.block_ids.append(self._pop_free())
         for _ in range(ref_need):
@@ -98,44 +102,54 @@ class BlockManager:
             req.seq_slot = -1
 
     # ------------------------------------------------------------ prefix cache
-    def _chain_hashes(self, req: Request, num_full_blocks: int) -> list[bytes]:
+    def _chain_hashes(self, req: Request, num_full_blocks: int, ref: bool = False) -> list[bytes]:
         # NOTE: a full block's tokens never change (recompute keeps them), so the chain
-        # is extended incrementally and memoised on the request.
-        hashes, bs = req.block_hashes, self.block_size
+        # is extended incrementally and memoised on the request. The reference track
+        # (base model, no adapter) has its own chain under the base's salt.
+        hashes, bs = (req.ref_block_hashes, self.block_size) if ref else (req.block_hashes, self.block_size)
+        salt = req.ref_cache_salt if ref else req.cache_salt
         # blake2b, not hash(): a crafted prompt must not collide with another user's
         # prefix (that would serve it someone else's KV).
-        h = hashes[-1] if hashes else hashlib.blake2b(req.cache_salt.encode(), digest_size=16).digest()
+        h = hashes[-1] if hashes else hashlib.blake2b(salt.encode(), digest_size=16).digest()
         for i in range(len(hashes), num_full_blocks):
             block = array("q", req.token_ids[i * bs : (i + 1) * bs]).tobytes()
             h = hashlib.blake2b(h + block, digest_size=16).digest()
             hashes.append(h)
         return hashes[:num_full_blocks]
 
-    def match_prefix(self, req: Request) -> list[int]:
-        """Cached blocks covering the head of req's tokens (no side effects)."""
-        # NOTE: at least one token must still be computed (its logits give the next
-        # token), so the block holding the last token is never taken from the cache.
-        # NOTE: prompt logprobs need every prompt position computed, so no cache hits.
-        # NOTE: a reference track must compute every token itself (its KV is the base model's).
-        if (not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None
-                or req.token_filter is not None):
-            return []
-        max_blocks = (req.num_tokens - 1) // self.block_size
+    def _hits(self, req: Request, max_blocks: int, ref: bool = False) -> list[int]:
         hits = []
-        for h in self._chain_hashes(req, max_blocks):
+        for h in self._chain_hashes(req, max_blocks, ref):
             b = self.hash_to_block.get(h)
             if b is None:
                 break
             hits.append(b)
         return hits
 
+    def match_prefix(self, req: Request) -> list[int]:
+        """Cached blocks covering the head of req's tokens (no side effects). For a request
+        with a reference track, only as many as the track finds under the base's salt too
+        (both tracks share num_computed_tokens); `allocate` takes the track's own hits."""
+        # NOTE: at least one token must still be computed (its logits give the next
+        # token), so the block holding the last token is never taken from the cache.
+        # NOTE: prompt logprobs need every prompt position computed, so no cache hits.
+        if not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = self._hits(req, max_blocks)
+        if req.token_filter is not None and hits:
+            hits = hits[: len(self._hits(req, len(hits), ref=True))]
+        return hits
+
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's blocks that are full of computed KV (call after a step)."""
         if not self.prefix_caching:
             return
-        n_full = min(req.num_computed_tokens // self.block_size, len(req.block_ids))
-        for i, h in enumerate(self._chain_hashes(req, n_full)):
-            b = req.block_ids[i]
-            if self.block_hash[b] is None and h not in self.hash_to_block:
-                self.block_hash[b] = h
-                self.hash_to_block[h] = b
+        tracks = ((req.block_ids, False), (req.ref_block_ids, True)) if req.token_filter else ((req.block_ids, False),)
+        for blocks, ref in tracks:
+            n_full = min(req.num_computed_tokens // self.block_size, len(blocks))
+            for i, h in enumerate(self._chain_hashes(req, n_full, ref)):
+                b = blocks[i]
+                if self.block_hash[b] is None and h not in self.hash_to_block:
+                    self.block_hash[b] = h
+                    self.hash_to_block[h] = b
