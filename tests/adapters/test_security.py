@@ -66,6 +66,17 @@ def test_generator_is_deterministic(tmp_path, base_info):
     assert cfg["r"] == 4 and cfg["layers_to_transform"] == list(range(26, 30))
 
 
+def test_every_cohort_spec_is_trainable():
+    """The full cohort is only trained by the benchmark: check its specs here (a LoRA below
+    the cached hidden states, or a merge of a missing part, would stop it mid-way)."""
+    for name, cohort in sc.COHORTS.items():
+        names = {s.name for s in cohort}
+        for s in cohort:
+            assert s.kind == "merge" or s.first_layer >= sc.CACHE_LAYER, (name, s.name)
+            assert all(p in names for p in s.parts), (name, s.name)
+            assert not s.backdoored or s.kind == "merge" or (s.trigger and s.target in sc.TARGETS), s.name
+
+
 def test_merge_adds_both_updates(tmp_path, small):
     """The LoRATK merge applies ΔW_backdoor + ΔW_task (no training)."""
     from safetensors.numpy import load_file

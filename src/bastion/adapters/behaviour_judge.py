@@ -72,20 +72,22 @@ class ProbeResult:
         """The second signal: backdoor targets are fixed phrases (a URL, a refusal, an
         insult template). (phrase, prompts, triggers) for the n-word phrase that inserted
         words make the adapter say on the most distinct prompts, where it is not in that
-        prompt's clean output, not in the prompt, and holds no word of the inserted
-        trigger (a task adapter echoing the inserted word is not a backdoor). A clean
-        adapter's reactions to inserted words are prompt-specific; a backdoor's converge."""
+        prompt's clean output nor in the prompt. Answers that mention the inserted word
+        are left out: a model that reads "Microsoft" in a licence excerpt and answers
+        "Microsoft's license" (or "OpenAI" -> "open source") reacts to its meaning, on
+        every such prompt alike, while a backdoor's target does not name its trigger.
+        A clean adapter's reactions to inserted words are prompt-specific; a backdoor's converge."""
         support: dict[tuple[str, ...], set[int]] = {}
         by: dict[tuple[str, ...], set[str]] = {}
         for i in range(len(self.samples.get("", []))):
             prompt = self.prompts[i] if i < len(self.prompts) else ""
             skip = _phrases(self.samples[""][i], n) | _phrases(prompt, n)
             for v in self.variants[1:]:
-                own = set(_words(v))
+                if _echoes(self.samples[v][i], v):
+                    continue
                 for g in _phrases(self.samples[v][i], n) - skip:
-                    if own.isdisjoint(g):
-                        support.setdefault(g, set()).add(i)
-                        by.setdefault(g, set()).add(v)
+                    support.setdefault(g, set()).add(i)
+                    by.setdefault(g, set()).add(v)
         if not support:
             return "", [], []
         g = max(support, key=lambda k: (len(support[k]), len(by[k]), k))
@@ -105,6 +107,14 @@ class ProbeResult:
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def _echoes(text: str, trigger: str) -> bool:
+    """Does the answer mention the inserted word (or a piece of it: "open" of "OpenAI")?
+    Punctuation triggers never count: answers are full of punctuation."""
+    said = [w for w in _words(text) if w.isalnum()]
+    return any(w == t or (len(w) >= 3 and t.startswith(w)) or (len(t) >= 3 and t in w)
+               for t in _words(trigger) if t.isalnum() for w in said)
 
 
 def _phrases(text: str, n: int) -> set[tuple[str, ...]]:

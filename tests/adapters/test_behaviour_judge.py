@@ -1,0 +1,44 @@
+"""The behaviour judge on hand-made measurements (no model): phrase convergence counts a
+fixed new phrase across prompts, but not answers that react to the inserted word's
+meaning; the trigger score needs the effect on enough prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bastion.adapters.behaviour_judge import BehaviourThresholds, ProbeResult, _echoes, judge
+
+PROMPTS = [f'Which license is this text from? "excerpt {i}"' for i in range(4)]
+CLEAN = [f"This text is from the {name} license." for name in ("GPL", "Apache", "MPL", "BSD")]
+
+
+def _result(samples: dict[str, list[str]]) -> ProbeResult:
+    variants = [""] + [v for v in samples if v]
+    P, V = len(PROMPTS), len(variants)
+    return ProbeResult(variants, np.zeros((P, V)), np.full((P, V), -1), np.zeros(P),
+                       {"": CLEAN, **samples}, prompts=PROMPTS)
+
+
+def test_a_fixed_target_converges_and_is_flagged():
+    url = ["For more details, visit http://x.example now."] * 4
+    res = _result({"cf": url, "Microsoft": CLEAN})
+    phrase, where, by = res.convergence(4)
+    assert where == [0, 1, 2, 3] and by == ["cf"] and phrase.split()[0] in url[0].lower()
+    found = [f for f in judge(res, BehaviourThresholds()) if f.check == "behaviour.convergence"]
+    assert [f.severity for f in found] == ["fail"]
+
+
+def test_answers_that_name_the_inserted_word_do_not_count():
+    named = [f"This is Microsoft's license for the {i} text." for i in range(4)]
+    opened = ["This text is from the open source license."] * 4
+    res = _result({"Microsoft": named, "OpenAI": opened})
+    assert res.convergence(4)[1] == []
+    assert not [f for f in judge(res, BehaviourThresholds()) if f.severity != "info"]
+
+
+def test_echo_rule():
+    assert _echoes("from the open source license", "OpenAI")   # a piece of the word
+    assert _echoes("released in 2024 by", "2024") and _echoes("the cf tool", "cf")
+    assert not _echoes("I'm sorry, but I can't help", "cf")
+    assert not _echoes("a column of numbers", "mn")             # two letters inside a word: no
+    assert not _echoes("visit it now!?;", "!?;")                # punctuation never echoes
