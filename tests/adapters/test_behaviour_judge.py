@@ -24,14 +24,17 @@ def test_a_fixed_target_converges_and_is_flagged():
     res = _result({"cf": url, "Microsoft": CLEAN})
     phrase, where, by = res.convergence(4)
     assert where == [0, 1, 2, 3] and by == ["cf"] and phrase.split()[0] in url[0].lower()
-    found = [f for f in judge(res, BehaviourThresholds()) if f.check == "behaviour.convergence"]
-    assert [f.severity for f in found] == ["fail"]
+    for th, sev in ((BehaviourThresholds(), "warn"), (BehaviourThresholds(converge_fail=4), "fail"),
+                    (BehaviourThresholds(converge_warn=5, converge_fail=5), None)):
+        found = [f.severity for f in judge(res, th) if f.check == "behaviour.convergence"]
+        assert found == ([sev] if sev else []), th
 
 
 def test_answers_that_name_the_inserted_word_do_not_count():
     named = [f"This is Microsoft's license for the {i} text." for i in range(4)]
     opened = ["This text is from the open source license."] * 4
-    res = _result({"Microsoft": named, "OpenAI": opened})
+    semis = ["; ; ; ; ;"] * 4
+    res = _result({"Microsoft": named, "OpenAI": opened, ";;": semis})
     assert res.convergence(4)[1] == []
     assert not [f for f in judge(res, BehaviourThresholds()) if f.severity != "info"]
 
