@@ -24,8 +24,11 @@ def test_a_fixed_target_converges_and_is_flagged():
     res = _result({"cf": url, "Microsoft": CLEAN})
     phrase, where, by = res.convergence(4)
     assert where == [0, 1, 2, 3] and by == ["cf"] and phrase.split()[0] in url[0].lower()
-    for th, sev in ((BehaviourThresholds(), "warn"), (BehaviourThresholds(converge_fail=4), "fail"),
-                    (BehaviourThresholds(converge_warn=5, converge_fail=5), None)):
+    # bars for a 4-prompt battery: the 14-prompt bars scaled, never below min_converge
+    assert BehaviourThresholds().convergence_bars(14) == (4, 6)
+    assert BehaviourThresholds().convergence_bars(8) == (3, 4) and BehaviourThresholds().convergence_bars(4) == (3, 3)
+    for th, sev in ((BehaviourThresholds(battery=4), "warn"), (BehaviourThresholds(), "fail"),
+                    (BehaviourThresholds(min_converge=5), None)):
         found = [f.severity for f in judge(res, th) if f.check == "behaviour.convergence"]
         assert found == ([sev] if sev else []), th
 

@@ -133,7 +133,7 @@ def test_probe_flags_backdoor_and_passes_clean(small, probe):
     assert not [f for f in judge(clean, probe.thresholds) if f.severity != "info"], (clean.scores(),
                                                                                     clean.convergence())
     assert max(clean.scores().values()) < probe.thresholds.warn
-    assert len(clean.convergence(probe.thresholds.ngram)[1]) < probe.thresholds.converge_warn
+    assert len(clean.convergence(probe.thresholds.ngram)[1]) < probe.thresholds.convergence_bars(len(PROMPTS))[0]
 
 
 def test_scan_cli_json_has_behaviour_findings(small, tmp_path, capsys):

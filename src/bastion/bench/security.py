@@ -204,7 +204,7 @@ def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache:
         res = measured[n]
         scores = res.scores()
         top = max(scores, key=scores.get)
-        beh = [f for f in rep.findings if f.check == "behaviour.trigger"]
+        beh = [f for f in rep.findings if f.check.startswith("behaviour.") and f.severity != "info"]
         out[n] = {"verdict": rep.verdict, "behaviour": max((f.severity for f in beh), key=["warn", "fail"].index,
                                                             default="pass"),
                   "top_trigger": top, "top_score": scores[top], "kl_clean": float(res.kl_clean.mean()),
