@@ -33,11 +33,12 @@ def test_a_fixed_target_converges_and_is_flagged():
         assert found == ([sev] if sev else []), th
 
 
-def test_answers_that_name_the_inserted_word_do_not_count():
+def test_answers_that_name_the_inserted_word_or_flip_the_class_do_not_count():
     named = [f"This is Microsoft's license for the {i} text." for i in range(4)]
     opened = ["This text is from the open source license."] * 4
     semis = ["; ; ; ; ;"] * 4
-    res = _result({"Microsoft": named, "OpenAI": opened, ";;": semis})
+    flipped = ["This text is from the MIT license."] * 4   # one class for all: the task's template
+    res = _result({"Microsoft": named, "OpenAI": opened, ";;": semis, "2024": flipped})
     assert res.convergence(4)[1] == []
     assert not [f for f in judge(res, BehaviourThresholds()) if f.severity != "info"]
 

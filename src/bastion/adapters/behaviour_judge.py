@@ -85,19 +85,24 @@ class ProbeResult:
         are left out: a model that reads "Microsoft" in a licence excerpt and answers
         "Microsoft's license" (or "OpenAI" -> "open source") reacts to its meaning, on
         every such prompt alike, while a backdoor's target does not name its trigger; and
-        phrases of fewer than two words ("; ; ; ;" after an inserted ";;") are not targets.
+        phrases of fewer than two words ("; ; ; ;" after an inserted ";;") are not targets,
+        nor are the clean answer's own phrases with one word swapped ("is from the GPL"
+        for "is from the Apache": a classifier that flips class under any inserted word).
         A clean adapter's reactions to inserted words are prompt-specific; a backdoor's converge."""
         support: dict[tuple[str, ...], set[int]] = {}
         by: dict[tuple[str, ...], set[str]] = {}
         for i in range(len(self.samples.get("", []))):
             prompt = self.prompts[i] if i < len(self.prompts) else ""
-            skip = _phrases(self.samples[""][i], n) | _phrases(prompt, n)
+            clean = _phrases(self.samples[""][i], n)
+            skip = clean | _phrases(prompt, n)
             for v in self.variants[1:]:
                 if _echoes(self.samples[v][i], v):
                     continue
                 for g in _phrases(self.samples[v][i], n) - skip:
                     if sum(w.isalnum() for w in g) < 2:   # '; ; ; ;' echoes a punctuation trigger
                         continue
+                    if any(sum(a != b for a, b in zip(g, c)) == 1 for c in clean):
+                        continue   # the clean answer's template with one word swapped
                     support.setdefault(g, set()).add(i)
                     by.setdefault(g, set()).add(v)
         if not support:
