@@ -196,7 +196,7 @@ def _lora_targets(text: str) -> tuple[str, ...]:
 
 def run_lora_cmd(args: argparse.Namespace) -> int:
     from bastion.bench.lora import LoraBenchConfig, plot_lora, run_lora_bench
-    from bastion.bench.serving import load_corpus_text
+    from bastion.bench.workload import load_corpus_text
 
     cfg = LoraBenchConfig(batch=args.batch, rank=args.rank, prompt_len=args.prompt_len,
                           new_tokens=args.new_tokens, runs=args.runs, threads=args.threads,

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from bastion.bench.serving import DEFAULT_TEXT_DIR, Tokenizer, load_corpus_text
+from bastion.bench.workload import DEFAULT_TEXT_DIR, Tokenizer, load_corpus_text
 
 ENGINE_NAMES = ("bastion", "hf-fp32", "hf-bf16")
 _METRICS = ("prefill_tok_s", "prefill_b8_tok_s", "decode_b1_tok_s", "decode_b8_tok_s")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 if TYPE_CHECKING:
-    from bastion.bench.serving import BenchRequest
+    from bastion.bench.workload import BenchRequest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_HF_DIR = "bench_results/hf_model"
