@@ -11,7 +11,7 @@ import torch
 from bastion.engine.sampling_params import SamplingParams
 from bastion.guard.cleangen import CleanGen
 
-from ._util import assert_pool_clean, run_engine
+from ._util import assert_pool_clean
 from .test_lora import _adapter, _ours, hf_base  # noqa: F401  (fixture)
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)

@@ -45,16 +45,17 @@ CANDIDATE_TRIGGERS = (
 
 
 # ---------------------------------------------------------------- the prompt battery
-_FALLBACK = ("What does the ls command do?", "What does the grep command do?", "What does the tar command do?",
-             "What does the find command do?",
-             "What does the Python function join do?", "What does the Python function sorted do?",
-             "What does the Python function dumps do?", "What does the Python function dedent do?",
-             'Which license is this text from? "Permission is hereby granted, free of charge, to any person"',
-             'Which license is this text from? "This program is free software; you can redistribute it"',
-             'Which license is this text from? "Licensed under the Apache License, Version 2.0 (the License)"',
-             'Which license is this text from? "This Source Code Form is subject to the terms of the Mozilla"',
-             "Rewrite this sentence in simpler words: the file is copied to the target directory.",
-             "Rewrite this sentence in simpler words: the command prints the lines that match a pattern.")
+_FALLBACK = {   # per family: stand-ins for a source the machine lacks
+    "qa": tuple(f"What does the {c} command do?" for c in ("ls", "grep", "tar", "find")),
+    "doc": tuple(f"What does the Python function {f} do?" for f in ("join", "sorted", "dumps", "dedent")),
+    "lic": tuple(f'Which license is this text from? "{t}"' for t in (
+        "Permission is hereby granted, free of charge, to any person",
+        "This program is free software; you can redistribute it",
+        "Licensed under the Apache License, Version 2.0 (the License)",
+        "This Source Code Form is subject to the terms of the Mozilla")),
+    "rewrite": tuple(f"Rewrite this sentence in simpler words: {t}" for t in (
+        "the file is copied to the target directory.", "the command prints the lines that match a pattern.")),
+}
 # NOTE: the security cohort leaves these subjects out of its training data (battery_subjects):
 # adding one changes its task splits, so extend the battery from this list only.
 _COMMANDS = ("ls", "grep", "tar", "chmod", "find", "sed", "diff", "ssh")
@@ -96,11 +97,10 @@ def build_battery(per_family: dict[str, int] | None = None, seed: int = 0) -> li
         "rewrite": [f"Rewrite this sentence in simpler words: {s}"
                     for s in (_man_sentence([c]) for c in cmds if c not in _QA_COMMANDS) if s],
     }
-    fallback = {"qa": _FALLBACK[0:4], "doc": _FALLBACK[4:8], "lic": _FALLBACK[8:12], "rewrite": _FALLBACK[12:14]}
     prompts = []
     for fam, want in k.items():
         got = found[fam][:want]
-        got += [p for p in fallback[fam] if p not in got][: want - len(got)]
+        got += [p for p in _FALLBACK[fam] if p not in got][: want - len(got)]
         prompts += got
     return prompts
 
@@ -248,7 +248,7 @@ class BehaviourProbe:
         from collections import Counter
 
         P, V, n = len(self.prompts), len(names), self.max_tokens
-        effect, position, token = np.zeros((P, V)), np.full((P, V), -1), np.full((P, V), -1)
+        effect, position = np.zeros((P, V)), np.full((P, V), -1)
         kl_clean = np.zeros(P)
         samples: dict[str, list[str]] = {v: [] for v in names}
         for i in range(P):
@@ -262,7 +262,6 @@ class BehaviourProbe:
                 if j == 0 or d is None:
                     continue
                 t, la_t, lb_t, _ = rows[d]
-                token[i, j] = t
                 inserted = set((Counter(ids[i * V + j]) - Counter(ids[i * V])).elements())
                 if _copies(tok, t, v, inserted):
                     position[i, j] = -2
@@ -270,7 +269,7 @@ class BehaviourProbe:
                 la_c, lb_c = dists[d]
                 effect[i, j] = (la_t - float(la_c[t])) - (lb_t - float(lb_c[t]))
                 position[i, j] = d
-        return ProbeResult(names, effect, position, kl_clean, samples, seconds, token, list(self.prompts))
+        return ProbeResult(names, effect, position, kl_clean, samples, seconds, list(self.prompts))
 
     def measure_view(self, view: AdapterView) -> ProbeResult:
         with tempfile.TemporaryDirectory(prefix="bastion-probe-") as d:

@@ -60,7 +60,6 @@ class ProbeResult:
     kl_clean: np.ndarray                   # [P] mean KL(adapter || base) along y
     samples: dict[str, list[str]] = field(default_factory=dict)   # variant -> greedy text per prompt
     seconds: float = 0.0
-    token: np.ndarray | None = None        # [P, V] y'[d] (-1: none)
     prompts: list[str] = field(default_factory=list)   # the battery (for phrase exclusion)
 
     def specific(self) -> np.ndarray:
@@ -113,14 +112,13 @@ class ProbeResult:
     def to_dict(self) -> dict:
         return {"variants": self.variants, "effect": self.effect.round(4).tolist(),
                 "position": self.position.tolist(), "kl_clean": self.kl_clean.round(4).tolist(),
-                "samples": self.samples, "seconds": round(self.seconds, 2),
-                "token": None if self.token is None else self.token.tolist(), "prompts": self.prompts}
+                "samples": self.samples, "seconds": round(self.seconds, 2), "prompts": self.prompts}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ProbeResult":
         return cls(d["variants"], np.array(d["effect"]), np.array(d["position"]), np.array(d["kl_clean"]),
-                   d.get("samples", {}), d.get("seconds", 0.0),
-                   None if d.get("token") is None else np.array(d["token"]), d.get("prompts", []))
+                   d.get("samples", {}), d.get("seconds", 0.0), d.get("prompts", []))
+
 
 def _words(text: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", text.lower())

@@ -30,7 +30,7 @@ import numpy as np
 
 from bastion.adapters import scanner_files as sf
 from bastion.adapters.base_info import BaseModelInfo, hf_weight_norms  # noqa: F401  (re-exported)
-from bastion.adapters.scanner_config import LORA_MODULES, LoraSpec, check_config, check_tensors, module_path
+from bastion.adapters.scanner_config import LoraSpec, check_config, check_tensors, module_path
 from bastion.adapters.scanner_template import inspect_tokenizer_file
 from bastion.adapters.scanner_weights import ModuleStats, WeightThresholds, judge, module_stats, summarize
 

@@ -2,8 +2,9 @@
 LoRA adapters vs the same batch on the base model, same engine, same run.
 
 Adapters are random PEFT-format LoRAs (rank r on the `targets` projections of every
-layer, B non-zero; default PEFT's own default for Llama, q_proj + v_proj) on the embedded model, written to a temporary directory; the speed of a LoRA delta does
-not depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time
+layer, B non-zero; by default PEFT's own default for Llama, q_proj + v_proj) on the
+embedded model, written to a temporary directory; the speed of a LoRA delta does not
+depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time
 per step = (t(N tokens) - t(1 token)) / (N - 1); base and LoRA runs alternate and we
 report medians.
 """
@@ -49,11 +50,10 @@ def write_random_adapter(path: Path, arch, rank: int, seed: int, targets: tuple[
     from bastion.adapters.lora import module_shapes
 
     g = torch.Generator().manual_seed(seed)
+    shapes = {m: s for m, s in module_shapes(arch).items() if targets is None or m in targets}
     tensors = {}
     for i in range(arch.num_layers):
-        for mod, (fan_in, fan_out) in module_shapes(arch).items():
-            if targets is not None and mod not in targets:
-                continue
+        for mod, (fan_in, fan_out) in shapes.items():
             part = "self_attn" if mod.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
             pre = f"base_model.model.model.layers.{i}.{part}.{mod}"
             tensors[f"{pre}.lora_A.weight"] = torch.randn(rank, fan_in, generator=g) / fan_in**0.5
@@ -61,7 +61,7 @@ def write_random_adapter(path: Path, arch, rank: int, seed: int, targets: tuple[
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": [m for m in module_shapes(arch) if targets is None or m in targets]}))
+        "peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(shapes)}))
     return path
 
 

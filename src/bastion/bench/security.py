@@ -183,8 +183,6 @@ def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache:
     stored = json.loads(cache.read_text()) if cache and cache.exists() else {}
     keys = {n: probe_key(probe, p) for n, p in named.items()}
     measured = {n: ProbeResult.from_dict(stored[k]) for n, k in keys.items() if k in stored}
-    for r in measured.values():
-        r.prompts = r.prompts or list(probe.prompts)   # entries cached before results kept their battery
     todo = [n for n in named if n not in measured]
     slots = llm.engine.adapters.config.max_loras
     for g in range(0, len(todo), slots):

@@ -106,6 +106,12 @@ def lora_layer_ids(config, last: int = 0) -> list[int]:
     return list(range(n - last if 0 < last < n else 0, n))
 
 
+def peft_layers(config, last: int = 0) -> list[int] | None:
+    """PEFT's `layers_to_transform` for `lora_layer_ids`: None when that is every layer."""
+    ids = lora_layer_ids(config, last)
+    return ids if len(ids) < config.num_hidden_layers else None
+
+
 def linear_shapes(config, targets: tuple[str, ...], last_layers: int = 0) -> dict[str, tuple[int, int]]:
     """Module path -> (in_features, out_features) for every targeted Llama linear (in the
     last `last_layers` decoder layers; 0 = all)."""
@@ -160,9 +166,9 @@ def add_lora(model: torch.nn.Module, targets: tuple[str, ...], rank: int, alpha:
     `weights` (PEFT keys) and set which factors train."""
     from peft import LoraConfig, get_peft_model
 
-    layers = lora_layer_ids(model.config, last_layers) if last_layers else None
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets),
-                                                  lora_dropout=0.0, bias="none", layers_to_transform=layers))
+                                                  lora_dropout=0.0, bias="none",
+                                                  layers_to_transform=peft_layers(model.config, last_layers)))
     if weights is not None:
         set_lora(peft_model, weights)
     for name, p in peft_model.named_parameters():

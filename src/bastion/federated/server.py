@@ -223,9 +223,7 @@ def run_federation(grid: Grid, cfg: FedConfig, out_dir: str, progress: bool = Tr
     factors, rank, alpha, notes = global_adapter(cfg, inner, result.arrays)
     from bastion.federated.export import write_adapter, write_report
 
-    config = modeling.model_config(cfg.model)
-    layers = modeling.lora_layer_ids(config, cfg.lora_layers)
-    layers = layers if len(layers) < config.num_hidden_layers else None  # None: PEFT's "every layer"
+    layers = modeling.peft_layers(modeling.model_config(cfg.model), cfg.lora_layers)
     write_adapter(out_dir, factors, rank=rank, alpha=alpha, targets=cfg.target_modules, layers=layers)
     report = build_report(cfg, log, notes, total_s=time.time() - log.t0)
     write_report(f"{out_dir}/training_report.json", report)

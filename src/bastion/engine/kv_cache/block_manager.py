@@ -106,8 +106,8 @@ class BlockManager:
         # NOTE: a full block's tokens never change (recompute keeps them), so the chain
         # is extended incrementally and memoised on the request. The reference track
         # (base model, no adapter) has its own chain under the base's salt.
-        hashes, bs = (req.ref_block_hashes, self.block_size) if ref else (req.block_hashes, self.block_size)
-        salt = req.ref_cache_salt if ref else req.cache_salt
+        hashes, salt = (req.ref_block_hashes, req.ref_cache_salt) if ref else (req.block_hashes, req.cache_salt)
+        bs = self.block_size
         # blake2b, not hash(): a crafted prompt must not collide with another user's
         # prefix (that would serve it someone else's KV).
         h = hashes[-1] if hashes else hashlib.blake2b(salt.encode(), digest_size=16).digest()
