@@ -29,7 +29,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto (model dtype), fp32, bf16, fp16, or a KIVI-quantized cache: kivi (the measured "
                         "default), int8, kivi4, kivi2, kXvY (X, Y in 2/4/8, e.g. k4v2)")
     p.add_argument("--kv-group-size", type=int, default=None, metavar="G",
-                   help="KIVI group size (tokens per key group = channels per value group; block size)")
+                   help="KIVI group size (tokens per key group and per block; channels per value group "
+                        "unless --kv-value-group)")
+    p.add_argument("--kv-value-group", type=int, default=None, metavar="GV",
+                   help="KIVI: channels per value scale/min (default G; 64 = one range per head on SmolLM2)")
     p.add_argument("--kv-residual", type=int, default=None, metavar="R", help="KIVI full-precision window")
     p.add_argument("--kv-sink", type=int, default=None, metavar="S",
                    help="KIVI: first S tokens kept in full precision (multiple of G)")
@@ -58,7 +61,8 @@ def _config(args: argparse.Namespace) -> Config:
         cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
                           prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,
                           kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, kv_sink=args.kv_sink,
-                          kv_hadamard=args.kv_hadamard, kv_clip=args.kv_clip),
+                          kv_hadamard=args.kv_hadamard, kv_clip=args.kv_clip,
+                          kv_value_group=args.kv_value_group),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         server=server,

@@ -61,8 +61,9 @@ class CacheConfig:
     docs/BENCHMARKS.md), or kXvY with X, Y in 2/4/8. For quantized kinds the block
     size is the group size G; `kv_residual` newest tokens (R) and the first `kv_sink`
     tokens stay in full precision; `kv_hadamard` rotates K and V before quantizing;
-    `kv_clip` picks each group's range by least squared error instead of min-max.
-    None means the preset's default."""
+    `kv_clip` picks each group's range by least squared error instead of min-max;
+    `kv_value_group` sets the channels per value scale apart from G (e.g. 64 = one range
+    per head). None means the preset's default."""
 
     block_size: int = 16
     kind: str = "auto"
@@ -74,6 +75,7 @@ class CacheConfig:
     kv_sink: int | None = None
     kv_hadamard: bool | None = None
     kv_clip: bool | None = None
+    kv_value_group: int | None = None
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
@@ -105,21 +107,27 @@ class CacheConfig:
 
     def quant_options(self) -> dict:
         """Group size, residual window, sink and rotation with preset defaults filled in."""
-        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False, "clip": False}
+        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False, "clip": False,
+                  "value_group": None}
         if self.kind == "kivi":  # the default quantized config (measured: docs/BENCHMARKS.md):
             # K4V2, G = 32, R = 64, a 32-token fp sink, Hadamard-rotated K and V: the one
             # config that keeps <= 1% dPPL and >= 95% top-1 at 2k and 8k (3.5-3.9x smaller)
-            preset = {"group_size": 32, "residual": 64, "sink": 32, "hadamard": True, "clip": False}
+            preset = {"group_size": 32, "residual": 64, "sink": 32, "hadamard": True, "clip": False,
+                      "value_group": None}
         opts = {
             "group_size": preset["group_size"] if self.kv_group_size is None else self.kv_group_size,
             "residual": preset["residual"] if self.kv_residual is None else self.kv_residual,
             "sink": preset["sink"] if self.kv_sink is None else self.kv_sink,
             "hadamard": preset["hadamard"] if self.kv_hadamard is None else self.kv_hadamard,
             "clip": preset["clip"] if self.kv_clip is None else self.kv_clip,
+            "value_group": preset["value_group"] if self.kv_value_group is None else self.kv_value_group,
         }
         g = opts["group_size"]
         if not isinstance(g, int) or g <= 0 or g % 4:
             raise ValueError(f"kv_group_size={g!r}: must be a positive multiple of 4")
+        gv = opts["value_group"]
+        if gv is not None and (not isinstance(gv, int) or gv <= 0 or gv % 4):
+            raise ValueError(f"kv_value_group={gv!r}: must be a positive multiple of 4")
         if not isinstance(opts["residual"], int) or opts["residual"] < 0:
             raise ValueError(f"kv_residual={opts['residual']!r}: must be >= 0")
         if not isinstance(opts["sink"], int) or opts["sink"] < 0 or opts["sink"] % g:

@@ -72,11 +72,14 @@ def test_parse_variant():
     v = kq.parse_variant("x=k4v2:g64:r32:s64:had:clip")
     assert (v.name, v.kind, v.group_size, v.residual, v.sink, v.hadamard, v.clip) == ("x", "k4v2", 64, 32, 64, True, True)
     assert kq.parse_variant("kivi2") == kq.KVVariant("kivi2", "kivi2")
+    vg = kq.parse_variant("e=kivi:vg64")
+    assert vg.value_group == 64 and vg.quant_options()["value_group"] == 64
+    assert kq.kv_bytes_per_token(vg, L, H, D, 8192) < kq.kv_bytes_per_token(kq.KVVariant("k", "kivi"), L, H, D, 8192)
     opts = v.quant_options()
     assert {k: opts[k] for k in ("group_size", "residual", "sink", "hadamard", "clip")} == {
         "group_size": 64, "residual": 32, "sink": 64, "hadamard": True, "clip": True}
     assert kq.KVVariant("f", "fp16").quant_options() is None
-    for bad in ("k3v2", "x=k4v2:q9", "x=k4v2:g32:s16"):
+    for bad in ("k3v2", "x=k4v2:q9", "x=k4v2:g32:s16", "x=k4v2:vg6"):
         with pytest.raises(ValueError):
             kq.parse_variant(bad)
 

@@ -81,6 +81,12 @@ def test_budget_admits_proportionally_more_tokens():
     assert q_tokens > 4 * fp_tokens
     with pytest.raises(ValueError, match="too small"):
         build_kv_cache(Config(cache=CacheConfig(kind="kivi", kv_memory_gb=1e-4)), arch, torch.float16, cpu)
+    # one value range per head (--kv-value-group 64): 60 instead of 64 bytes per head-token
+    qv = cache("k4v2", kv_value_group=64)
+    assert qv.spec.value_group == 64 and qv.token_bytes * 64 == pytest.approx(cache("k4v2").token_bytes * 60)
+    for bad in (6, 0):
+        with pytest.raises(ValueError, match="kv_value_group"):
+            CacheConfig(kind="k4v2", kv_value_group=bad)
 
 
 def test_prefix_caching_is_off_for_quantized_caches():

@@ -164,6 +164,14 @@ def test_bad_pool_options():
                     num_seq_slots=1)
 
 
+@pytest.mark.parametrize("gv", [4, 16])
+def test_pool_with_value_group_apart_matches_its_oracle(gv):
+    spec = KVQuantSpec(4, 2, 8, 8, v_group_size=gv)
+    worst, cache, *_ = _run(spec, 8, True, _schedule(8, 8, seed=3))
+    assert cache.v_scale.shape[-1] == D // gv
+    assert worst < 2e-5
+
+
 def test_pool_with_clipped_ranges_matches_its_oracle():
     spec = KVQuantSpec(4, 2, 8, 8, clip=True)
     worst, *_ = _run(spec, 8, True, _schedule(8, 8, seed=2))

@@ -51,7 +51,8 @@ def _kv(t, h, d, seed, outlier=20.0):
 # ---------------------------------------------------------------- spec / accounting
 
 @pytest.mark.parametrize("kw", [dict(k_bits=3), dict(v_bits=16), dict(group_size=0), dict(group_size=6),
-                                dict(group_size=-4), dict(residual=-1)])
+                                dict(group_size=-4), dict(residual=-1), dict(v_group_size=0),
+                                dict(v_group_size=6)])
 def test_spec_validation(kw):
     with pytest.raises(ValueError):
         KVQuantSpec(**kw)
@@ -66,6 +67,9 @@ def test_head_dim_and_group_checks():
         quantize_values(torch.zeros(4, 1, 48), spec)
     with pytest.raises(ValueError):  # keys come in whole groups of G tokens
         quantize_keys(torch.zeros(33, 1, 64), spec)
+    with pytest.raises(ValueError, match="v_group_size"):  # Gv, not G, must divide D
+        KVQuantSpec(4, 2, 32, 0, v_group_size=48).check_head_dim(64)
+    KVQuantSpec(4, 2, 48, 0, v_group_size=16).check_head_dim(64)  # G itself need not divide D
 
 
 def test_split_context():
@@ -82,9 +86,10 @@ def test_split_context():
         prev = nq
 
 
-@pytest.mark.parametrize("kb,vb,g", [(4, 2, 32), (2, 2, 32), (8, 8, 64), (4, 4, 16), (2, 8, 8)])
-def test_bytes_per_token_matches_tensors(kb, vb, g):
-    spec, h, d, n = KVQuantSpec(kb, vb, g, 0), 3, 64, 4
+@pytest.mark.parametrize("kb,vb,g,gv", [(4, 2, 32, None), (2, 2, 32, None), (8, 8, 64, None), (4, 4, 16, None),
+                                         (2, 8, 8, None), (4, 2, 32, 64), (4, 2, 64, 16)])
+def test_bytes_per_token_matches_tensors(kb, vb, g, gv):
+    spec, h, d, n = KVQuantSpec(kb, vb, g, 0, v_group_size=gv), 3, 64, 4
     x = _kv(n * g, h, d, 0)
     stored = sum(t.nbytes for t in (*quantize_keys(x, spec), *quantize_values(x, spec)))
     assert bytes_per_token(spec, 1, h, d) == stored / (n * g)
@@ -96,6 +101,8 @@ def test_bytes_per_token_values():
     spec = KVQuantSpec(4, 2, 32, 128)
     assert bytes_per_token(spec, 1, 1, 64) == 64.0
     assert bytes_per_token(KVQuantSpec(4, 4, 32, 0), 1, 1, 64) == 80.0
+    # one value range per head (Gv = D = 64): V 16 + 4 = 20 B, so K4V2 costs 60 B (3.75 bits)
+    assert bytes_per_token(KVQuantSpec(4, 2, 32, 0, v_group_size=64), 1, 1, 64) == 60.0
     # amortised window: ctx 4096 -> 3968 quantized + 128 fp16 tokens
     assert split_context(spec, 4096) == (3968, 128)
     want = (3968 * 64 + 128 * 256) / 4096
@@ -160,8 +167,10 @@ def test_key_roundtrip_bound(bits):
 
 
 @pytest.mark.parametrize("bits", BITS)
-def test_value_roundtrip_bound(bits):
-    spec, g, h, d, t = KVQuantSpec(2, bits, 16, 0), 16, 2, 64, 37  # T needs no group multiple
+@pytest.mark.parametrize("gv", [None, 64, 8])
+def test_value_roundtrip_bound(bits, gv):
+    spec, h, d, t = KVQuantSpec(2, bits, 16, 0, v_group_size=gv), 2, 64, 37  # T needs no group multiple
+    g = spec.value_group
     v = _kv(t, h, d, 10 + bits)
     v[3] = 1.0  # constant tokens: exact
     vq = quantize_values(v, spec)
@@ -203,7 +212,7 @@ def _batch(spec, ctx_lens, h, d, seed, dtype=torch.float32):
     ks = torch.zeros(b, nb, h, d, dtype=torch.float16)
     kz = torch.zeros_like(ks)
     vc = torch.zeros(b, nb, g, h, d * spec.v_bits // 8, dtype=torch.uint8)
-    vs = torch.zeros(b, nb, g, h, d // g, dtype=torch.float16)
+    vs = torch.zeros(b, nb, g, h, d // spec.value_group, dtype=torch.float16)
     vz = torch.zeros_like(vs)
     k_fp = torch.zeros(b, w, h, d, dtype=dtype)
     v_fp = torch.zeros_like(k_fp)
@@ -248,6 +257,20 @@ def test_decode_matches_dequantized_oracle(kb, vb, g, r, lens, gq):
     small = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm,
                                        chunk_blocks=3)  # chunking changes nothing
     assert (small - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("g,gv,lens,gq", [(32, 64, [200, 161, 256, 130], 3), (16, 32, [100, 17, 64], 2),
+                                           (64, 16, [300, 129], 3), (8, 4, [40, 9], 40)])
+def test_decode_with_value_group_apart_matches_oracle(g, gv, lens, gq):
+    """Gv != G: value ranges over Gv channels, key groups and blocks of G tokens (gq = 40 > G
+    takes the unfolded tile path)."""
+    spec, h, d = KVQuantSpec(4, 2, g, 16, v_group_size=gv), 3, 64
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, lens, h, d, seed=g + gv)
+    assert vq.scale.shape[-1] == d // gv
+    q = torch.randn(len(lens), h * gq, d, generator=torch.Generator().manual_seed(1)) * 2
+    ref = decode_attention(q, ko, vo, mask, d ** -0.5)
+    out = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm)
+    assert (out - ref).abs().max() <= TOL
 
 
 def test_decode_prefix_only_and_window_only():

@@ -56,13 +56,14 @@ class KVVariant:
     sink: int | None = None
     hadamard: bool | None = None
     clip: bool | None = None  # least-squares group ranges instead of min-max
+    value_group: int | None = None  # channels per value range (None: G)
 
     def cache_config(self, num_blocks: int | None = None, kv_memory_gb: float = 1.0) -> Any:
         from bastion.config import CacheConfig
 
         return CacheConfig(kind=self.kind, num_blocks=num_blocks, kv_memory_gb=kv_memory_gb, prefix_caching=False,
                            kv_group_size=self.group_size, kv_residual=self.residual, kv_sink=self.sink,
-                           kv_hadamard=self.hadamard, kv_clip=self.clip)
+                           kv_hadamard=self.hadamard, kv_clip=self.clip, kv_value_group=self.value_group)
 
     def quant_options(self) -> dict | None:
         cc = self.cache_config(num_blocks=1)
@@ -92,13 +93,14 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(text: str) -> KVVariant:
-    """`name=kind[:gG][:rR][:sS][:had][:clip]`, or just a kind: e.g. `k4v2`, `x=kivi2:g64:r64:s64:had`."""
+    """`name=kind[:gG][:vgN][:rR][:sS][:had][:clip]`, or just a kind: e.g. `k4v2`,
+    `x=kivi2:g64:r64:s64:had` (vgN: N channels per value range instead of G)."""
     name, sep, spec = text.partition("=")
     if not sep:
         name, spec = text, text
     kind, *opts = spec.split(":")
     kw: dict[str, Any] = {}
-    keys = {"g": "group_size", "r": "residual", "s": "sink"}
+    keys = {"g": "group_size", "vg": "value_group", "r": "residual", "s": "sink"}
     for o in opts:
         if o in ("had", "hadamard"):
             kw["hadamard"] = True
@@ -106,10 +108,10 @@ def parse_variant(text: str) -> KVVariant:
             kw["hadamard"] = False
         elif o in ("clip", "noclip"):
             kw["clip"] = o == "clip"
-        elif (m := re.fullmatch(r"([grs])(\d+)", o)):
+        elif (m := re.fullmatch(r"(vg|[grs])(\d+)", o)):
             kw[keys[m[1]]] = int(m[2])
         else:
-            raise ValueError(f"bad variant option {o!r} in {text!r} (want gN, rN, sN, had, nohad, clip, noclip)")
+            raise ValueError(f"bad variant option {o!r} in {text!r} (want gN, vgN, rN, sN, had, nohad, clip, noclip)")
     v = KVVariant(name, kind, **kw)
     v.cache_config(num_blocks=1)  # validates
     return v
@@ -129,7 +131,7 @@ def kv_bytes_per_token(variant: KVVariant, num_layers: int, num_kv_heads: int, h
     if bits is None:
         return fp16_tok * (2 if variant.kind in ("fp32", "float32") else 1)
     o = variant.quant_options()
-    spec = KVQuantSpec(bits[0], bits[1], o["group_size"], o["residual"])
+    spec = KVQuantSpec(bits[0], bits[1], o["group_size"], o["residual"], v_group_size=o["value_group"])
     n_q, _ = split_context(spec, ctx_len)
     base = bytes_per_token_at(spec, num_layers, num_kv_heads, head_dim, ctx_len)
     return base + min(o["sink"], n_q) * fp16_tok / ctx_len

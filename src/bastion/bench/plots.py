@@ -144,7 +144,8 @@ def format_level_line(name: str, rep: int, s: Mapping[str, Any]) -> str:
 def _settings(o: dict | None) -> str:
     if not o:
         return "–"
-    return (f"G{o['group_size']} R{o['residual']} S{o['sink']}" + (" had" if o.get("hadamard") else "")
+    return (f"G{o['group_size']}" + (f" Gv{o['value_group']}" if o.get("value_group") else "")
+            + f" R{o['residual']} S{o['sink']}" + (" had" if o.get("hadamard") else "")
             + (" clip" if o.get("clip") else ""))
 
 

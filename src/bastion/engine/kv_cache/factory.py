@@ -35,7 +35,8 @@ def build_kv_cache(config: Config, arch, model_dtype: torch.dtype, device: torch
                          block_size=c.block_size, dtype=fp_dtype, device=device)
     opts = c.quant_options()
     k_bits, v_bits = c.kv_bits
-    spec = KVQuantSpec(k_bits, v_bits, opts["group_size"], opts["residual"], clip=opts["clip"])
+    spec = KVQuantSpec(k_bits, v_bits, opts["group_size"], opts["residual"], clip=opts["clip"],
+                       v_group_size=opts["value_group"])
     spec.check_head_dim(D)
     slots = config.scheduler.max_num_seqs
     reserved = KIVIKVCache.reserved_for(spec, opts["sink"], slots, FPKVCache.bytes_per_token(L, H, D, fp_dtype))

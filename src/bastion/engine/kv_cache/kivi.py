@@ -3,7 +3,8 @@
 Storage, per layer (H = kv heads, D = head dim, G = group size = block size):
   quantized pool, one block = one G-token group (layouts of quant.py):
     k_codes [N, G, H, D*kb/8] uint8   k_scale, k_zero [N, H, D] fp16      (per channel)
-    v_codes [N, G, H, D*vb/8] uint8   v_scale, v_zero [N, G, H, D/G] fp16 (per token)
+    v_codes [N, G, H, D*vb/8] uint8   v_scale, v_zero [N, G, H, D/Gv] fp16 (per token; Gv
+                                      channels per value group, G unless set apart)
   (a sequence owns blocks only for groups that have left the window: block_ids[i] holds
   positions S + i*G .. S + i*G + G - 1; see blocks_for)
   full-precision region, one per sequence slot (the block manager hands slots out):
@@ -108,7 +109,8 @@ class KIVIKVCache(KVCache):
         self.k_codes = torch.zeros(L, n, g, h, d * spec.k_bits // 8, **u8)
         self.k_scale, self.k_zero = torch.zeros(L, n, h, d, **f16), torch.zeros(L, n, h, d, **f16)
         self.v_codes = torch.zeros(L, n, g, h, d * spec.v_bits // 8, **u8)
-        self.v_scale, self.v_zero = torch.zeros(L, n, g, h, d // g, **f16), torch.zeros(L, n, g, h, d // g, **f16)
+        nv = d // spec.value_group
+        self.v_scale, self.v_zero = torch.zeros(L, n, g, h, nv, **f16), torch.zeros(L, n, g, h, nv, **f16)
         self.k_fp = torch.zeros(L, num_seq_slots * self.region, h, d, dtype=fp_dtype, device=device)
         self.v_fp = torch.zeros_like(self.k_fp)
         self.rot = hadamard(d, device=device) if use_hadamard else None

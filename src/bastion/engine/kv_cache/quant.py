@@ -14,7 +14,8 @@ Inputs must lie within the fp16 range (|x| < 65504), which K/V activations do.
 
 Storage layouts (token-major, like the fp pool's [slots, kv_heads, D]):
   keys:   codes [n_groups, G, H, D*kb/8] uint8, scale/zero [n_groups, H, D] fp16
-  values: codes [T, H, D*vb/8] uint8,          scale/zero [T, H, D/G] fp16
+  values: codes [T, H, D*vb/8] uint8,          scale/zero [T, H, D/Gv] fp16
+(Gv = the value channel group, G unless set apart: one range per head at Gv = D)
 Codes are packed along the last axis, little-endian within a byte: code i of a row sits
 in byte i // (8/b) at bit offset (i % (8/b)) * b.
 """
@@ -33,8 +34,9 @@ _FP16_BYTES = 2
 
 @dataclass(frozen=True)
 class KVQuantSpec:
-    """k_bits / v_bits in {2, 4, 8}; group_size G = token-group length for keys and
-    channel-group length for values; residual R = minimum full-precision window."""
+    """k_bits / v_bits in {2, 4, 8}; group_size G = token-group length for keys (and the
+    block size); v_group_size Gv = channel-group length for values (None: G);
+    residual R = minimum full-precision window."""
 
     k_bits: int = 4
     v_bits: int = 4
@@ -46,6 +48,12 @@ class KVQuantSpec:
     # never clipped: measured, clipped keys cost far more perplexity than they save in
     # MSE (attention logits depend on the outlier channels that clipping cuts).
     clip: bool = False
+    v_group_size: int | None = None
+
+    @property
+    def value_group(self) -> int:
+        """Gv: channels per value scale/min (G unless v_group_size is set)."""
+        return self.group_size if self.v_group_size is None else self.v_group_size
 
     def __post_init__(self):
         for name in ("k_bits", "v_bits"):
@@ -57,13 +65,18 @@ class KVQuantSpec:
         # byte-aligned (the attention kernel permutes packed bytes per group).
         if not isinstance(g, int) or g <= 0 or g % 4:
             raise ValueError(f"group_size={g!r}: must be a positive multiple of 4")
+        gv = self.v_group_size
+        if gv is not None and (not isinstance(gv, int) or gv <= 0 or gv % 4):
+            raise ValueError(f"v_group_size={gv!r}: must be a positive multiple of 4")
         if not isinstance(self.residual, int) or self.residual < 0:
             raise ValueError(f"residual={self.residual!r}: must be an int >= 0")
 
     def check_head_dim(self, head_dim: int) -> None:
-        """Values group G channels of D, so G must divide D."""
-        if head_dim <= 0 or head_dim % self.group_size:
-            raise ValueError(f"group_size={self.group_size} must divide head_dim={head_dim}")
+        """Values group Gv channels of D, so Gv must divide D."""
+        gv = self.value_group
+        if head_dim <= 0 or head_dim % gv:
+            name = "group_size" if self.v_group_size is None else "v_group_size"
+            raise ValueError(f"{name}={gv} must divide head_dim={head_dim}")
 
 
 class QuantKeys(NamedTuple):
@@ -74,8 +87,8 @@ class QuantKeys(NamedTuple):
 
 class QuantValues(NamedTuple):
     codes: torch.Tensor  # [..., H, D*vb/8] uint8 (one token per leading index)
-    scale: torch.Tensor  # [..., H, D/G] fp16
-    zero: torch.Tensor  # [..., H, D/G] fp16
+    scale: torch.Tensor  # [..., H, D/Gv] fp16
+    zero: torch.Tensor  # [..., H, D/Gv] fp16
 
 
 def split_context(spec: KVQuantSpec, ctx_len: int) -> tuple[int, int]:
@@ -199,11 +212,11 @@ def quantize_keys(k: torch.Tensor, spec: KVQuantSpec) -> QuantKeys:
 
 
 def quantize_values(v: torch.Tensor, spec: KVQuantSpec) -> QuantValues:
-    """v [T, H, D] -> QuantValues(codes [T, H, D*vb/8], scale/zero [T, H, D/G]):
-    per token over groups of G channels."""
+    """v [T, H, D] -> QuantValues(codes [T, H, D*vb/8], scale/zero [T, H, D/Gv]):
+    per token over groups of Gv channels."""
     t, h, d = v.shape
     spec.check_head_dim(d)
-    g = spec.group_size
+    g = spec.value_group
     x = v.float().reshape(t, h, d // g, g)
     codes, scale, zero = _minmax_quant(x, dim=-1, bits=spec.v_bits, clip=spec.clip)  # scale [T, H, D/G, 1]
     return QuantValues(pack(codes.reshape(t, h, d), spec.v_bits), scale.squeeze(-1), zero.squeeze(-1))
@@ -220,7 +233,7 @@ def dequantize_values(vq: QuantValues, spec: KVQuantSpec) -> torch.Tensor:
     """Reference: QuantValues [T, H, Dp] -> fp32 [T, H, D] (test oracle / debugging)."""
     c = unpack_float(vq.codes, spec.v_bits)  # [T, H, D]
     t, h, d = c.shape
-    c = c.view(t, h, d // spec.group_size, spec.group_size)
+    c = c.view(t, h, d // spec.value_group, spec.value_group)
     x = c * vq.scale.float().unsqueeze(-1) + vq.zero.float().unsqueeze(-1)
     return x.reshape(t, h, d)
 
@@ -229,11 +242,11 @@ def dequantize_values(vq: QuantValues, spec: KVQuantSpec) -> torch.Tensor:
 
 def bytes_per_token(spec: KVQuantSpec, num_layers: int, num_kv_heads: int, head_dim: int) -> float:
     """Bytes one QUANTIZED token occupies across all layers: packed K and V codes plus
-    fp16 scale + min (keys: 2 per channel per G tokens; values: 2 per G channels)."""
+    fp16 scale + min (keys: 2 per channel per G tokens; values: 2 per Gv channels)."""
     spec.check_head_dim(head_dim)
-    d, g = head_dim, spec.group_size
-    k = d * spec.k_bits / 8 + 2 * _FP16_BYTES * d / g
-    v = d * spec.v_bits / 8 + 2 * _FP16_BYTES * d / g
+    d = head_dim
+    k = d * spec.k_bits / 8 + 2 * _FP16_BYTES * d / spec.group_size
+    v = d * spec.v_bits / 8 + 2 * _FP16_BYTES * d / spec.value_group
     return num_layers * num_kv_heads * (k + v)
 
 

@@ -8,7 +8,7 @@ key group (G tokens) and G tokens of values.
 Keys (per channel, block j, channel d): k_td = s_jd c_td + m_jd, so
     q . k_t = sum_d (q_d s_jd) c_td + sum_d q_d m_jd
 i.e. scale folded into the query (one [M, D] query per block), min as one dot per block.
-Values (per token t, channel group e): v_td = s_te c_td + m_te, so
+Values (per token t, channel group e of Gv channels): v_td = s_te c_td + m_te, so
     sum_t p_t v_td = sum_t (p_t s_te) c_td + sum_t p_t m_te
 i.e. scale folded into the attention weights, min as p @ m.
 That is the path for M <= G query rows per kv head (decode: M = heads / kv_heads). With
@@ -18,7 +18,8 @@ bounded tile in fp32. Codes are unpacked `chunk_blocks` blocks at a time; scores
 softmax are fp32 and the softmax is joint over prefix + window (scores [.., ctx] are the
 only ctx-sized intermediate, as in the fp path).
 
-Argument layouts (H = kv heads, D = head dim, Dpk = D*kb/8, Dpv = D*vb/8, ng = D/G):
+Argument layouts (H = kv heads, D = head dim, Dpk = D*kb/8, Dpv = D*vb/8, ng = D/Gv, Gv =
+the value channel group, spec.value_group):
   gathered (block_table None):       pool form (block_table [B, n] long):
   kq.codes  [B, n, G, H, Dpk] uint8  kq.codes  [N, G, H, Dpk]   (pool slots viewed as blocks)
   kq.scale  [B, n, H, D]      fp16   kq.scale  [N, H, D]
@@ -83,8 +84,8 @@ def _value_sum(acc: torch.Tensor, p: torch.Tensor, vq: QuantValues, table, n: in
     """acc [B, H, M, D] += sum_t p_t v_t over the prefix; p [B, H, M, n*G] fp32 weights.
     M <= G: scale folded into p per channel group, min as p @ m. M > G: tile scaled."""
     b, h, m, d = acc.shape
-    g = spec.group_size
-    ng = d // g
+    g, gv = spec.group_size, spec.value_group  # tokens per block, channels per value group
+    ng = d // gv
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         t = (c1 - c0) * g
@@ -93,16 +94,16 @@ def _value_sum(acc: torch.Tensor, p: torch.Tensor, vq: QuantValues, table, n: in
         sc = _take(vq.scale, table, c0, c1).reshape(b, t, h, ng)
         zr = _take(vq.zero, table, c0, c1).reshape(b, t, h, ng)
         if m <= g:
-            codes = unpack_float(packed.permute(0, 2, 3, 1, 4), spec.v_bits)  # [B, H, ng, t, G]
+            codes = unpack_float(packed.permute(0, 2, 3, 1, 4), spec.v_bits)  # [B, H, ng, t, Gv]
             # contiguous: a strided inner axis makes the broadcast multiply ~20x slower
             sc = sc.permute(0, 2, 3, 1).float().contiguous()  # [B, H, ng, t]
             ps = pc.unsqueeze(2) * sc.unsqueeze(3)  # [B, H, ng, M, t]: scale folded into p
-            o = torch.matmul(ps, codes)  # [B, H, ng, M, G]
+            o = torch.matmul(ps, codes)  # [B, H, ng, M, Gv]
             acc += o.permute(0, 1, 3, 2, 4).reshape(b, h, m, d)
             mins = torch.matmul(pc, zr.permute(0, 2, 1, 3).float())  # [B, H, M, ng]
-            acc += mins.unsqueeze(-1).expand(b, h, m, ng, g).reshape(b, h, m, d)
+            acc += mins.unsqueeze(-1).expand(b, h, m, ng, gv).reshape(b, h, m, d)
         else:
-            codes = unpack_float(packed.permute(0, 2, 1, 3, 4), spec.v_bits)  # [B, H, t, ng, G]
+            codes = unpack_float(packed.permute(0, 2, 1, 3, 4), spec.v_bits)  # [B, H, t, ng, Gv]
             sc = sc.permute(0, 2, 1, 3).float().unsqueeze(-1)  # [B, H, t, ng, 1]
             zr = zr.permute(0, 2, 1, 3).float().unsqueeze(-1)
             acc += torch.matmul(pc, codes.mul_(sc).add_(zr).view(b, h, t, d))
