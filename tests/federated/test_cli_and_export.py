@@ -33,7 +33,7 @@ def test_finetune_parses_and_rejects_bad_config_cleanly(tmp_path, capsys):
 
 
 def test_bad_epsilon_and_strategy_are_argparse_errors(capsys):
-    for argv in (["--epsilon", "-1"], ["--strategy", "sgd"], ["--target-modules", "wq"]):
+    for argv in (["--epsilon", "-1"], ["--epsilon", "1000"], ["--strategy", "sgd"], ["--target-modules", "wq"]):
         with pytest.raises(SystemExit) as exc:
             _parser().parse_args(["finetune", "federated", "--out", "x", *argv])
         assert exc.value.code == 2

@@ -16,7 +16,7 @@ def test_record_roundtrip_keeps_inf_and_tuples():
     ({"strategy": "sgd"}, "strategy"), ({"epsilon": 0.0}, "epsilon"), ({"clients": 1}, "clients"),
     ({"target_modules": ("wq",)}, "target_modules"), ({"flora_ranks": (0,)}, "flora_ranks"),
     ({"client_dp_noise": 1.0, "strategy": "flora"}, "FLoRA"), ({"rank": 0}, "rank"),
-    ({"lora_layers": -1}, "lora_layers"),
+    ({"lora_layers": -1}, "lora_layers"), ({"epsilon": 1000.0}, "epsilon"), ({"epsilon": math.nan}, "epsilon"),
 ])
 def test_bad_values_raise_valueerror_naming_the_field(kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -11,7 +11,7 @@ import math
 import sys
 from dataclasses import fields
 
-from bastion.federated.config import LLAMA_LINEARS, MODELS, STRATEGIES, FedConfig
+from bastion.federated.config import LLAMA_LINEARS, MAX_EPSILON, MODELS, STRATEGIES, FedConfig
 
 _DEFAULTS = {f.name: f.default for f in fields(FedConfig)}
 
@@ -23,8 +23,8 @@ def _epsilon(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"epsilon must be a positive number or 'inf', got {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"epsilon must be > 0 (or inf), got {text!r}")
+    if not 0 < value <= MAX_EPSILON:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"epsilon must be in (0, {MAX_EPSILON:g}] (or inf), got {text!r}")
     return value
 
 
