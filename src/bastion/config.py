@@ -112,22 +112,14 @@ class CacheConfig:
         if self.kind == "kivi":  # the default quantized config (measured: docs/BENCHMARKS.md):
             # K4V2, G = 32, R = 64, a 32-token fp sink, Hadamard-rotated K and V: the one
             # config that keeps <= 1% dPPL and >= 95% top-1 at 2k and 8k (3.5-3.9x smaller)
-            preset = {"group_size": 32, "residual": 64, "sink": 32, "hadamard": True, "clip": False,
-                      "value_group": None}
-        opts = {
-            "group_size": preset["group_size"] if self.kv_group_size is None else self.kv_group_size,
-            "residual": preset["residual"] if self.kv_residual is None else self.kv_residual,
-            "sink": preset["sink"] if self.kv_sink is None else self.kv_sink,
-            "hadamard": preset["hadamard"] if self.kv_hadamard is None else self.kv_hadamard,
-            "clip": preset["clip"] if self.kv_clip is None else self.kv_clip,
-            "value_group": preset["value_group"] if self.kv_value_group is None else self.kv_value_group,
-        }
+            preset.update(residual=64, sink=32, hadamard=True)
+        given = {"group_size": self.kv_group_size, "residual": self.kv_residual, "sink": self.kv_sink,
+                 "hadamard": self.kv_hadamard, "clip": self.kv_clip, "value_group": self.kv_value_group}
+        opts = {k: preset[k] if given[k] is None else given[k] for k in preset}
         g = opts["group_size"]
-        if not isinstance(g, int) or g <= 0 or g % 4:
-            raise ValueError(f"kv_group_size={g!r}: must be a positive multiple of 4")
-        gv = opts["value_group"]
-        if gv is not None and (not isinstance(gv, int) or gv <= 0 or gv % 4):
-            raise ValueError(f"kv_value_group={gv!r}: must be a positive multiple of 4")
+        for name, v in (("kv_group_size", g), ("kv_value_group", opts["value_group"])):
+            if v is not None and (not isinstance(v, int) or v <= 0 or v % 4):
+                raise ValueError(f"{name}={v!r}: must be a positive multiple of 4")
         if not isinstance(opts["residual"], int) or opts["residual"] < 0:
             raise ValueError(f"kv_residual={opts['residual']!r}: must be >= 0")
         if not isinstance(opts["sink"], int) or opts["sink"] < 0 or opts["sink"] % g:

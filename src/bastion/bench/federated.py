@@ -24,15 +24,9 @@ _ORDER = (math.inf, 8.0, 4.0, 2.0)
 
 
 def _eps_list(text: str) -> tuple[float, ...]:
-    from bastion.federated.config import MAX_EPSILON
+    from bastion.federated.cli import _epsilon   # one parser: same words, same bound
 
-    out = []
-    for v in text.split(","):
-        v = v.strip().lower()
-        out.append(math.inf if v in ("inf", "infinity") else float(v))
-    if not out or any(not 0 < e <= MAX_EPSILON and not math.isinf(e) for e in out):
-        raise argparse.ArgumentTypeError(f"epsilons must be in (0, {MAX_EPSILON:g}] or inf, got {text!r}")
-    return tuple(out)
+    return tuple(_epsilon(v) for v in text.split(","))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

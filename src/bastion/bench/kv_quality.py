@@ -124,14 +124,14 @@ def kv_bytes_per_token(variant: KVVariant, num_layers: int, num_kv_heads: int, h
     """Average KV bytes per token of one ctx_len-token sequence (all layers): fp kinds at
     their element size; quantized kinds: groups incl. fp16 scales/mins + fp16 window +
     fp16 copy of the first S (sink) tokens once they are quantized."""
-    from bastion.engine.kv_cache.quant import KVQuantSpec, bytes_per_token_at, split_context
+    from bastion.engine.kv_cache.factory import quant_spec
+    from bastion.engine.kv_cache.quant import bytes_per_token_at, split_context
 
     fp16_tok = 2 * num_layers * num_kv_heads * head_dim * 2
-    bits = variant.bits()
-    if bits is None:
+    if variant.bits() is None:
         return fp16_tok * (2 if variant.kind in ("fp32", "float32") else 1)
     o = variant.quant_options()
-    spec = KVQuantSpec(bits[0], bits[1], o["group_size"], o["residual"], v_group_size=o["value_group"])
+    spec = quant_spec(variant.cache_config(num_blocks=1))
     n_q, _ = split_context(spec, ctx_len)
     base = bytes_per_token_at(spec, num_layers, num_kv_heads, head_dim, ctx_len)
     return base + min(o["sink"], n_q) * fp16_tok / ctx_len

@@ -45,8 +45,6 @@ class BenchRequest:
     output_len: int
 
 
-
-
 def load_corpus_text(text_dir: str | Path = DEFAULT_TEXT_DIR) -> str:
     """All regular files of `text_dir`, sorted by name, each once (GPL -> GPL-3 links are
     resolved so the same text is not counted twice)."""

@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from bastion.config import Config
+from bastion.config import CacheConfig, Config
 from bastion.engine.kv_cache.base import KVCache
 from bastion.engine.kv_cache.fp import FPKVCache
 from bastion.engine.kv_cache.kivi import KIVIKVCache
 from bastion.engine.kv_cache.quant import KVQuantSpec, bytes_per_token
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def quant_spec(c: CacheConfig) -> KVQuantSpec:
+    """The quantizer settings of a quantized cache config (preset defaults filled in)."""
+    opts = c.quant_options()
+    k_bits, v_bits = c.kv_bits
+    return KVQuantSpec(k_bits, v_bits, opts["group_size"], opts["residual"], clip=opts["clip"],
+                       v_group_size=opts["value_group"])
 
 
 def build_kv_cache(config: Config, arch, model_dtype: torch.dtype, device: torch.device) -> KVCache:
@@ -34,9 +42,7 @@ def build_kv_cache(config: Config, arch, model_dtype: torch.dtype, device: torch
         return FPKVCache(num_layers=L, num_kv_heads=H, head_dim=D, num_blocks=num_blocks,
                          block_size=c.block_size, dtype=fp_dtype, device=device)
     opts = c.quant_options()
-    k_bits, v_bits = c.kv_bits
-    spec = KVQuantSpec(k_bits, v_bits, opts["group_size"], opts["residual"], clip=opts["clip"],
-                       v_group_size=opts["value_group"])
+    spec = quant_spec(c)
     spec.check_head_dim(D)
     slots = config.scheduler.max_num_seqs
     reserved = KIVIKVCache.reserved_for(spec, opts["sink"], slots, FPKVCache.bytes_per_token(L, H, D, fp_dtype))
