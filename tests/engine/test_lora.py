@@ -156,11 +156,59 @@ def test_bad_adapters_are_refused_with_the_reason(hf_base, tmp_path):
 
 
 def test_lora_batch_groups_rows_by_slot():
-    b = LoraBatch.build([0, 3, 1, 3, 0, 3], torch.device("cpu"))
-    assert (b.lo, b.hi) == (1, 3)  # slot 2 is in range but unused: empty row, dropped
-    assert b.gather.tolist() == [[2, 0, 0], [0, 0, 0], [1, 3, 5]]
-    assert b.rows.tolist() == [2, 1, 3, 5] and b.keep.tolist() == [0, 6, 7, 8]
-    assert LoraBatch.build([0, 0], torch.device("cpu")) is None
+    cpu = torch.device("cpu")
+    # single rows on scattered slots: one padded gather group over slots 1..3
+    (g,) = LoraBatch.build([(0, 1), (3, 1), (1, 1), (3, 1), (0, 1), (3, 1)], cpu).groups
+    assert (g.lo, g.hi, g.m) == (1, 3, 3)  # slot 2 is in range but unused: empty row, dropped
+    assert g.gather.tolist() == [[2, 0, 0], [0, 0, 0], [1, 3, 5]]
+    assert g.rows.tolist() == [2, 1, 3, 5] and g.keep.tolist() == [0, 6, 7, 8]
+    # decodes sorted by slot, then two prompt chunks: three contiguous groups, nothing padded
+    dec, c1, c2 = LoraBatch.build([(1, 1), (2, 1), (3, 1), (2, 5), (0, 4), (3, 7)], cpu).groups
+    assert (dec.lo, dec.hi, dec.m, dec.start, dec.gather) == (1, 3, 1, 0, None)
+    assert (c1.lo, c1.hi, c1.m, c1.start, c1.gather) == (2, 2, 5, 3, None)
+    assert (c2.lo, c2.hi, c2.m, c2.start, c2.gather) == (3, 3, 7, 12, None)
+    # several decodes per slot, sorted: still one contiguous group; uneven counts: gathered
+    (same,) = LoraBatch.build([(0, 1), (2, 1), (2, 1), (3, 1), (3, 1)], cpu).groups
+    assert (same.lo, same.hi, same.m, same.start, same.gather) == (2, 3, 2, 1, None)
+    (uneven,) = LoraBatch.build([(2, 1), (2, 1), (3, 1)], cpu).groups
+    assert uneven.gather.tolist() == [[0, 1], [2, 0]] and uneven.keep.tolist() == [0, 1, 2]
+    assert LoraBatch.build([(0, 1), (0, 9)], cpu) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("subs", [None, (0, 2)])
+def test_add_lora_matches_per_row_reference_on_mixed_batches(subs, dtype):
+    """Every grouping (contiguous decodes, gathered decodes, prompt chunks, base rows)
+    adds exactly x_row @ A[slot] @ B_i[slot] into each targeted sub-module's columns.
+    bf16 activations (the served dtype; fp32 factors) take the 16-bit GEMM path for
+    chunks of >= PROMPT_ROWS rows: checked to bf16 rounding of the delta."""
+    from bastion.adapters.lora import PROMPT_ROWS, add_lora
+
+    g = torch.Generator().manual_seed(0)
+    slots, r, d_in, outs = 5, 3, 6, (4, 2, 2)
+    A = torch.randn(slots, d_in, r * len(outs), generator=g)
+    Bs, col = [], 0
+    for o in outs:
+        Bs.append((col, torch.randn(slots, r, o, generator=g)))
+        col += o
+    A[0], Bs[0][1][0], Bs[1][1][0], Bs[2][1][0] = 0, 0, 0, 0  # slot 0 = no adapter
+    big = PROMPT_ROWS + 3
+    for segments in ([(1, 1), (2, 1), (3, 1), (4, 1)], [(3, 1), (1, 1), (3, 1), (0, 1)],
+                     [(1, 1), (2, 1), (2, 5), (0, 3), (4, 2)], [(0, 2), (4, 6)],
+                     [(1, 1), (3, 1), (2, big), (0, 3), (4, PROMPT_ROWS)],
+                     [(0, 1), (2, 1), (2, 1), (3, 1), (3, 1)], [(2, 1), (2, 1), (3, 1), (1, 4)]):
+        row_slots = [s for s, n in segments for _ in range(n)]
+        x = torch.randn(len(row_slots), d_in, generator=g).to(dtype)
+        want = torch.zeros(len(row_slots), col)
+        for i, s in enumerate(row_slots):
+            t = x[i].float() @ A[s]
+            for j in (subs or range(len(outs))):
+                c, B = Bs[j]
+                want[i, c : c + B.shape[2]] += t[j * r : (j + 1) * r] @ B[s]
+        got = torch.zeros(want.shape, dtype=dtype)
+        add_lora(got, x, A, Bs, LoraBatch.build(segments, torch.device("cpu")), subs)
+        tol = 1e-5 if dtype == torch.float32 else 3e-2 * float(want.abs().max())
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)
 
 
 def test_step_plan_skips_modules_no_adapter_targets(hf_base, tmp_path):
@@ -181,7 +229,7 @@ def test_step_plan_skips_modules_no_adapter_targets(hf_base, tmp_path):
     assert both[(1, "qkv_proj")] == (0, 2) and both[(0, "down_proj")] == (0,) and (0, "qkv_proj") not in both
     # the skipped-sub-module path equals the all-sub-modules path on q/v-only weights
     A, Bs = reg.stacks[(1, "qkv_proj")]
-    batch = LoraBatch.build([s_qv, 0, s_qv], torch.device("cpu"))
+    batch = LoraBatch.build([(s_qv, 1), (0, 1), (s_qv, 1)], torch.device("cpu"))
     x = torch.randn(3, A.shape[1])
     full, part = torch.zeros(3, sum(b.shape[2] for _, b in Bs)), torch.zeros(3, sum(b.shape[2] for _, b in Bs))
     add_lora(full, x, A, Bs, batch)

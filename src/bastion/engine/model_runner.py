@@ -37,7 +37,10 @@ class ModelRunner:
         # NOTE: single-token items first (one batched SDPA), then prompt chunks. Requests
         # with a token filter bring their reference track (base model) into the same batch.
         items = [(r, n) for req, n in batch.items for r in ((req, ReferenceView(req)) if req.token_filter else (req,))]
-        items = [it for it in items if it[1] == 1] + [it for it in items if it[1] > 1]
+        # NOTE: single-token items sorted by adapter slot, so 8 decodes on 8 adapters are one
+        # contiguous LoRA group (adapters/lora.py: no gather, no scatter).
+        items = sorted((it for it in items if it[1] == 1), key=lambda it: it[0].lora_slot) + [
+            it for it in items if it[1] > 1]
         ids, pos = [], []
         for req, n in items:
             c = req.num_computed_tokens
@@ -84,11 +87,11 @@ class ModelRunner:
             return None
         from bastion.adapters.lora import LoraBatch, LoraStep
 
-        row_slots = [req.lora_slot for req, n in items for _ in range(n)]
-        batch = LoraBatch.build(row_slots, self.device)
+        segments = [(req.lora_slot, n) for req, n in items]
+        batch = LoraBatch.build(segments, self.device)
         if batch is None:
             return None
-        return LoraStep(self.lora.stacks, batch, self.lora.plan(frozenset(row_slots) - {0}))
+        return LoraStep(self.lora.stacks, batch, self.lora.plan(frozenset(s for s, _ in segments) - {0}))
 
     def execute(self, batch: ScheduledBatch) -> StepLogits:
         items, input_ids, positions, meta = self.prepare(batch)
