@@ -28,9 +28,12 @@ class ModelConfig:
     served_name: str | None = None  # id in /v1/models; default: derived from the path
     max_model_len: int | None = None  # default: the model's context length
     threads: int | None = None  # torch intra-op threads on CPU; None = all cores
-    # fp16 weight copies for batch-1/2 decode on CPU (1.4-1.8x faster GEMV than bf16;
+    # fp16 weight copies for batch-1 decode on CPU (1.1-1.5x faster GEMV than bf16;
     # costs one more copy of the weights). auto = on for bf16 CPU models up to 2 GB.
     fp16_gemv: str = "auto"
+    # oneDNN-prepacked bf16 weight copies for every other GEMM on CPU (1.5-2x faster than
+    # F.linear, bit-identical; one more copy of the weights). auto: as fp16_gemv.
+    packed_gemm: str = "auto"
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -41,8 +44,9 @@ class ModelConfig:
             _positive("max_model_len", self.max_model_len)
         if self.threads is not None:
             _positive("threads", self.threads)
-        if self.fp16_gemv not in ("auto", "on", "off"):
-            raise ValueError(f"fp16_gemv must be auto, on or off, got {self.fp16_gemv!r}")
+        for name in ("fp16_gemv", "packed_gemm"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")
 
 
 _FP_KV = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import pytest
 import torch
 
+from bastion.engine.models.linear import packed_gemm_available
 from bastion.engine.models.loader import embedded_model_path, load_checkpoint, load_tokenizer
 from bastion.engine.sampling_params import SamplingParams
 
@@ -294,7 +295,8 @@ def test_chunked_prefill_prefix_hit_and_decode_match_hf(smol_fp32, gpl_ids, hf_s
 
 
 def test_served_bf16_decode_with_fp16_gemv_close_to_fp32(offline_llm, gpl_ids, hf_smol_logits):
-    """The served configuration (bf16 weights, fp16 shadow weights for 1-2 row GEMVs):
+    """The served configuration (bf16 weights, fp16 shadow weights for 1-row GEMVs,
+    oneDNN-prepacked copies for the rest):
     teacher-forced single-row decodes stay close to the fp32 oracle (bf16-level error)."""
     from bastion.engine.models.linear import Linear
 
@@ -302,6 +304,7 @@ def test_served_bf16_decode_with_fp16_gemv_close_to_fp32(offline_llm, gpl_ids, h
     assert next(model.parameters()).dtype == torch.bfloat16
     lins = [m for m in model.modules() if isinstance(m, Linear)]
     assert lins and all(m.w16 is not None for m in lins), "fp16_gemv 'auto' no longer on for CPU bf16"
+    assert all(m.packed is not None for m in lins), "packed_gemm 'auto' no longer on for CPU bf16"
     eng = make_engine(model, num_blocks=8)
     eng.add_request("d", gpl_ids[:48], SamplingParams(max_tokens=64, temperature=0))
     records, _ = teacher_force(eng, gpl_ids)
@@ -361,3 +364,25 @@ def test_fp16_gemv_tied_lm_head_uses_the_embedding(smol_ckpt):
     assert torch.equal(model.lm_head.w16, model.embed_tokens.weight.to(torch.float16))
     assert _max_diff(model.compute_logits(h), plain_row) < 0.25
     assert torch.equal(one_shot_logits(model, ids), before)  # 5 rows: bf16 path, unchanged
+
+
+@pytest.mark.skipif(not packed_gemm_available(), reason="this torch build has no oneDNN")
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_gemm_is_bit_identical_to_f_linear(bias):
+    """The prepacked oneDNN copy computes exactly F.linear on the bf16 weights, for every
+    row count (incl. the 1 row fp16 would take when both are on), strided inputs too."""
+    from bastion.engine.models.linear import Linear
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        lin = Linear(96, 80, bias=bias).to(torch.bfloat16)
+        lin.enable_packed_gemm()
+        assert lin.packed is not None
+        for rows in (1, 2, 3, 17, 300):
+            x = torch.randn(rows, 96, dtype=torch.bfloat16)
+            assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        x = torch.randn(5, 192, dtype=torch.bfloat16)[:, ::2]  # non-contiguous rows
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+        lin32 = Linear(8, 4)
+        lin32.enable_packed_gemm()  # fp32 weights are left to F.linear
+        assert lin32.packed is None

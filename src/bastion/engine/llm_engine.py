@@ -10,6 +10,7 @@ from bastion.config import Config
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.kv_cache.factory import build_kv_cache
 from bastion.engine.model_runner import ModelRunner, StepLogits
+from bastion.engine.models.linear import packed_gemm_available
 from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
@@ -28,8 +29,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _want_fp16_gemv(config: Config, device: torch.device, weight_bytes: int) -> bool:
-    mode = config.model.fp16_gemv
+def _want_shadow(mode: str, config: Config, device: torch.device, weight_bytes: int) -> bool:
+    """fp16_gemv / packed_gemm: auto = on for bf16 CPU models up to 2 GB of weights (each
+    shadow is one more copy of them)."""
     if mode == "auto":
         return device.type == "cpu" and config.model.dtype == "bfloat16" and weight_bytes <= 2 * 2**30
     return mode == "on"
@@ -68,8 +70,11 @@ class LLMEngine:
         del ckpt.weights
         model = model.to(device=device, dtype=dtype).eval()
         model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
-        if _want_fp16_gemv(config, device, sum(p.numel() * p.element_size() for p in model.parameters())):
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        if _want_shadow(config.model.fp16_gemv, config, device, weight_bytes):
             model.enable_fp16_gemv()
+        if _want_shadow(config.model.packed_gemm, config, device, weight_bytes) and packed_gemm_available():
+            model.enable_packed_gemm()
         a = ckpt.arch
         kv = build_kv_cache(config, a, dtype, device)
         eos = ckpt.tokenizer.eos_token_id

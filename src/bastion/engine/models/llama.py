@@ -117,10 +117,16 @@ class LlamaForCausalLM(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.arch.rms_norm_eps)
 
     def enable_fp16_gemv(self) -> None:
-        """Keep fp16 copies of every projection for 1-2 row GEMVs (see linear.py)."""
+        """Keep fp16 copies of every projection for single-row GEMVs (see linear.py)."""
         for m in self.modules():
             if isinstance(m, Linear):
                 m.enable_fp16_gemv()
+
+    def enable_packed_gemm(self) -> None:
+        """Keep oneDNN-prepacked copies of every bf16 projection (see linear.py)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.enable_packed_gemm()
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
