@@ -52,14 +52,15 @@ def tiny_maker():
 
 def test_run_kv_memory_end_to_end(tiny_maker, tmp_path):
     cfg = km.KVMemoryConfig(contexts=(24, 40), steps=3, kv_memory_gb=0.0001, batches=(1, 2, 4), prompt_len=16,
-                            new_tokens=8, dtype="float32", max_model_len=256, threads=1,
+                            new_tokens=12, dtype="float32", max_model_len=256, threads=1, repeats=2,
                             variants=(KVVariant("fp32", "fp32"), parse_variant("q=k4v2:g8:r8:had")))
-    result = json.loads(json.dumps(km.run_kv_memory(cfg, tiny_maker, log=lambda s: None)))
+    logs: list[str] = []
+    result = json.loads(json.dumps(km.run_kv_memory(cfg, tiny_maker, log=logs.append)))
     assert set(result["latency"]) == {"fp32", "q"}
     for lat in result["latency"].values():
         assert set(lat) == {"24", "40"}
         for m in lat.values():
-            assert m["steps"] == 3 and 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]
+            assert m["steps"] == 3 * 2 and 0 < m["p50_ms"] <= m["p99_ms"] <= m["max_ms"]  # pooled over repeats
     fp, q = result["capacity"]["fp32"], result["capacity"]["q"]
     # fp32: 2 layers * 2 heads * 16 * 2 (K, V) * 4 B = 512 B/token; 0.0001 GiB -> 209 tokens -> 13 blocks
     assert fp["token_bytes"] == 512 and fp["tokens"] == 13 * 16
@@ -74,10 +75,17 @@ def test_run_kv_memory_end_to_end(tiny_maker, tmp_path):
         assert set(sweep) == {"1", "2", "4"}
         # decode_tok_s is a two-run difference: None when timing noise on a loaded machine
         # makes the longer run no slower (reported as missing, never as a negative rate)
-        assert all(s["decode_tokens"] > 0 and s["preemptions"] == 0 and s["t_total_s"] > 0 and
+        # 16-token prompts prefill in one step, so 11 of the 12 tokens come from steady steps
+        # (all requests decoding), which the rate is taken from
+        assert all(len(s["runs"]) == 2 and s["preemptions"] == 0 and
+                   all(r["decode_tokens"] > 0 and r["t_total_s"] > 0 and r["estimator"] == "steady"
+                       and r["steady_steps"] == 11 for r in s["runs"]) and
                    (s["decode_tok_s"] is None or s["decode_tok_s"] > 0) for s in sweep.values())
         rates = [s["decode_tok_s"] for s in sweep.values() if s["decode_tok_s"]]
         assert result["capacity"][name].get("best_batch") in ((1, 2, 4) if rates else (None,))
+    # per batch size the configs alternate (fp32 then q, then q then fp32), not one whole sweep each
+    sweep_logs = [line.split("]")[0] for line in logs if "decode tok/s" in line]
+    assert sweep_logs[:2] == ["[fp32 batch=1", "[q batch=1"] and sweep_logs[2:4] == ["[fp32 batch=2", "[q batch=2"]
     table = km.kv_memory_table(result)
     assert "| q |" in table and "Fixed KV budget" in table
     km.plot_kv_memory(result, tmp_path / "m.png")
@@ -89,3 +97,5 @@ def test_config_validation():
         km.KVMemoryConfig(new_tokens=1)
     with pytest.raises(ValueError):
         km.KVMemoryConfig(batches=(0,))
+    with pytest.raises(ValueError, match="repeats"):
+        km.KVMemoryConfig(repeats=0)

@@ -121,6 +121,7 @@ def add_bench_parsers(subparsers: Any) -> None:
     m.add_argument("--steps", type=int, default=64, help="timed decode steps per context")
     m.add_argument("--kv-memory", type=float, default=0.05, metavar="GB", help="KV budget for the batch sweep")
     m.add_argument("--batches", type=_ints, default=(1, 2, 4, 8, 16, 32, 64))
+    m.add_argument("--repeats", type=int, default=3, help="interleaved runs per batch size (median reported)")
     m.add_argument("--prompt-len", type=int, default=512)
     m.add_argument("--new-tokens", type=int, default=64)
     m.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16", "float16"))
@@ -179,7 +180,8 @@ def run_kv_memory_cmd(args: argparse.Namespace) -> int:
         cfg = km.KVMemoryConfig(contexts=args.contexts, steps=args.steps, kv_memory_gb=args.kv_memory,
                                 batches=args.batches, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                                 dtype=args.dtype, max_model_len=args.max_model_len, threads=args.threads,
-                                text_dir=args.text_dir, model=args.model, variants=args.configs or km.DEFAULT_VARIANTS)
+                                text_dir=args.text_dir, model=args.model, variants=args.configs or km.DEFAULT_VARIANTS,
+                                repeats=args.repeats)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -2,14 +2,17 @@
 
 (a) Decode-step latency vs context length: one request, its prompt (real licence text)
     prefilled, then `steps` (>= 64) timed engine steps of one decode each; p50 and p99
-    per config and context. A KIVI cache quantizes a G-token group every G steps, so a
+    per config and context over the steps of `repeats` runs, configs interleaved. A KIVI cache quantizes a G-token group every G steps, so a
     flush spike would show in p99.
 (b) Fixed KV byte budget (`kv_memory_gb`): the tokens the block manager can hold
     (blocks x block size; KIVI's per-sequence fp windows are charged to the same budget
     for max_num_seqs = batch), the largest batch of prompt_len + new_tokens requests
     that fits without preemption, and aggregate decode tokens/s over a batch-size sweep
-    (all requests submitted at once, greedy, EOS ignored; decode rate = tokens generated
-    after the last prompt finished prefilling / that time).
+    (all requests submitted at once, greedy, EOS ignored; decode rate = batch / median
+    time of a step in which all of them decode, see `batch_decode_rate`). Per batch size the configs are
+    measured in turn, `repeats` times, order reversed every other round, and the median
+    reported: a difference of two multi-second runs is noisy on a shared machine, and
+    measuring one config's whole sweep before the next let load drift bias the ratio.
 
 The model runs in the served dtype (bfloat16 by default). Timings are only meaningful
 on an idle machine.
@@ -51,9 +54,10 @@ class KVMemoryConfig:
     text_dir: str = TEXT_DIR
     model: str | None = None
     variants: tuple[KVVariant, ...] = DEFAULT_VARIANTS
+    repeats: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompt_len", "new_tokens", "threads"):
+        for name in ("steps", "prompt_len", "new_tokens", "threads", "repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.new_tokens < 2:
@@ -85,63 +89,97 @@ def decode_latency(engine: Any, prompt: list[int], steps: int) -> list[float]:
     return times
 
 
-def _run_batch(engine: Any, prompts: list[list[int]], new_tokens: int) -> float:
+def _run_batch(engine: Any, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[float]]:
+    """Wall time of the whole batch, and the times of its steady steps: those where every
+    request of the batch is decoding (all prompts computed, none finished)."""
     from bastion.engine.sampling_params import SamplingParams
 
     p = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     for i, ids in enumerate(prompts):
         engine.add_request(f"b{time.monotonic_ns()}-{i}", ids, p)
+    steady: list[float] = []
     t = time.perf_counter()
     while engine.has_unfinished():
+        reqs = list(engine.requests.values())
+        pure = len(reqs) == len(prompts) and all(r.num_computed_tokens >= r.num_prompt_tokens for r in reqs)
+        t0 = time.perf_counter()
         engine.step()
-    return time.perf_counter() - t
+        if pure:
+            steady.append(time.perf_counter() - t0)
+    return time.perf_counter() - t, steady
+
+
+MIN_STEADY_STEPS = 8
 
 
 def batch_decode_rate(engine: Any, prompts: list[list[int]], new_tokens: int) -> dict:
     """All prompts submitted at once, run to the end twice: with 1 and with new_tokens
-    output tokens each. Decode tok/s = batch * (new_tokens - 1) / (t_n - t_1): the
-    prefill (chunked, interleaved with decodes) cancels out, whatever the prompt length
-    (prefix caching is off, so the second run prefills again)."""
+    output tokens each. Decode tok/s = batch / median time of a steady step (all `batch`
+    requests decoding, no prefill chunk in the step), when the run has >= MIN_STEADY_STEPS
+    of them (new_tokens must outlast the other prompts' chunked prefill); else the
+    two-run difference batch * (new_tokens - 1) / (t_n - t_1), which is noisy when prefill
+    dominates (measured: 26-290 tok/s over three runs of one config at batch 16)."""
     b = len(prompts)
     before = engine.scheduler.num_preemptions
-    t1 = _run_batch(engine, prompts, 1)
-    tn = _run_batch(engine, prompts, new_tokens)
+    t1, _ = _run_batch(engine, prompts, 1)
+    tn, steady = _run_batch(engine, prompts, new_tokens)
     dec = b * (new_tokens - 1)
-    return {"decode_tok_s": dec / (tn - t1) if tn > t1 else None, "decode_tokens": dec,
-            "total_tok_s": b * new_tokens / tn, "t_first_token_s": t1, "t_total_s": tn,
-            "preemptions": engine.scheduler.num_preemptions - before}
+    diff = dec / (tn - t1) if tn > t1 else None
+    rate = b / statistics.median(steady) if len(steady) >= MIN_STEADY_STEPS else diff
+    return {"decode_tok_s": rate, "estimator": "steady" if len(steady) >= MIN_STEADY_STEPS else "difference",
+            "steady_steps": len(steady), "steady_step_ms_p50": statistics.median(steady) * 1e3 if steady else None,
+            "decode_tok_s_difference": diff, "decode_tokens": dec, "total_tok_s": b * new_tokens / tn,
+            "t_first_token_s": t1, "t_total_s": tn, "preemptions": engine.scheduler.num_preemptions - before}
 
 
 def run_kv_memory(cfg: KVMemoryConfig, maker: EngineMaker | None = None, log: Callable[[str], None] = print) -> dict:
     """`maker` must build engines of cfg.dtype and cfg.max_model_len (default: one is made here)."""
     maker = maker or EngineMaker(cfg.model, cfg.dtype, cfg.max_model_len, cfg.threads)
-    latency: dict[str, dict[str, dict]] = {}
-    capacity: dict[str, dict] = {}
-    sweep: dict[str, dict[str, dict]] = {}
-    corpus: list[int] | None = None
-    for v in cfg.variants:
-        # (a) one sequence of up to max_model_len tokens
-        engine = maker.make(single_sequence_cache(v, cfg.max_model_len), max_num_seqs=1)
-        if corpus is None:
-            corpus = maker.tokenizer.encode(corpus_text(cfg.text_dir), add_special_tokens=False)
-        latency[v.name] = {}
-        for ctx in cfg.contexts:
-            c = min(ctx, cfg.max_model_len - cfg.steps - 1)
-            ts = [t * 1e3 for t in decode_latency(engine, corpus[:c], cfg.steps)]
+    latency: dict[str, dict[str, dict]] = {v.name: {} for v in cfg.variants}
+    maker.make(single_sequence_cache(cfg.variants[0], cfg.max_model_len), max_num_seqs=1)  # loads the tokenizer
+    corpus = maker.tokenizer.encode(corpus_text(cfg.text_dir), add_special_tokens=False)
+    for ctx in cfg.contexts:
+        # (a) one sequence of ctx tokens; configs interleaved, step times pooled over repeats
+        c = min(ctx, cfg.max_model_len - cfg.steps - 1)
+        steps: dict[str, list[float]] = {v.name: [] for v in cfg.variants}
+        for rep in range(cfg.repeats):
+            for v in (cfg.variants if rep % 2 == 0 else cfg.variants[::-1]):
+                engine = maker.make(single_sequence_cache(v, cfg.max_model_len), max_num_seqs=1)
+                steps[v.name] += [t * 1e3 for t in decode_latency(engine, corpus[:c], cfg.steps)]
+        for v in cfg.variants:
+            ts = steps[v.name]
             latency[v.name][str(c)] = {"p50_ms": statistics.median(ts), "p99_ms": _percentile(ts, 99),
                                        "max_ms": max(ts), "mean_ms": statistics.fmean(ts), "steps": len(ts)}
             log(f"[{v.name} latency ctx={c}] p50 {latency[v.name][str(c)]['p50_ms']:.1f} ms, "
-                f"p99 {latency[v.name][str(c)]['p99_ms']:.1f} ms, max {max(ts):.1f} ms")
-        # (b) fixed byte budget: capacity, then the batch sweep
-        sweep[v.name] = {}
-        best = None
-        per_req = cfg.prompt_len + cfg.new_tokens
-        for b in cfg.batches:
-            try:
-                engine = maker.make(v.cache_config(kv_memory_gb=cfg.kv_memory_gb), max_num_seqs=b)
-            except ValueError as exc:  # the budget cannot even hold b fp windows
-                log(f"[{v.name} batch={b}] skipped: {exc}")
-                break
+                f"p99 {latency[v.name][str(c)]['p99_ms']:.1f} ms, max {max(ts):.1f} ms ({len(ts)} steps)")
+    capacity, sweep = _budget_sweep(cfg, maker, corpus, log)
+    cfg_json = asdict(cfg)
+    cfg_json["variants"] = [asdict(v) for v in cfg.variants]
+    return {"config": cfg_json, "latency": latency, "capacity": capacity, "sweep": sweep,
+            "torch_threads": torch.get_num_threads()}
+
+
+def _budget_sweep(cfg: KVMemoryConfig, maker: EngineMaker, corpus: list[int], log: Callable[[str], None]):
+    """(b): per batch size, every config that still fits it, interleaved, `repeats` times.
+    Returns (capacity, sweep) keyed by config name."""
+    capacity: dict[str, dict] = {}
+    sweep: dict[str, dict[str, dict]] = {v.name: {} for v in cfg.variants}
+    live = list(cfg.variants)  # a config leaves once a batch no longer fits its budget
+    per_req = cfg.prompt_len + cfg.new_tokens
+
+    def engine_for(v: KVVariant, b: int):
+        try:
+            return maker.make(v.cache_config(kv_memory_gb=cfg.kv_memory_gb), max_num_seqs=b)
+        except ValueError as exc:  # the budget cannot even hold b fp windows
+            log(f"[{v.name} batch={b}] skipped: {exc}")
+            return None
+
+    for b in cfg.batches:
+        fitting = []
+        for v in live:
+            engine = engine_for(v, b)
+            if engine is None:
+                continue
             bm = engine.block_manager
             tokens = bm.num_blocks * bm.block_size  # KIVI: fp windows of b sequences already charged
             fits = tokens // (bm.blocks_needed(per_req) * bm.block_size)
@@ -154,21 +192,30 @@ def run_kv_memory(cfg: KVMemoryConfig, maker: EngineMaker | None = None, log: Ca
             cap["reserved_bytes_by_batch"][str(b)] = getattr(engine.kv_cache, "reserved_bytes", 0)
             if b > fits:
                 log(f"[{v.name} batch={b}] {tokens} tokens hold only {fits} requests of {per_req}: stop")
-                break
+                continue
             cap["max_batch"] = b
-            prompts = [corpus[i * 97 : i * 97 + cfg.prompt_len] for i in range(b)]
-            r = batch_decode_rate(engine, prompts, cfg.new_tokens)
-            sweep[v.name][str(b)] = r
-            log(f"[{v.name} batch={b}] {r['decode_tok_s'] or 0:.1f} decode tok/s, {tokens} tokens in budget, "
-                f"{r['preemptions']} preemptions")
-            if r["decode_tok_s"] and (best is None or r["decode_tok_s"] > best[1]):
-                best = (b, r["decode_tok_s"])
-        if best:
-            capacity[v.name]["best_batch"], capacity[v.name]["best_decode_tok_s"] = best
-    cfg_json = asdict(cfg)
-    cfg_json["variants"] = [asdict(v) for v in cfg.variants]
-    return {"config": cfg_json, "latency": latency, "capacity": capacity, "sweep": sweep,
-            "torch_threads": torch.get_num_threads()}
+            fitting.append(v)
+        live = fitting
+        if not live:
+            break
+        prompts = [corpus[i * 97 : i * 97 + cfg.prompt_len] for i in range(b)]
+        runs: dict[str, list[dict]] = {v.name: [] for v in live}
+        for rep in range(cfg.repeats):
+            for v in (live if rep % 2 == 0 else live[::-1]):
+                runs[v.name].append(batch_decode_rate(engine_for(v, b), prompts, cfg.new_tokens))
+        for v in live:
+            rates = [r["decode_tok_s"] for r in runs[v.name] if r["decode_tok_s"]]
+            sweep[v.name][str(b)] = {"decode_tok_s": statistics.median(rates) if rates else None,
+                                     "decode_tok_s_runs": [r["decode_tok_s"] for r in runs[v.name]],
+                                     "preemptions": sum(r["preemptions"] for r in runs[v.name]), "runs": runs[v.name]}
+            r = sweep[v.name][str(b)]
+            log(f"[{v.name} batch={b}] {r['decode_tok_s'] or 0:.1f} decode tok/s (median of {cfg.repeats}), "
+                f"{capacity[v.name]['tokens_by_batch'][str(b)]} tokens in budget, {r['preemptions']} preemptions")
+    for name, sw in sweep.items():
+        rated = [(int(b), r["decode_tok_s"]) for b, r in sw.items() if r["decode_tok_s"]]
+        if rated:
+            capacity[name]["best_batch"], capacity[name]["best_decode_tok_s"] = max(rated, key=lambda x: x[1])
+    return capacity, sweep
 
 
 # ---------------------------------------------------------------- report
