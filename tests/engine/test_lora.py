@@ -196,7 +196,9 @@ def test_add_lora_matches_per_row_reference_on_mixed_batches(subs, dtype):
     for segments in ([(1, 1), (2, 1), (3, 1), (4, 1)], [(3, 1), (1, 1), (3, 1), (0, 1)],
                      [(1, 1), (2, 1), (2, 5), (0, 3), (4, 2)], [(0, 2), (4, 6)],
                      [(1, 1), (3, 1), (2, big), (0, 3), (4, PROMPT_ROWS)],
-                     [(0, 1), (2, 1), (2, 1), (3, 1), (3, 1)], [(2, 1), (2, 1), (3, 1), (1, 4)]):
+                     [(0, 1), (2, 1), (2, 1), (3, 1), (3, 1)], [(2, 1), (2, 1), (3, 1), (1, 4)],
+                     # >= PROMPT_ROWS single rows of one slot, not consecutive: a gathered group
+                     [(2, 1), (0, 1)] + [(2, 1)] * PROMPT_ROWS):
         row_slots = [s for s, n in segments for _ in range(n)]
         x = torch.randn(len(row_slots), d_in, generator=g).to(dtype)
         want = torch.zeros(len(row_slots), col)

@@ -212,7 +212,7 @@ def add_lora(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tuple
     r = A.shape[2] // len(Bs)
     every = subs is None or len(subs) == len(Bs)
     for g in batch.groups:
-        if g.m >= PROMPT_ROWS and g.lo == g.hi and x.dtype != A.dtype:
+        if g.m >= PROMPT_ROWS and g.lo == g.hi and g.gather is None and x.dtype != A.dtype:
             _add_lora_chunk(out, x, A, Bs, g, subs, r)
             continue
         sl = slice(g.lo, g.hi + 1)

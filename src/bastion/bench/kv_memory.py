@@ -2,16 +2,16 @@
 
 (a) Decode-step latency vs context length: one request, its prompt (real licence text)
     prefilled, then `steps` (>= 64) timed engine steps of one decode each; p50 and p99
-    per config and context over the steps of `repeats` runs, configs interleaved. A KIVI cache quantizes a G-token group every G steps, so a
-    flush spike would show in p99.
+    per config and context over the steps of `repeats` runs, configs interleaved. A KIVI
+    cache quantizes a G-token group every G steps, so a flush spike would show in p99.
 (b) Fixed KV byte budget (`kv_memory_gb`): the tokens the block manager can hold
     (blocks x block size; KIVI's per-sequence fp windows are charged to the same budget
     for max_num_seqs = batch), the largest batch of prompt_len + new_tokens requests
     that fits without preemption, and aggregate decode tokens/s over a batch-size sweep
     (all requests submitted at once, greedy, EOS ignored; decode rate = batch / median
-    time of a step in which all of them decode, see `batch_decode_rate`). Per batch size the configs are
-    measured in turn, `repeats` times, order reversed every other round, and the median
-    reported: a difference of two multi-second runs is noisy on a shared machine, and
+    time of a step in which all of them decode, see `batch_decode_rate`). Per batch size
+    the configs are measured in turn, `repeats` times, order reversed every other round,
+    and the median reported: a difference of two multi-second runs is noisy on a shared machine, and
     measuring one config's whole sweep before the next let load drift bias the ratio.
 
 The model runs in the served dtype (bfloat16 by default). Timings are only meaningful
