@@ -40,6 +40,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="KIVI: rotate K and V by a Hadamard matrix before quantizing")
     p.add_argument("--kv-clip", action=argparse.BooleanOptionalAction, default=None,
                    help="KIVI: per-group range by least squared error instead of min-max")
+    p.add_argument("--kv-kernel", default="auto", choices=["auto", "native", "torch"],
+                   help="KIVI decode attention: fused C++ kernel (built on first use; auto falls back to "
+                        "torch ops if it cannot build) or torch ops")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-num-seqs", type=int, default=64, help="max concurrently running requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
@@ -62,7 +65,7 @@ def _config(args: argparse.Namespace) -> Config:
                           prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,
                           kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, kv_sink=args.kv_sink,
                           kv_hadamard=args.kv_hadamard, kv_clip=args.kv_clip,
-                          kv_value_group=args.kv_value_group),
+                          kv_value_group=args.kv_value_group, kv_kernel=args.kv_kernel),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         server=server,

@@ -67,7 +67,9 @@ class CacheConfig:
     tokens stay in full precision; `kv_hadamard` rotates K and V before quantizing;
     `kv_clip` picks each group's range by least squared error instead of min-max;
     `kv_value_group` sets the channels per value scale apart from G (e.g. 64 = one range
-    per head). None means the preset's default."""
+    per head). None means the preset's default. `kv_kernel`: decode attention over the
+    quantized cache by the fused native kernel (built on first use) or torch ops; auto =
+    native when it builds, torch otherwise."""
 
     block_size: int = 16
     kind: str = "auto"
@@ -80,9 +82,12 @@ class CacheConfig:
     kv_hadamard: bool | None = None
     kv_clip: bool | None = None
     kv_value_group: int | None = None
+    kv_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _positive("block_size", self.block_size)
+        if self.kv_kernel not in ("auto", "native", "torch"):
+            raise ValueError(f"kv_kernel={self.kv_kernel!r}: expected auto, native or torch")
         _positive("kv_memory_gb", self.kv_memory_gb)
         if self.num_blocks is not None:
             _positive("num_blocks", self.num_blocks)

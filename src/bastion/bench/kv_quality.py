@@ -57,13 +57,15 @@ class KVVariant:
     hadamard: bool | None = None
     clip: bool | None = None  # least-squares group ranges instead of min-max
     value_group: int | None = None  # channels per value range (None: G)
+    kernel: str = "auto"  # decode attention: native kernel (auto/native) or torch ops
 
     def cache_config(self, num_blocks: int | None = None, kv_memory_gb: float = 1.0) -> Any:
         from bastion.config import CacheConfig
 
         return CacheConfig(kind=self.kind, num_blocks=num_blocks, kv_memory_gb=kv_memory_gb, prefix_caching=False,
                            kv_group_size=self.group_size, kv_residual=self.residual, kv_sink=self.sink,
-                           kv_hadamard=self.hadamard, kv_clip=self.clip, kv_value_group=self.value_group)
+                           kv_hadamard=self.hadamard, kv_clip=self.clip, kv_value_group=self.value_group,
+                           kv_kernel=self.kernel)
 
     def quant_options(self) -> dict | None:
         cc = self.cache_config(num_blocks=1)
@@ -93,8 +95,9 @@ DEFAULT_VARIANTS = (
 
 
 def parse_variant(text: str) -> KVVariant:
-    """`name=kind[:gG][:vgN][:rR][:sS][:had][:clip]`, or just a kind: e.g. `k4v2`,
-    `x=kivi2:g64:r64:s64:had` (vgN: N channels per value range instead of G)."""
+    """`name=kind[:gG][:vgN][:rR][:sS][:had][:clip][:torch|:native]`, or just a kind: e.g.
+    `k4v2`, `x=kivi2:g64:r64:s64:had` (vgN: N channels per value range instead of G;
+    torch/native: the decode-attention kernel, default auto)."""
     name, sep, spec = text.partition("=")
     if not sep:
         name, spec = text, text
@@ -108,10 +111,13 @@ def parse_variant(text: str) -> KVVariant:
             kw["hadamard"] = False
         elif o in ("clip", "noclip"):
             kw["clip"] = o == "clip"
+        elif o in ("torch", "native"):
+            kw["kernel"] = o
         elif (m := re.fullmatch(r"(vg|[grs])(\d+)", o)):
             kw[keys[m[1]]] = int(m[2])
         else:
-            raise ValueError(f"bad variant option {o!r} in {text!r} (want gN, vgN, rN, sN, had, nohad, clip, noclip)")
+            raise ValueError(f"bad variant option {o!r} in {text!r} (want gN, vgN, rN, sN, had, nohad, clip, noclip, "
+                             "torch, native)")
     v = KVVariant(name, kind, **kw)
     v.cache_config(num_blocks=1)  # validates
     return v

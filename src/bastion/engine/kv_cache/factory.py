@@ -54,4 +54,4 @@ def build_kv_cache(config: Config, arch, model_dtype: torch.dtype, device: torch
                          "(lower --max-num-seqs or --kv-residual, or raise --kv-memory)")
     return KIVIKVCache(num_layers=L, num_kv_heads=H, head_dim=D, num_blocks=num_blocks, spec=spec,
                        num_seq_slots=slots, sink=opts["sink"], use_hadamard=opts["hadamard"],
-                       fp_dtype=fp_dtype, device=device)
+                       fp_dtype=fp_dtype, device=device, kernel=c.kv_kernel)

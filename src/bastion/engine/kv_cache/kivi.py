@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
+from bastion.engine.kv_cache.native import load_kernel
 from bastion.engine.kv_cache.quant import (
     KVQuantSpec, QuantKeys, QuantValues, bytes_per_token, hadamard, quantize_keys, quantize_values, split_context,
 )
@@ -92,7 +93,8 @@ class KIVIKVCache(KVCache):
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, spec: KVQuantSpec,
                  num_seq_slots: int, sink: int = 0, use_hadamard: bool = False,
-                 fp_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"):
+                 fp_dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
+                 kernel: str = "torch"):
         spec.check_head_dim(head_dim)
         g = spec.group_size
         if sink < 0 or sink % g:
@@ -117,6 +119,8 @@ class KIVIKVCache(KVCache):
         self.token_bytes = bytes_per_token(spec, L, h, d)
         self.fp_token_bytes = 2 * L * h * d * _FP_BYTES[fp_dtype]
         self.reserved_bytes = int(num_seq_slots * self.region * self.fp_token_bytes)
+        # built here, not at the first step, so a server never compiles mid-request
+        self.kernel = load_kernel(kernel, head_dim) if self.device.type == "cpu" else None
 
     @staticmethod
     def reserved_for(spec: KVQuantSpec, sink: int, num_seq_slots: int, fp_token_bytes: float) -> float:
@@ -263,7 +267,7 @@ class KIVIKVCache(KVCache):
                 q[:b], kq if has_q else None, vq if has_q else None,
                 kf[plan.dec_fp_idx], vf[plan.dec_fp_idx], self.spec,
                 block_mask=plan.dec_block_mask, window_mask=plan.dec_fp_mask, block_table=plan.dec_table,
-                scale=self.scale)
+                scale=self.scale, kernel=self.kernel)
         for pf, (tk, tv) in zip(plan.prefills, self._tails):
             has_q = pf.table is not None
             out[pf.rows] = quantized_prefill_attention(

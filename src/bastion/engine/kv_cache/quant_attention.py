@@ -33,8 +33,11 @@ fp path: a masked weight is exactly 0, but 0 * inf is NaN.
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import torch
 
+from bastion.engine.kv_cache.native import native_decode_attention
 from bastion.engine.kv_cache.quant import KVQuantSpec, QuantKeys, QuantValues, unpack_float
 
 _PREFILL_SCORES = 1 << 18  # max q rows * ctx of one prefill score chunk (per kv head row)
@@ -164,11 +167,14 @@ def quantized_decode_attention(
     block_table: torch.Tensor | None = None,
     scale: float | None = None,
     chunk_blocks: int | None = None,
+    kernel: ModuleType | None = None,
 ) -> torch.Tensor:
     """q [B, heads, D] -> [B, heads, D] (q's dtype). GQA: heads i*g..i*g+g-1 share kv head i.
     kq/vq: the quantized prefix (module docstring for layouts; None = no prefix);
     k_fp/v_fp [B, w, H, D]: the fp window (None = empty). Masks default to all-True.
     chunk_blocks: blocks unpacked per tile (default: ~2^20 codes per tile).
+    kernel: the compiled native kernel (native.load_kernel) or None for torch ops; the
+    same math either way (tests hold them to each other).
     Every row must attend to at least one token (else NaN, as in decode_attention)."""
     b, heads, d = q.shape
     n = _num_blocks(kq, block_table)
@@ -176,6 +182,9 @@ def quantized_decode_attention(
     kvh = _kv_heads(kq, k_fp, w)
     scale = d ** -0.5 if scale is None else scale
     qg = q.float().view(b, kvh, heads // kvh, d) * scale  # [B, H, g, D]
+    if kernel is not None and n and q.device.type == "cpu" and heads // kvh <= spec.group_size:
+        o = _native(kernel, qg, kq, vq, block_table, n, k_fp, v_fp, block_mask, window_mask, spec)
+        return o.reshape(b, heads, d).to(q.dtype)
     masks = []
     if n:
         bm = torch.ones(b, n, dtype=torch.bool, device=q.device) if block_mask is None else block_mask
@@ -185,6 +194,21 @@ def quantized_decode_attention(
     mask = torch.cat(masks, dim=1)[:, None, None, :] if masks else None  # [B, 1, 1, ctx]
     o = _attend(qg, kq, vq, block_table, n, k_fp, v_fp, mask, spec, chunk_blocks)
     return o.reshape(b, heads, d).to(q.dtype)
+
+
+def _native(kernel, qg, kq, vq, table, n, k_fp, v_fp, block_mask, window_mask, spec) -> torch.Tensor:
+    """Adapts quantized_decode_attention's arguments to the native kernel's pool form."""
+    b, h, _, d = qg.shape
+    spec.check_head_dim(d)
+    if table is None:  # gathered [B, n, ...] -> a pool of B*n blocks
+        kq = QuantKeys(*(t.reshape(b * n, *t.shape[2:]) for t in kq))
+        vq = QuantValues(*(t.reshape(b * n, *t.shape[2:]) for t in vq))
+        table = torch.arange(b * n, device=qg.device).view(b, n)
+    bm = torch.ones(b, n, dtype=torch.bool, device=qg.device) if block_mask is None else block_mask
+    if k_fp is None:
+        k_fp = v_fp = qg.new_zeros(b, 0, h, d)
+    wm = torch.ones(b, k_fp.shape[1], dtype=torch.bool, device=qg.device) if window_mask is None else window_mask
+    return native_decode_attention(kernel, qg, kq, vq, table, bm, k_fp, v_fp, wm, spec.k_bits, spec.v_bits)
 
 
 def quantized_prefill_attention(
