@@ -176,3 +176,42 @@ def test_pool_with_clipped_ranges_matches_its_oracle():
     spec = KVQuantSpec(4, 2, 8, 8, clip=True)
     worst, *_ = _run(spec, 8, True, _schedule(8, 8, seed=2))
     assert worst < 2e-5
+
+
+def test_layers_quantize_their_own_groups():
+    """Decode flushes are quantized for every layer at once (at the last layer's write):
+    a 3-layer pool fed different K/V per layer must equal three 1-layer pools fed each
+    layer's data, output for output (1-layer pools are checked against the oracle above)."""
+    spec, g = KVQuantSpec(4, 2, 8, 8), 8
+    sched = _schedule(g, 8, seed=4)
+
+    def run(layers, only=None):
+        torch.manual_seed(0)
+        cache = KIVIKVCache(num_layers=layers, num_kv_heads=H, head_dim=D, num_blocks=64, spec=spec,
+                            num_seq_slots=4, sink=8, use_hadamard=True, fp_dtype=torch.float32)
+        bm = BlockManager(64, g, False, num_seq_slots=4, blocks_for=cache.blocks_for)
+        runner = ModelRunner(None, cache, torch.device("cpu"))
+        reqs = {n: Request(n, [1] * t, SamplingParams(max_tokens=1)) for n, t in sched["seqs"].items()}
+        outs = []
+        for step in sched["steps"]:
+            items = [(reqs[n], k) for n, k in step]
+            for r, k in items:
+                assert bm.allocate(r, k)
+            _, _, pos, meta = runner.prepare(ScheduledBatch(items))
+            k, v, q = torch.randn(pos.shape[0], H, D), torch.randn(pos.shape[0], H, D), torch.randn(pos.shape[0], HEADS, D)
+            per_layer = []
+            for layer in range(3):  # layer l's data: (k + l, v * (l + 1), q)
+                if only is None or layer == only:
+                    li = layer if only is None else 0
+                    cache.write(li, k + layer, v * (layer + 1), meta)
+                    per_layer.append(cache.attend(li, q, meta))
+            outs.append(per_layer)
+            for r, k in items:
+                r.num_computed_tokens += k
+        return outs
+
+    multi = run(3)
+    for layer in range(3):
+        single = run(1, only=layer)
+        for m, s in zip(multi, single):
+            assert torch.allclose(m[layer], s[0], atol=1e-6, rtol=0)

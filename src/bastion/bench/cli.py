@@ -96,7 +96,7 @@ def add_bench_parsers(subparsers: Any) -> None:
 
     q = subparsers.add_parser("kv-quality", help="quantized KV cache: delta PPL, top-1 agreement, passkey, bytes")
     q.add_argument("--configs", type=_variants, default=None, metavar="LIST",
-                   help="comma list of kind or name=kind[:gG][:vgN][:rR][:sS][:had][:clip] (default: fp16, int8, kivi4, "
+                   help="comma list of kind or name=kind[:gG][:vgN][:rR][:sS][:had][:clip][:torch] (default: fp16, int8, kivi4, "
                         "kivi2, k4v2, k2v4, kivi and variants); the fp32 reference always runs")
     q.add_argument("--contexts", type=_ints, default=(2048, 4096, 8192), help="teacher-forcing contexts")
     q.add_argument("--steps", type=int, default=128, help="teacher-forced decode steps per context")

@@ -15,7 +15,9 @@ Life of a token at position p of a sequence holding ctx tokens: it is written to
 nq(ctx) = split_context(ctx)[0] (a multiple of G leaving R..R+G-1 tokens in the window);
 when a step moves the frontier, each G-group that crossed it is quantized ONCE into the
 sequence's own block for that group (groups below S are copied to the sink area instead,
-and stay fp). Nothing is ever re-quantized. Attention of a step reads:
+and stay fp). Nothing is ever re-quantized. Decode steps quantize their groups for all
+layers at once at the last layer's write (one call per step, not per layer); prompt
+chunks per layer, from their tail scratch. Attention of a step reads:
   quantized blocks [S/G, nq0/G)  +  sink fp [0, min(S, nq0))  +  fp tail [nq0, ctx1)
 where nq0 is the frontier before the step, so this step's own tokens (a decode, or a
 whole prompt chunk) are seen in full precision, as in KIVI's prefill.
@@ -209,19 +211,22 @@ class KIVIKVCache(KVCache):
     def _rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.rot is None else (x.float() @ self.rot).to(x.dtype)
 
-    def _quantize_into(self, layer: int, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor) -> None:
-        """k, v [J*G, H, D] (already rotated) -> blocks dst [J] of this layer's pool."""
+    def _quantize_into(self, layer: int | None, k: torch.Tensor, v: torch.Tensor, dst: torch.Tensor) -> None:
+        """k, v [L', J*G, H, D] (already rotated) -> blocks dst [J] of one layer's pool
+        (L' = 1) or of every layer's (layer None, L' = L), in one quantize call."""
         if dst.numel() == 0:
             return
-        kq, vq = quantize_keys(k, self.spec), quantize_values(v, self.spec)
-        g = self.block_size
-        self.k_codes[layer].index_copy_(0, dst, kq.codes)
-        self.k_scale[layer].index_copy_(0, dst, kq.scale)
-        self.k_zero[layer].index_copy_(0, dst, kq.zero)
+        nl, t = k.shape[:2]
+        kq = quantize_keys(k.reshape(nl * t, *k.shape[2:]), self.spec)  # codes [L'*J, G, H, Dpk]
+        vq = quantize_values(v.reshape(nl * t, *v.shape[2:]), self.spec)  # codes [L'*J*G, H, Dpv]
+        n = self.num_blocks
+        layers = torch.arange(nl, device=dst.device) if layer is None else torch.tensor([layer], device=dst.device)
+        rows = (layers[:, None] * n + dst[None, :]).reshape(-1)  # [L'*J] blocks of the [L*N] flat pool
         j = dst.numel()
-        self.v_codes[layer].index_copy_(0, dst, vq.codes.view(j, g, *vq.codes.shape[1:]))
-        self.v_scale[layer].index_copy_(0, dst, vq.scale.view(j, g, *vq.scale.shape[1:]))
-        self.v_zero[layer].index_copy_(0, dst, vq.zero.view(j, g, *vq.zero.shape[1:]))
+        for pool, x in ((self.k_codes, kq.codes), (self.k_scale, kq.scale), (self.k_zero, kq.zero),
+                        (self.v_codes, vq.codes), (self.v_scale, vq.scale), (self.v_zero, vq.zero)):
+            flat = pool.view(-1, *pool.shape[2:])  # [L*N, ...]: pools are contiguous
+            flat.index_copy_(0, rows, x.reshape(nl * j, *pool.shape[2:]))
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """k, v [T, H, D]: decodes go through the ring, prompt chunks through a tail scratch."""
@@ -232,16 +237,23 @@ class KIVIKVCache(KVCache):
         if b:
             kf.index_copy_(0, plan.dec_new, k[:b].to(kf.dtype))
             vf.index_copy_(0, plan.dec_new, v[:b].to(vf.dtype))
-            self._quantize_into(layer, kf[plan.dec_q_src], vf[plan.dec_q_src], plan.dec_q_dst)
             if plan.dec_sink_src.numel():
                 kf.index_copy_(0, plan.dec_sink_dst, kf[plan.dec_sink_src])
                 vf.index_copy_(0, plan.dec_sink_dst, vf[plan.dec_sink_src])
+            if layer == self.k_fp.shape[0] - 1:
+                # NOTE: the groups leaving the decodes' windows are quantized for EVERY layer
+                # here, at the last layer's write, in one call: per layer, a flush step cost
+                # ~6 ms of small ops at 30 layers (a p99 spike). Valid because no attention of
+                # this step reads these blocks (it reads the group from the fp window) and
+                # every layer's rows, this step's token included, are written by now.
+                src = plan.dec_q_src
+                self._quantize_into(None, self.k_fp[:, src], self.v_fp[:, src], plan.dec_q_dst)
         self._tails = []
         for pf in plan.prefills:
             # NOTE: the window is read before anything of this chunk is written to the ring.
             tk = torch.cat([kf[pf.old_idx], k[pf.rows].to(kf.dtype)])  # [ctx1 - nq0, H, D]
             tv = torch.cat([vf[pf.old_idx], v[pf.rows].to(vf.dtype)])
-            self._quantize_into(layer, tk[pf.q_src], tv[pf.q_src], pf.q_dst)
+            self._quantize_into(layer, tk[pf.q_src][None], tv[pf.q_src][None], pf.q_dst)
             if pf.sink_src.numel():
                 kf.index_copy_(0, pf.sink_dst, tk[pf.sink_src])
                 vf.index_copy_(0, pf.sink_dst, tv[pf.sink_src])
