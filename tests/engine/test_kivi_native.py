@@ -15,14 +15,14 @@ from bastion.engine.attention import decode_attention
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.kv_cache.kivi import KIVIKVCache
 from bastion.engine.kv_cache.native import load_kernel
-from bastion.engine.kv_cache.quant import KVQuantSpec, QuantKeys, QuantValues
+from bastion.engine.kv_cache.quant import KVQuantSpec
 from bastion.engine.kv_cache.quant_attention import quantized_decode_attention
 from bastion.engine.model_runner import ModelRunner
 from bastion.engine.request import Request
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import ScheduledBatch
 
-from .test_kivi_quant import CASES, TOL, _batch
+from .test_kivi_quant import CASES, TOL, _batch, _to_pool
 
 
 @pytest.fixture(scope="module")
@@ -71,20 +71,14 @@ def test_native_pool_form_masks_and_no_window(kernel):
     middle of a row, and no fp window at all."""
     spec, h, d, gq = KVQuantSpec(4, 2, 32, 0), 3, 64, 3
     kq, vq, _, _, bm, _, ko, vo, mask = _batch(spec, [320, 64, 160], h, d, seed=7)
-    b, nb = bm.shape
-    n_pool = 1 + b * nb
-    perm = torch.randperm(n_pool - 1, generator=torch.Generator().manual_seed(0)) + 1
-    table = perm.view(b, nb).masked_fill(~bm, 0)
-    pool_k = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in kq]
-    pool_v = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in vq]
-    for p, t in zip(pool_k + pool_v, list(kq) + list(vq)):
-        p[table[bm]] = t[bm]
+    pool_k, pool_v, table = _to_pool(kq, vq, bm)
+    b = bm.shape[0]
     bm = bm.clone()
     bm[0, 3] = False  # a hole: its tokens get weight exactly 0
     mask[0, 3 * 32 : 4 * 32] = False
     q = torch.randn(b, h * gq, d)
     oracle = decode_attention(q, ko, vo, mask, d ** -0.5)
-    nat, ref = _both(q, QuantKeys(*pool_k), QuantValues(*pool_v), None, None, spec, kernel,
+    nat, ref = _both(q, pool_k, pool_v, None, None, spec, kernel,
                      block_mask=bm, block_table=table)
     assert (nat - oracle).abs().max() <= TOL
     assert (nat - ref).abs().max() <= 1e-5

@@ -294,10 +294,9 @@ def test_decode_prefix_only_and_window_only():
         quantized_decode_attention(q[:1], kq, vq, None, None, KVQuantSpec(2, 4, 16, 0))
 
 
-def test_decode_pool_form_with_block_table():
-    """Blocks living in a pool ([N, G, ...]) in shuffled order, padding pointing at block 0."""
-    spec, h, d, gq = KVQuantSpec(4, 2, 32, 32), 3, 64, 3
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [300, 100, 70], h, d, seed=5)
+def _to_pool(kq, vq, bm):
+    """Gathered [B, nb, ...] blocks -> a pool [1 + B*nb, ...] in shuffled order, and the
+    block table [B, nb] (padding entries point at block 0, which holds zeros)."""
     b, nb = bm.shape
     n_pool = 1 + b * nb
     perm = torch.randperm(n_pool - 1, generator=torch.Generator().manual_seed(0)) + 1
@@ -306,9 +305,17 @@ def test_decode_pool_form_with_block_table():
     pool_v = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in vq]
     for p, t in zip(pool_k + pool_v, list(kq) + list(vq)):
         p[table[bm]] = t[bm]
-    q = torch.randn(b, h * gq, d)
+    return QuantKeys(*pool_k), QuantValues(*pool_v), table
+
+
+def test_decode_pool_form_with_block_table():
+    """Blocks living in a pool ([N, G, ...]) in shuffled order, padding pointing at block 0."""
+    spec, h, d, gq = KVQuantSpec(4, 2, 32, 32), 3, 64, 3
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [300, 100, 70], h, d, seed=5)
+    pool_k, pool_v, table = _to_pool(kq, vq, bm)
+    q = torch.randn(bm.shape[0], h * gq, d)
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
-    out = quantized_decode_attention(q, QuantKeys(*pool_k), QuantValues(*pool_v), k_fp, v_fp, spec,
+    out = quantized_decode_attention(q, pool_k, pool_v, k_fp, v_fp, spec,
                                      block_mask=bm, window_mask=wm, block_table=table, chunk_blocks=2)
     assert (out - ref).abs().max() <= TOL
 
