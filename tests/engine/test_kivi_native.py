@@ -139,3 +139,23 @@ def test_native_inside_the_pool_matches_torch_path():
         for req, n in items:
             req.num_computed_tokens += n
     assert decodes > 60
+
+
+def test_cli_flag_reaches_the_cache():
+    """`--kv-kernel` goes CLI -> CacheConfig -> factory -> the cache's kernel."""
+    from bastion.cli import _config, build_parser
+    from bastion.config import Config, SchedulerConfig
+    from bastion.engine.kv_cache.factory import build_kv_cache
+    from bastion.engine.models.arch import ModelArch
+
+    from ._util import tiny_llama_config
+
+    arch = ModelArch.from_hf_config(tiny_llama_config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4,
+                                                      num_key_value_heads=2))  # head_dim 64
+    for flag, native in (("torch", False), ("native", True), ("auto", True)):
+        args = build_parser().parse_args(["serve", "--kv-cache", "kivi", "--kv-kernel", flag, "--kv-memory", "0.01"])
+        cc = _config(args).cache
+        assert cc.kv_kernel == flag
+        cache = build_kv_cache(Config(cache=cc, scheduler=SchedulerConfig(max_num_seqs=2)), arch, torch.bfloat16,
+                               torch.device("cpu"))
+        assert (cache.kernel is not None) == native
