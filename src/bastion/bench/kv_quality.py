@@ -345,7 +345,9 @@ def run_kv_quality(cfg: KVQualityConfig, maker: EngineMaker | None = None, log: 
     rows: list[dict] = []
     seen: dict[tuple, str] = {}
     for variant in (REFERENCE, *cfg.variants):
-        key = (variant.bits() or variant.kind, tuple(sorted((variant.quant_options() or {}).items())))
+        # the kernel is part of the key: native vs torch is a comparison worth asking for
+        key = (variant.bits() or variant.kind, tuple(sorted((variant.quant_options() or {}).items())),
+               variant.kernel if variant.bits() else None)
         if key in seen:  # e.g. the `kivi` preset equals one of the listed variants
             log(f"[{variant.name}] same cache as {seen[key]}: skipped")
             continue
