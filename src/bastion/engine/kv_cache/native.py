@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -40,7 +41,10 @@ def _build() -> tuple[ModuleType | None, str]:
     try:
         from torch.utils.cpp_extension import load
 
-        mod = load("bastion_kivi_decode", [str(_SRC)], extra_cflags=_CFLAGS, verbose=False)
+        # torch's version in the name: the on-disk cache is keyed by name, sources and flags,
+        # not by the torch it was built against, and the module links against libtorch
+        name = "bastion_kivi_decode_" + re.sub(r"\W", "_", torch.__version__)
+        mod = load(name, [str(_SRC)], extra_cflags=_CFLAGS, verbose=False)
         return mod, ""
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch ops"
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
@@ -73,7 +77,8 @@ def native_decode_attention(mod: ModuleType, qg: torch.Tensor, kq, vq, table: to
     b, h = qg.shape[:2]
     n = table.shape[1]
     splits = max(1, min(n // 4, -(-4 * torch.get_num_threads() // (b * h))))
+    kq, vq = (tuple(t.contiguous() for t in x) for x in (kq, vq))  # no-ops for the cache's pools
     return mod.kivi_decode_attention(
-        qg.contiguous(), kq.codes, kq.scale, kq.zero, vq.codes, vq.scale, vq.zero,
+        qg.contiguous(), *kq, *vq,
         table.contiguous(), block_mask.contiguous(), k_fp.float().contiguous(), v_fp.float().contiguous(),
         window_mask.contiguous(), k_bits, v_bits, splits)
