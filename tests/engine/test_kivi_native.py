@@ -93,6 +93,14 @@ def test_native_bf16_window_and_query(kernel):
     assert (nat.float() - ref.float()).abs().max() <= 2 ** -7 * ref.float().abs().max()
 
 
+def test_native_rejects_codes_of_other_widths(kernel):
+    spec, h, d = KVQuantSpec(4, 2, 16, 0), 2, 64
+    kq, vq, *_ = _batch(spec, [32], h, d, seed=4)
+    q = torch.randn(1, h * 3, d)
+    with pytest.raises(ValueError, match="packed codes"):  # codes packed at other widths than the spec says
+        quantized_decode_attention(q, kq, vq, None, None, KVQuantSpec(2, 4, 16, 0), kernel=kernel)
+
+
 def test_kernel_choice_validation():
     assert load_kernel("torch", 64) is None
     assert load_kernel("auto", 96) is None  # no instantiation for 96: torch path

@@ -198,7 +198,8 @@ def test_layers_quantize_their_own_groups():
             for r, k in items:
                 assert bm.allocate(r, k)
             _, _, pos, meta = runner.prepare(ScheduledBatch(items))
-            k, v, q = torch.randn(pos.shape[0], H, D), torch.randn(pos.shape[0], H, D), torch.randn(pos.shape[0], HEADS, D)
+            t = pos.shape[0]
+            k, v, q = torch.randn(t, H, D), torch.randn(t, H, D), torch.randn(t, HEADS, D)
             per_layer = []
             for layer in range(3):  # layer l's data: (k + l, v * (l + 1), q)
                 if only is None or layer == only:

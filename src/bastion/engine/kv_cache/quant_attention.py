@@ -37,7 +37,7 @@ from types import ModuleType
 
 import torch
 
-from bastion.engine.kv_cache.native import native_decode_attention
+from bastion.engine.kv_cache.native import HEAD_DIMS, native_decode_attention
 from bastion.engine.kv_cache.quant import KVQuantSpec, QuantKeys, QuantValues, unpack_float
 
 _PREFILL_SCORES = 1 << 18  # max q rows * ctx of one prefill score chunk (per kv head row)
@@ -182,7 +182,7 @@ def quantized_decode_attention(
     kvh = _kv_heads(kq, k_fp, w)
     scale = d ** -0.5 if scale is None else scale
     qg = q.float().view(b, kvh, heads // kvh, d) * scale  # [B, H, g, D]
-    if kernel is not None and n and q.device.type == "cpu" and heads // kvh <= spec.group_size:
+    if kernel is not None and n and q.device.type == "cpu" and heads // kvh <= spec.group_size and d in HEAD_DIMS:
         o = _native(kernel, qg, kq, vq, block_table, n, k_fp, v_fp, block_mask, window_mask, spec)
         return o.reshape(b, heads, d).to(q.dtype)
     masks = []
@@ -200,6 +200,9 @@ def _native(kernel, qg, kq, vq, table, n, k_fp, v_fp, block_mask, window_mask, s
     """Adapts quantized_decode_attention's arguments to the native kernel's pool form."""
     b, h, _, d = qg.shape
     spec.check_head_dim(d)
+    if kq.codes.shape[-1] * 8 != d * spec.k_bits or vq.codes.shape[-1] * 8 != d * spec.v_bits:
+        raise ValueError(f"packed codes {kq.codes.shape[-1]}/{vq.codes.shape[-1]} bytes do not match "
+                         f"K{spec.k_bits}V{spec.v_bits} at head_dim {d}")
     if table is None:  # gathered [B, n, ...] -> a pool of B*n blocks
         kq = QuantKeys(*(t.reshape(b * n, *t.shape[2:]) for t in kq))
         vq = QuantValues(*(t.reshape(b * n, *t.shape[2:]) for t in vq))
