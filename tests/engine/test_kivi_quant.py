@@ -366,6 +366,27 @@ def test_prefill_matches_dequantized_oracle(kb, vb, g, n_blocks, w, q_len, q_chu
         assert (out - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("q_len,q_chunk", [(40, None), (300, None), (300, 1)])
+def test_prefill_bf16_is_no_worse_than_the_fp_cache_in_bf16(q_len, q_chunk):
+    """A bf16 model's prompt chunk runs the many-row products in bf16 (scores and softmax
+    in fp32). Bound: its error vs the fp32 oracle stays within 2x the error of the fp
+    cache's own bf16 prefill on the same dequantized K/V (plus TOL) -- the precision the
+    served model already has, not a looser one."""
+    spec, h, d, gq, g = KVQuantSpec(4, 2, 32, 0), 3, 64, 3, 32
+    nq, w = 8 * g, 144
+    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
+    kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
+    ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
+    vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
+    q = torch.randn(q_len, h * gq, d, generator=torch.Generator().manual_seed(2))
+    ref = prefill_attention(q, ko, vo, d ** -0.5)
+    fp_bf16 = prefill_attention(q.bfloat16(), ko.bfloat16(), vo.bfloat16(), d ** -0.5).float()
+    out = quantized_prefill_attention(q.bfloat16(), kq, vq, k[nq:].bfloat16(), v[nq:].bfloat16(), spec,
+                                      q_chunk=q_chunk)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2 * (fp_bf16 - ref).abs().max() + TOL
+
+
 # ---------------------------------------------------------------- Hadamard rotation
 
 def test_hadamard_rotation_preserves_scores():

@@ -58,13 +58,15 @@ def _take(t: torch.Tensor, table: torch.Tensor | None, c0: int, c1: int) -> torc
 
 
 def _key_scores(out: torch.Tensor, qg: torch.Tensor, kq: QuantKeys, table, n: int, spec: KVQuantSpec,
-                chunk: int) -> None:
+                chunk: int, mm: torch.dtype = torch.float32) -> None:
     """qg [B, H, M, D] fp32 (softmax scale applied) -> out [B, H, M, n*G] fp32 scores.
     M <= G (decode): scale folded into q, one [M, D] x [D, G] product per block, min as q . m.
     M > G (prefill rows): folding costs M*D per block > G*D, so the tile is scaled instead
-    (measured 4-7x faster at M=768); either way only a bounded tile is ever in fp32."""
+    (measured 4-7x faster at M=768); either way only a bounded tile is ever in fp32.
+    mm: dtype of the M > G products (bf16 for a bf16 model: as the fp cache's prefill does)."""
     b, h, m, d = qg.shape
     g = spec.group_size
+    qm = qg if mm == torch.float32 or m <= g else qg.to(mm)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         nc = c1 - c0
@@ -79,11 +81,14 @@ def _key_scores(out: torch.Tensor, qg: torch.Tensor, kq: QuantKeys, table, n: in
         else:
             zr = _take(kq.zero, table, c0, c1).permute(0, 2, 1, 3).float()  # [B, H, nc, D]
             tile = codes.mul_(sc.unsqueeze(3)).add_(zr.unsqueeze(3)).view(b, h, nc * g, d)
-            torch.matmul(qg, tile.transpose(-1, -2), out=out[..., c0 * g : c1 * g])
+            if mm == torch.float32:
+                torch.matmul(qg, tile.transpose(-1, -2), out=out[..., c0 * g : c1 * g])
+            else:
+                out[..., c0 * g : c1 * g] = torch.matmul(qm, tile.to(mm).transpose(-1, -2))
 
 
 def _value_sum(acc: torch.Tensor, p: torch.Tensor, vq: QuantValues, table, n: int, spec: KVQuantSpec,
-               chunk: int) -> None:
+               chunk: int, mm: torch.dtype = torch.float32) -> None:
     """acc [B, H, M, D] += sum_t p_t v_t over the prefix; p [B, H, M, n*G] fp32 weights.
     M <= G: scale folded into p per channel group, min as p @ m. M > G: tile scaled."""
     b, h, m, d = acc.shape
@@ -109,12 +114,14 @@ def _value_sum(acc: torch.Tensor, p: torch.Tensor, vq: QuantValues, table, n: in
             codes = unpack_float(packed.permute(0, 2, 1, 3, 4), spec.v_bits)  # [B, H, t, ng, Gv]
             sc = sc.permute(0, 2, 1, 3).float().unsqueeze(-1)  # [B, H, t, ng, 1]
             zr = zr.permute(0, 2, 1, 3).float().unsqueeze(-1)
-            acc += torch.matmul(pc, codes.mul_(sc).add_(zr).view(b, h, t, d))
+            tile = codes.mul_(sc).add_(zr).view(b, h, t, d)
+            acc += torch.matmul(pc.to(mm), tile.to(mm))
 
 
-def _attend(qg, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk) -> torch.Tensor:
+def _attend(qg, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk, mm=torch.float32) -> torch.Tensor:
     """Joint softmax over prefix (n blocks) + window. qg [B, H, M, D] fp32, pre-scaled;
-    mask [B, 1, M or 1, n*G + w] bool -> [B, H, M, D] fp32."""
+    mask [B, 1, M or 1, n*G + w] bool -> [B, H, M, D] fp32. mm: dtype of the many-row
+    (M > G) products; scores, softmax and accumulators stay fp32."""
     b, h, m, d = qg.shape
     # per block a tile holds G*D codes and (fold path) the folded queries M*D
     chunk = chunk or max(1, _TILE_CODES // (b * h * max(spec.group_size, m) * d))
@@ -127,16 +134,18 @@ def _attend(qg, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk) -> torch.Tensor
                              f"K{spec.k_bits}V{spec.v_bits} at head_dim {d}")
     s = qg.new_empty(b, h, m, nq + w)  # joint scores [B, H, M, ctx]
     if n:
-        _key_scores(s[..., :nq], qg, kq, table, n, spec, chunk)
-    if w:
+        _key_scores(s[..., :nq], qg, kq, table, n, spec, chunk, mm)
+    if w and mm != torch.float32:
+        s[..., nq:] = torch.matmul(qg.to(mm), k_fp.to(mm).permute(0, 2, 3, 1))  # [B, H, M, w]
+    elif w:
         torch.matmul(qg, k_fp.float().permute(0, 2, 3, 1), out=s[..., nq:])  # [B, H, M, w]
     s.masked_fill_(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = qg.new_zeros(b, h, m, d)
     if n:
-        _value_sum(o, p[..., :nq], vq, table, n, spec, chunk)
+        _value_sum(o, p[..., :nq], vq, table, n, spec, chunk, mm)
     if w:
-        o += torch.matmul(p[..., nq:], v_fp.float().transpose(1, 2))  # [B, H, M, D]
+        o += torch.matmul(p[..., nq:].to(mm), v_fp.to(mm).transpose(1, 2))  # [B, H, M, D]
     return o
 
 
@@ -233,7 +242,9 @@ def quantized_prefill_attention(
     quantize_keys); vq.codes [n*G, H, Dpv], scale/zero [n*G, H, ng] (as from
     quantize_values); or pool tensors (see module docstring) with block_table [n] long.
     k_fp, v_fp [w, H, D]. Query rows are processed q_chunk at a time (default: so that
-    rows * ctx <= 2^18), so scores stay bounded for long prompts."""
+    rows * ctx <= 2^18), so scores stay bounded for long prompts. A bf16 q runs the
+    products in bf16 (2x the fp32 GEMM rate on AVX512-BF16; the fp cache's prefill does
+    the same), scores/softmax/accumulation in fp32; any other dtype runs them in fp32."""
     q_len, heads, d = q.shape
     g = spec.group_size
     table = None if block_table is None else block_table[None]
@@ -252,6 +263,7 @@ def quantized_prefill_attention(
         raise ValueError(f"q_len={q_len} > context {ctx}")
     scale = d ** -0.5 if scale is None else scale
     qc = q_chunk or max(1, _PREFILL_SCORES // max(ctx * gq, 1))
+    mm = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
     qg = q.float().view(q_len, kvh, gq, d).permute(1, 2, 0, 3) * scale  # [H, g, q_len, D]
     out = torch.empty(kvh, gq, q_len, d, dtype=torch.float32, device=q.device)
     pos = torch.arange(ctx, device=q.device)
@@ -261,6 +273,6 @@ def quantized_prefill_attention(
         causal = pos[None, :] <= rows[:, None]  # [r, ctx]
         mask = causal.expand(gq, r1 - r0, ctx).reshape(1, 1, gq * (r1 - r0), ctx)
         qr = qg[:, :, r0:r1].reshape(1, kvh, gq * (r1 - r0), d)
-        o = _attend(qr, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk_blocks)
+        o = _attend(qr, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk_blocks, mm)
         out[:, :, r0:r1] = o.view(kvh, gq, r1 - r0, d)
     return out.permute(2, 0, 1, 3).reshape(q_len, heads, d).to(q.dtype)
