@@ -230,12 +230,16 @@ def kv_memory_table(result: dict) -> str:
     cfg = result["config"]
     lines += ["", f"Fixed KV budget {cfg['kv_memory_gb']} GiB, requests of {cfg['prompt_len']} + "
               f"{cfg['new_tokens']} tokens", "",
-              "| config | bytes/token | tokens held | max batch | best batch | decode tok/s at best |",
-              "|---|---|---|---|---|---|"]
+              "| config | bytes/token | tokens held | max batch | best batch | decode tok/s at best "
+              "| first token, s (batch 1) |",
+              "|---|---|---|---|---|---|---|"]
     for name, c in result["capacity"].items():
         tok_s = c.get("best_decode_tok_s")
+        runs = result["sweep"].get(name, {}).get("1", {}).get("runs") or []
+        ttft = statistics.median(r["t_first_token_s"] for r in runs) if runs else None  # one prompt's prefill
         lines.append(f"| {name} | {c['token_bytes']:.0f} | {c['tokens']} | {c.get('max_batch', 0)} | "
-                     f"{c.get('best_batch', '–')} | {'–' if tok_s is None else f'{tok_s:.1f}'} |")
+                     f"{c.get('best_batch', '–')} | {'–' if tok_s is None else f'{tok_s:.1f}'} | "
+                     f"{'–' if ttft is None else f'{ttft:.2f}'} |")
     return "\n".join(lines)
 
 
