@@ -332,6 +332,16 @@ def test_decode_bf16_window_and_query():
 
 # ---------------------------------------------------------------- prefill oracle
 
+def _prefix_and_window(spec, nq, w, h, d):
+    """Context of nq quantized + w fp tokens: (k, v [nq + w, h, d] as written, the prefix's
+    QuantKeys/QuantValues, oracle k, v = dequantized prefix + fp window)."""
+    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
+    kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
+    ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
+    vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
+    return k, v, kq, vq, ko, vo
+
+
 @pytest.mark.parametrize("kb,vb,g,n_blocks,w,q_len,q_chunk", [
     (4, 2, 32, 3, 40, 40, None),  # the whole window is this step's chunk
     (4, 2, 32, 3, 40, 17, None),  # window holds older fp tokens too
@@ -344,10 +354,7 @@ def test_decode_bf16_window_and_query():
 def test_prefill_matches_dequantized_oracle(kb, vb, g, n_blocks, w, q_len, q_chunk):
     spec, h, d, gq = KVQuantSpec(kb, vb, g, 0), 3, 64, 3
     nq = n_blocks * g
-    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
-    kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
-    ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
-    vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
+    k, v, kq, vq, ko, vo = _prefix_and_window(spec, nq, w, h, d)
     q = torch.randn(q_len, h * gq, d, generator=torch.Generator().manual_seed(2))
     ref = prefill_attention(q, ko, vo, d ** -0.5)
     args = (kq, vq) if n_blocks else (None, None)
@@ -374,10 +381,7 @@ def test_prefill_bf16_is_no_worse_than_the_fp_cache_in_bf16(q_len, q_chunk):
     served model already has, not a looser one."""
     spec, h, d, gq, g = KVQuantSpec(4, 2, 32, 0), 3, 64, 3, 32
     nq, w = 8 * g, 144
-    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
-    kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
-    ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
-    vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
+    k, v, kq, vq, ko, vo = _prefix_and_window(spec, nq, w, h, d)
     q = torch.randn(q_len, h * gq, d, generator=torch.Generator().manual_seed(2))
     ref = prefill_attention(q, ko, vo, d ** -0.5)
     fp_bf16 = prefill_attention(q.bfloat16(), ko.bfloat16(), vo.bfloat16(), d ** -0.5).float()

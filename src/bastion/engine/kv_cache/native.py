@@ -44,6 +44,7 @@ def _build() -> tuple[ModuleType | None, str]:
         # torch's version in the name: the on-disk cache is keyed by name, sources and flags,
         # not by the torch it was built against, and the module links against libtorch
         name = "bastion_kivi_decode_" + re.sub(r"\W", "_", torch.__version__)
+        log.info("loading the native KIVI decode kernel (compiled on first use per machine, ~25 s)")
         mod = load(name, [str(_SRC)], extra_cflags=_CFLAGS, verbose=False)
         return mod, ""
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch ops"
