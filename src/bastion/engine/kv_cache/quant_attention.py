@@ -57,16 +57,31 @@ def _take(t: torch.Tensor, table: torch.Tensor | None, c0: int, c1: int) -> torc
     return t[:, c0:c1] if table is None else t[table[:, c0:c1]]
 
 
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out (fp32) = a @ b computed in a's dtype (b cast to it); fp32 writes in place."""
+    if a.dtype == torch.float32:
+        torch.matmul(a, b.float(), out=out)
+    else:
+        out.copy_(torch.matmul(a, b.to(a.dtype)))
+
+
+def _check_codes(kq: QuantKeys, vq: QuantValues, spec: KVQuantSpec, d: int) -> None:
+    spec.check_head_dim(d)
+    if kq.codes.shape[-1] * 8 != d * spec.k_bits or vq.codes.shape[-1] * 8 != d * spec.v_bits:
+        raise ValueError(f"packed codes {kq.codes.shape[-1]}/{vq.codes.shape[-1]} bytes do not match "
+                         f"K{spec.k_bits}V{spec.v_bits} at head_dim {d}")
+
+
 def _key_scores(out: torch.Tensor, qg: torch.Tensor, kq: QuantKeys, table, n: int, spec: KVQuantSpec,
-                chunk: int, mm: torch.dtype = torch.float32) -> None:
+                chunk: int, qm: torch.Tensor) -> None:
     """qg [B, H, M, D] fp32 (softmax scale applied) -> out [B, H, M, n*G] fp32 scores.
     M <= G (decode): scale folded into q, one [M, D] x [D, G] product per block, min as q . m.
     M > G (prefill rows): folding costs M*D per block > G*D, so the tile is scaled instead
     (measured 4-7x faster at M=768); either way only a bounded tile is ever in fp32.
-    mm: dtype of the M > G products (bf16 for a bf16 model: as the fp cache's prefill does)."""
+    qm: qg in the dtype of the M > G products (bf16 for a bf16 model, as the fp cache's
+    prefill does)."""
     b, h, m, d = qg.shape
     g = spec.group_size
-    qm = qg if mm == torch.float32 or m <= g else qg.to(mm)
     for c0 in range(0, n, chunk):
         c1 = min(n, c0 + chunk)
         nc = c1 - c0
@@ -81,10 +96,7 @@ def _key_scores(out: torch.Tensor, qg: torch.Tensor, kq: QuantKeys, table, n: in
         else:
             zr = _take(kq.zero, table, c0, c1).permute(0, 2, 1, 3).float()  # [B, H, nc, D]
             tile = codes.mul_(sc.unsqueeze(3)).add_(zr.unsqueeze(3)).view(b, h, nc * g, d)
-            if mm == torch.float32:
-                torch.matmul(qg, tile.transpose(-1, -2), out=out[..., c0 * g : c1 * g])
-            else:
-                out[..., c0 * g : c1 * g] = torch.matmul(qm, tile.to(mm).transpose(-1, -2))
+            _product_into(out[..., c0 * g : c1 * g], qm, tile.transpose(-1, -2))
 
 
 def _value_sum(acc: torch.Tensor, p: torch.Tensor, vq: QuantValues, table, n: int, spec: KVQuantSpec,
@@ -128,17 +140,13 @@ def _attend(qg, kq, vq, table, n, k_fp, v_fp, mask, spec, chunk, mm=torch.float3
     nq = n * spec.group_size
     w = 0 if k_fp is None else k_fp.shape[1]
     if n:
-        spec.check_head_dim(d)
-        if kq.codes.shape[-1] * 8 != d * spec.k_bits or vq.codes.shape[-1] * 8 != d * spec.v_bits:
-            raise ValueError(f"packed codes {kq.codes.shape[-1]}/{vq.codes.shape[-1]} bytes do not match "
-                             f"K{spec.k_bits}V{spec.v_bits} at head_dim {d}")
+        _check_codes(kq, vq, spec, d)
+    qm = qg.to(mm)  # the query of the many-row and window products (a no-op in fp32)
     s = qg.new_empty(b, h, m, nq + w)  # joint scores [B, H, M, ctx]
     if n:
-        _key_scores(s[..., :nq], qg, kq, table, n, spec, chunk, mm)
-    if w and mm != torch.float32:
-        s[..., nq:] = torch.matmul(qg.to(mm), k_fp.to(mm).permute(0, 2, 3, 1))  # [B, H, M, w]
-    elif w:
-        torch.matmul(qg, k_fp.float().permute(0, 2, 3, 1), out=s[..., nq:])  # [B, H, M, w]
+        _key_scores(s[..., :nq], qg, kq, table, n, spec, chunk, qm)
+    if w:
+        _product_into(s[..., nq:], qm, k_fp.permute(0, 2, 3, 1))  # [B, H, M, w]
     s.masked_fill_(~mask, float("-inf"))
     p = torch.softmax(s, dim=-1)
     o = qg.new_zeros(b, h, m, d)
@@ -208,10 +216,7 @@ def quantized_decode_attention(
 def _native(kernel, qg, kq, vq, table, n, k_fp, v_fp, block_mask, window_mask, spec) -> torch.Tensor:
     """Adapts quantized_decode_attention's arguments to the native kernel's pool form."""
     b, h, _, d = qg.shape
-    spec.check_head_dim(d)
-    if kq.codes.shape[-1] * 8 != d * spec.k_bits or vq.codes.shape[-1] * 8 != d * spec.v_bits:
-        raise ValueError(f"packed codes {kq.codes.shape[-1]}/{vq.codes.shape[-1]} bytes do not match "
-                         f"K{spec.k_bits}V{spec.v_bits} at head_dim {d}")
+    _check_codes(kq, vq, spec, d)
     if table is None:  # gathered [B, n, ...] -> a pool of B*n blocks
         kq = QuantKeys(*(t.reshape(b * n, *t.shape[2:]) for t in kq))
         vq = QuantValues(*(t.reshape(b * n, *t.shape[2:]) for t in vq))
