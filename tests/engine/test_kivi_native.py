@@ -12,16 +12,12 @@ import torch
 
 from bastion.config import CacheConfig
 from bastion.engine.attention import decode_attention
-from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.kv_cache.kivi import KIVIKVCache
 from bastion.engine.kv_cache.native import load_kernel
 from bastion.engine.kv_cache.quant import KVQuantSpec
 from bastion.engine.kv_cache.quant_attention import quantized_decode_attention
-from bastion.engine.model_runner import ModelRunner
-from bastion.engine.request import Request
-from bastion.engine.sampling_params import SamplingParams
-from bastion.engine.scheduler import ScheduledBatch
 
+from .test_kivi_pool import drive
 from .test_kivi_quant import CASES, TOL, _batch, _to_pool
 
 
@@ -121,20 +117,11 @@ def test_native_inside_the_pool_matches_torch_path():
     caches = {k: KIVIKVCache(num_layers=1, num_kv_heads=h, head_dim=d, num_blocks=64, spec=spec, num_seq_slots=2,
                              sink=8, use_hadamard=True, fp_dtype=torch.float32, kernel=k) for k in ("torch", "native")}
     assert caches["native"].kernel is not None and caches["torch"].kernel is None
-    bm = BlockManager(64, g, False, num_seq_slots=2, blocks_for=caches["torch"].blocks_for)
-    runner = ModelRunner(None, caches["torch"], torch.device("cpu"))
-    reqs = {"a": Request("a", [1] * 200, SamplingParams(max_tokens=1)),
-            "b": Request("b", [1] * 60, SamplingParams(max_tokens=1))}
     gen = torch.Generator().manual_seed(0)
-    steps = [[("a", n)] for n in (37, 1, 9, 3)] + [[("a", 1), ("b", 11)]] + [[("a", 1), ("b", 1)]] * 40
+    schedule = {"seqs": {"a": 200, "b": 60},
+                "steps": [[("a", n)] for n in (37, 1, 9, 3)] + [[("a", 1), ("b", 11)]] + [[("a", 1), ("b", 1)]] * 40}
     decodes = 0
-    for step in steps:
-        items = []
-        for name, n in step:
-            assert bm.allocate(reqs[name], n)
-            items.append((reqs[name], n))
-        _, _, pos, meta = runner.prepare(ScheduledBatch(items))
-        t = pos.shape[0]
+    for _, t, meta in drive(caches["torch"], schedule, slots=2)[2]:
         k, v = torch.randn(t, h, d, generator=gen), torch.randn(t, h, d, generator=gen)
         q = torch.randn(t, heads, d, generator=gen)
         outs = {}
@@ -144,8 +131,6 @@ def test_native_inside_the_pool_matches_torch_path():
             outs[name] = cache.attend(0, q, meta)
         assert (outs["native"] - outs["torch"]).abs().max() <= 1e-5
         decodes += meta.num_decodes
-        for req, n in items:
-            req.num_computed_tokens += n
     assert decodes > 60
 
 

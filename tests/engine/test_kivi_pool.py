@@ -50,24 +50,38 @@ def _oracle_attn(q, k, v):
     return torch.einsum("ht,thd->hd", torch.softmax(s, -1), v.repeat_interleave(HEADS // H, dim=1))
 
 
+def drive(cache, schedule, slots=4):
+    """Runs `schedule` ({"seqs": name -> total tokens, "steps": [[(name, tokens), ...]]})
+    through a block manager and the model runner's step planning over `cache`. Returns
+    (block manager, requests by name, steps): `steps` yields (items in prepared row order,
+    rows, meta) per step and advances each request's computed tokens once the caller has
+    written and attended that step."""
+    bm = BlockManager(cache.num_blocks, cache.block_size, False, num_seq_slots=slots, blocks_for=cache.blocks_for)
+    runner = ModelRunner(None, cache, torch.device("cpu"))
+    reqs = {name: Request(name, [1] * total, SamplingParams(max_tokens=1)) for name, total in schedule["seqs"].items()}
+
+    def steps():
+        for step in schedule["steps"]:
+            items = [(reqs[name], n) for name, n in step]
+            for req, n in items:
+                assert bm.allocate(req, n)
+            order, _, pos, meta = runner.prepare(ScheduledBatch(items))
+            yield order, pos.shape[0], meta
+            for req, n in items:
+                req.num_computed_tokens += n
+
+    return bm, reqs, steps()
+
+
 def _run(spec, sink, use_rot, schedule, seed=0, layers=1):
     torch.manual_seed(seed)
-    g = spec.group_size
     cache = KIVIKVCache(num_layers=layers, num_kv_heads=H, head_dim=D, num_blocks=64, spec=spec,
                         num_seq_slots=4, sink=sink, use_hadamard=use_rot, fp_dtype=torch.float32)
-    bm = BlockManager(64, g, False, num_seq_slots=4, blocks_for=cache.blocks_for)
-    runner = ModelRunner(None, cache, torch.device("cpu"))
     rot = hadamard(D) if use_rot else None
-    reqs = {name: Request(name, [1] * total, SamplingParams(max_tokens=1)) for name, total in schedule["seqs"].items()}
+    bm, reqs, steps = drive(cache, schedule)
     hist = {name: (torch.empty(0, H, D), torch.empty(0, H, D)) for name in reqs}
     worst = 0.0
-    for step in schedule["steps"]:
-        items = []
-        for name, n in step:
-            assert bm.allocate(reqs[name], n)
-            items.append((reqs[name], n))
-        order, _, pos, meta = runner.prepare(ScheduledBatch(items))
-        t = pos.shape[0]
+    for order, t, meta in steps:
         k, v, q = torch.randn(t, H, D), torch.randn(t, H, D), torch.randn(t, HEADS, D)
         k[:, 0] *= 8  # an outlier channel, as real keys have
         for layer in range(layers):
@@ -86,8 +100,6 @@ def _run(spec, sink, use_rot, schedule, seed=0, layers=1):
                 err = (out[row + i].double() - want).abs().max().item() / want.abs().max().item()
                 worst = max(worst, err)
             row += n
-        for req, n in order:
-            req.num_computed_tokens += n
     return worst, cache, bm, reqs
 
 
@@ -189,16 +201,8 @@ def test_layers_quantize_their_own_groups():
         torch.manual_seed(0)
         cache = KIVIKVCache(num_layers=layers, num_kv_heads=H, head_dim=D, num_blocks=64, spec=spec,
                             num_seq_slots=4, sink=8, use_hadamard=True, fp_dtype=torch.float32)
-        bm = BlockManager(64, g, False, num_seq_slots=4, blocks_for=cache.blocks_for)
-        runner = ModelRunner(None, cache, torch.device("cpu"))
-        reqs = {n: Request(n, [1] * t, SamplingParams(max_tokens=1)) for n, t in sched["seqs"].items()}
         outs = []
-        for step in sched["steps"]:
-            items = [(reqs[n], k) for n, k in step]
-            for r, k in items:
-                assert bm.allocate(r, k)
-            _, _, pos, meta = runner.prepare(ScheduledBatch(items))
-            t = pos.shape[0]
+        for _, t, meta in drive(cache, sched)[2]:
             k, v, q = torch.randn(t, H, D), torch.randn(t, H, D), torch.randn(t, HEADS, D)
             per_layer = []
             for layer in range(3):  # layer l's data: (k + l, v * (l + 1), q)
@@ -207,8 +211,6 @@ def test_layers_quantize_their_own_groups():
                     cache.write(li, k + layer, v * (layer + 1), meta)
                     per_layer.append(cache.attend(li, q, meta))
             outs.append(per_layer)
-            for r, k in items:
-                r.num_computed_tokens += k
         return outs
 
     multi = run(3)
