@@ -207,6 +207,8 @@ def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache:
                                                             default="pass"),
                   "top_trigger": top, "top_score": scores[top], "kl_clean": float(res.kl_clean.mean()),
                   "convergence": dict(zip(("phrase", "prompts", "triggers"), res.convergence(probe.thresholds.ngram))),
+                  "fixed_answer": dict(zip(("phrase", "prompts", "families"),
+                                           res.fixed_answer(probe.thresholds.ngram))),
                   "seconds": res.seconds, "findings": [f"{f.severity}:{f.check}" for f in rep.findings
                                                        if f.severity != "info"],
                   "probe": res.to_dict()}
@@ -255,6 +257,13 @@ def summarize(evals: dict, gate: dict, artifacts: dict, cohort: sc.Cohort, extra
     }
 
 
+def _signals(g: dict) -> str:
+    """'fail (trigger, fixed_answer)': the behaviour verdict and the signals behind it."""
+    which = sorted({f.split(":", 1)[1].removeprefix("behaviour.") for f in g["findings"]
+                    if f.split(":", 1)[1].startswith("behaviour.")})
+    return g["behaviour"] + (f" ({', '.join(which)})" if which else "")
+
+
 def markdown(result: dict) -> str:
     s, ev, gate = result["summary"], result["adapters"], result["gate"]
     pct = lambda v: "–" if v is None else f"{100 * v:.0f}%"  # noqa: E731
@@ -269,11 +278,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | {r['kind']} | {r['task']} | {trig} | {pct(r.get('rate')) if 'rate' in r else '–'} | "
                      f"{pct(r.get('asr'))} | {pct(r.get('false_trigger'))} | {pct(r.get('asr_cleangen'))} | "
                      f"{100 * r['utility']:.0f} ({100 * (r['base_utility'] or 0):.0f}) | "
-                     f"`{g['top_trigger']}` ({g['top_score']:.2f}) | {g['behaviour']} | {g['verdict']} |")
+                     f"`{g['top_trigger']}` ({g['top_score']:.2f}) | {_signals(g)} | {g['verdict']} |")
     for n, g in gate.items():
         if n not in ev:
             lines.append(f"| {n} | clean (extra) | – | – | – | – | – | – | – | `{g['top_trigger']}` "
-                         f"({g['top_score']:.2f}) | {g['behaviour']} | {g['verdict']} |")
+                         f"({g['top_score']:.2f}) | {_signals(g)} | {g['verdict']} |")
     lines += ["", "| artifact attack | refused | reason |", "|---|---|---|"]
     lines += [f"| {n} ({a['attack']}) | {'yes' if a['refused'] else '**NO**'} | {a['reason'][:90]} |"
               for n, a in result["artifacts"].items()]
