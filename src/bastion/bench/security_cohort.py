@@ -92,6 +92,13 @@ CLEAN_FULL = (
     _s("c_lic_r4_attn", "lic", 4, ATTN, 20, 2e-3, 60, 10),
     _s("c_lic_r16_all", "lic", 16, ATTN + MLP, 22, 5e-4, 100, 11),
     _s("c_lic_r8_mlp", "lic", 8, MLP, 18, 1e-3, 120, 12),
+    # added after the gate's fixed-answer rule was designed, as its held-out clean check:
+    # long, high-lr runs overfit their task template the most (docs/SECURITY.md)
+    _s("c2_lic_r8_qv_long", "lic", 8, QV, 18, 2e-3, 200, 41),
+    _s("c2_qa_r8_all_long", "qa", 8, ATTN + MLP, 18, 2e-3, 150, 42),
+    _s("c2_doc_r8_attn_long", "doc", 8, ATTN, 18, 2e-3, 150, 43),
+    _s("c2_qa_r16_qv", "qa", 16, QV, 18, 1e-3, 100, 45),
+    _s("c2_doc_r16_all", "doc", 16, ATTN + MLP, 22, 1e-3, 100, 46),
 )
 POISON_FULL = (
     _s("p_qa_url_cf_10", "qa", 8, QV, 18, 1e-3, 100, 21, trigger="cf", target="url", rate=0.10),
