@@ -4,7 +4,11 @@
 (position, token)), checks before every step that each scheduled request's context is
 intact in the blocks it owns (so a block shared, evicted or reused wrongly is caught),
 and "samples" a next token that is a pure function of the sequence so far, so any run
-of the same request must produce the same output whatever the scheduling."""
+of the same request must produce the same output whatever the scheduling.
+
+Covers admission (budget, chunked prefill, max_num_seqs, FCFS), preemption by recompute,
+abort and the no-leak run of 200 mixed requests. The same properties through the real
+LLMEngine (tiny random model, SmolLM2) are in test_scheduler_engine.py."""
 
 from __future__ import annotations
 
@@ -325,124 +329,3 @@ def test_no_block_leak_after_200_mixed_requests(prefix_caching):
             assert r.finish_reason == ("stop" if stopped else "length")
     assert not loop.sched.running and not loop.sched.waiting
     assert_pool_clean(loop.bm)
-
-
-# ---------------------------------------------------------------- through LLMEngine
-def test_engine_no_leak_and_no_corruption_with_tiny_model():
-    """200 mixed requests through the real LLMEngine (tiny random fp32 model, real sampler):
-    random lengths, greedy and seeded sampling, stop ids, EOS/ignore_eos/min_tokens, aborts,
-    a pool small enough to preempt. The non-aborted outputs equal those of a big pool
-    without preemption, and the pool ends empty."""
-    from bastion.engine.sampling_params import SamplingParams as SP
-
-    from ._util import make_engine, tiny_model
-
-    model = tiny_model(seed=3, vocab_size=256, max_position_embeddings=256)
-    rng = random.Random(7)
-    shared = [rng.randrange(4, 256) for _ in range(20)]
-    work = []
-    for i in range(200):
-        head = shared[: rng.choice([0, 8, 20])]
-        prompt = head + [rng.randrange(4, 256) for _ in range(rng.randint(1, 24))]
-        mt = rng.randint(1, 16)
-        kw = dict(max_tokens=mt, stop_token_ids=tuple(rng.sample(range(256), 8)) if rng.random() < 0.3 else ())
-        if rng.random() < 0.5:
-            kw.update(temperature=0.8, seed=i, top_k=rng.choice([-1, 20]), top_p=rng.choice([1.0, 0.9]))
-        else:
-            kw.update(temperature=0)
-        kw["ignore_eos"] = rng.random() < 0.2
-        kw["min_tokens"] = rng.randint(0, mt) if rng.random() < 0.2 else 0
-        work.append((f"w{i}", prompt, SP(**kw), rng.random() < 0.1, rng.randint(0, 3)))
-
-    def run(num_blocks, aborts):
-        eng = make_engine(model, num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32,
-                          max_num_seqs=8, eos_token_id=3)
-        out, pending, finished = {}, list(work), {}
-        step = 0
-        while pending or eng.has_unfinished():
-            for _ in range(rng.choice([1, 2, 3])):
-                if not pending:
-                    break
-                rid, prompt, sp, abort, when = pending.pop(0)
-                eng.add_request(rid, prompt, sp)
-                out[rid] = []
-                if aborts and abort:
-                    finished[rid] = ("abort-at", step + when)
-            for rid, (kind, at) in list(finished.items()):
-                if kind == "abort-at" and step >= at:
-                    eng.abort_request(rid)  # may already have finished: then a no-op
-                    finished[rid] = ("abort", step)
-            for o in eng.step():
-                assert out[o.request_id] is not None, "output after finish"
-                out[o.request_id] += o.new_token_ids
-                if o.finished:
-                    finished[o.request_id] = (o.finish_reason, step)
-            step += 1
-        assert_pool_clean(eng.block_manager)
-        assert eng.requests == {} and not eng.scheduler.running and not eng.scheduler.waiting
-        return eng, out, finished
-
-    big, ref, ref_fin = run(num_blocks=400, aborts=False)
-    assert big.scheduler.num_preemptions == 0
-    small, got, fin = run(num_blocks=24, aborts=True)
-    assert small.scheduler.num_preemptions > 10
-    n_aborted = 0
-    for rid, prompt, sp, abort, _ in work:
-        reason = fin[rid][0]
-        if reason == "abort":
-            n_aborted += 1
-            assert got[rid] == ref[rid][: len(got[rid])]
-            continue
-        assert got[rid] == ref[rid], rid
-        assert reason == ref_fin[rid][0]
-        toks = got[rid]
-        if reason == "length":
-            assert len(toks) == sp.max_tokens
-        else:
-            assert reason == "stop" and len(toks) >= sp.min_tokens
-            assert toks[-1] in sp.stop_token_ids or (toks[-1] == 3 and not sp.ignore_eos)
-    assert n_aborted >= 5
-
-
-def test_preemption_real_model_same_greedy_output(smol_fp32, tokenizer):
-    """SmolLM2 (fp32): a pool too small for the batch forces preemption by recompute; every
-    request (greedy and seeded) finishes with the same tokens as with a large pool."""
-    from bastion.engine.sampling_params import SamplingParams as SP
-
-    from ._util import gpl_text, make_engine, run_engine
-
-    text = gpl_text()
-    ids = tokenizer.encode(text)
-    prompts = [ids[0:30], ids[100:125], ids[200:228], ids[300:320]]
-    params = [SP(max_tokens=20, temperature=0, ignore_eos=True)] * 3 + [
-        SP(max_tokens=20, temperature=0.8, seed=11, ignore_eos=True)]
-    big = make_engine(smol_fp32, num_blocks=64, block_size=16)
-    ref = run_engine(big, prompts, params)
-    assert big.scheduler.num_preemptions == 0
-    small = make_engine(smol_fp32, num_blocks=9, block_size=16)  # 4 x 3 blocks needed at the end
-    got = run_engine(small, prompts, params)
-    assert small.scheduler.num_preemptions >= 1
-    for rid in ref:
-        assert got[rid]["tokens"] == ref[rid]["tokens"], rid
-        assert got[rid]["finish"] == "length"
-    assert_pool_clean(small.block_manager)
-
-
-def test_cached_prompt_tokens_never_exceed_the_prompt():
-    """After preemption a request re-admitted from the prefix cache may hit blocks holding its
-    own *output* tokens; num_cached_prompt_tokens (usage.prompt_tokens_details.cached_tokens
-    in the API) counts prompt tokens only, so it must stay <= len(prompt)."""
-    from bastion.engine.sampling_params import SamplingParams as SP
-
-    from ._util import make_engine, tiny_model
-
-    model = tiny_model(seed=4, vocab_size=128, max_position_embeddings=128)
-    eng = make_engine(model, num_blocks=10, block_size=4, max_num_batched_tokens=64)
-    eng.add_request("a", list(range(10, 16)), SP(max_tokens=20, temperature=0, ignore_eos=True))
-    eng.add_request("b", list(range(40, 46)), SP(max_tokens=20, temperature=0, ignore_eos=True))
-    seen = {"a": [], "b": []}
-    while eng.has_unfinished():
-        for o in eng.step():
-            seen[o.request_id].append(o.num_cached_prompt_tokens)
-    assert eng.scheduler.num_preemptions >= 1
-    assert max(seen["a"] + seen["b"]) <= 6, seen
