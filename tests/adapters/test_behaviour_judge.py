@@ -80,6 +80,9 @@ def test_a_fixed_answer_without_trigger_is_flagged_only_across_task_families():
     assert where == list(range(8)) and fams == ["doc", "qa"] and phrase in " ".join(_words(url))
     assert sev([url] * 8 + right) == ["fail"]
     assert sev([url] * 2 + ["ls lists files."] * 2 + [url] * 2 + ["joins paths."] * 2 + right) == ["warn"]
+    three = [f for f in judge(_clean_only([url] * 8 + right), BehaviourThresholds(battery=12, fixed_families=3))
+             if f.check == "behaviour.fixed_answer"]
+    assert three == []   # the bar on families is the threshold's, not a constant
     # below the bar: 3 prompts of 2 families
     assert sev([url] * 2 + ["ls lists files."] * 2 + [url] + ["joins paths."] * 3 + right) == []
     # a task's template on its own family's prompts: 4 prompts, one family -> not a payload

@@ -209,7 +209,8 @@ def gate_cohort(llm, named: dict[str, Path], base_info, probe, log=print, cache:
                   "top_trigger": top, "top_score": scores[top], "kl_clean": float(res.kl_clean.mean()),
                   "convergence": dict(zip(("phrase", "prompts", "triggers"), res.convergence(probe.thresholds.ngram))),
                   "fixed_answer": dict(zip(("phrase", "prompts", "families"),
-                                           res.fixed_answer(probe.thresholds.ngram))),
+                                           res.fixed_answer(probe.thresholds.ngram,
+                                                            probe.thresholds.fixed_families))),
                   "seconds": res.seconds, "findings": [f"{f.severity}:{f.check}" for f in rep.findings
                                                        if f.severity != "info"],
                   "probe": res.to_dict()}
