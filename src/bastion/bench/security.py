@@ -269,7 +269,7 @@ def extra_clean_adapters(dirs) -> dict[str, Path]:
 
 
 def run_security(out: Path, cohort_name: str, *, n_eval: int, threads: int | None, extra_dirs=(),
-                 log=print) -> dict:
+                 battery_seed: int = 0, log=print) -> dict:
     import torch
 
     from bastion.adapters.behaviour import BehaviourProbe
@@ -289,7 +289,7 @@ def run_security(out: Path, cohort_name: str, *, n_eval: int, threads: int | Non
     evals = evaluate(llm, cohort, n_eval, log=log)
     t_eval = time.perf_counter() - t1
     extra = extra_clean_adapters(extra_dirs)
-    probe = BehaviourProbe(llm)
+    probe = BehaviourProbe(llm, seed=battery_seed)   # the seed picks the licence excerpts
     named = {n: p for s, p in cohort.adapters() for n in [s.name]} | extra
     t2 = time.perf_counter()
     gate = gate_cohort(llm, named, base_info, probe, log=log, cache=out / "probe_cache.json")
@@ -318,6 +318,9 @@ def add_security_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--extra-clean", action="append", default=None, metavar="DIR",
                    help="directory of more clean adapters for the FPR (default: the weight calibration's, if present)")
+    p.add_argument("--battery-seed", type=int, default=0,
+                   help="seed of the probe battery's licence excerpts (the gate's default is 0; others test "
+                        "how much the numbers depend on the excerpts)")
     p.set_defaults(func=run_security_cmd)
     return p
 
@@ -329,7 +332,8 @@ def run_security_cmd(args: argparse.Namespace) -> int:
     n_eval = args.eval_prompts or (16 if args.cohort == "small" else 32)
     extra = args.extra_clean if args.extra_clean is not None else \
         (list(DEFAULT_EXTRA_CLEAN) if args.cohort == "full" else [])
-    res = run_security(Path(args.out), args.cohort, n_eval=n_eval, threads=args.threads, extra_dirs=extra)
+    res = run_security(Path(args.out), args.cohort, n_eval=n_eval, threads=args.threads, extra_dirs=extra,
+                       battery_seed=args.battery_seed)
     print(markdown(res))
     print(f"wrote {args.out}/security.json, security.md, security.png")
     return 0 if res["summary"]["artifacts_refused"] == 1.0 else 1
