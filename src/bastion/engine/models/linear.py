@@ -16,6 +16,8 @@ Each shadow is one more copy of the weights (hence the engine's size limit for `
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,8 +25,19 @@ from torch import nn
 GEMV_MAX_ROWS = 1
 
 
+@functools.cache
 def packed_gemm_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether oneDNN's prepacked bf16 GEMM runs on this CPU. It needs AVX-512 (BW, VL,
+    DQ) or AVX-NE-CONVERT; on an AVX2-only CPU the reorder raises, so it is probed once
+    on a tiny weight rather than assumed from the build."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 16, dtype=torch.bfloat16))
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 16, dtype=torch.bfloat16), w, None, "none", [], "")
+    except RuntimeError:
+        return False
+    return True
 
 
 class Linear(nn.Linear):
@@ -37,8 +50,8 @@ class Linear(nn.Linear):
         self.b16 = None if self.bias is None else self.bias.detach().to(torch.float16)
 
     def enable_packed_gemm(self) -> None:
-        """Prepack bf16 weights for oneDNN (CPU only; other dtypes keep F.linear)."""
-        if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
+        """Prepack bf16 weights for oneDNN (CPU only, where it runs; else F.linear)."""
+        if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and packed_gemm_available():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
