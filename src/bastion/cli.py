@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig, ServerConfig
+from bastion.config import CacheConfig, Config, GuardConfig, ModelConfig, SchedulerConfig, ServerConfig
 
 EXIT_USAGE = 2
 
@@ -58,6 +58,9 @@ def _config(args: argparse.Namespace) -> Config:
         api_key=getattr(args, "api_key", None) or os.environ.get("BASTION_API_KEY") or None,
         log_requests=getattr(args, "log_requests", False),
         admin_key=getattr(args, "admin_key", None) or os.environ.get("BASTION_ADMIN_KEY") or None,
+        guard=GuardConfig(leak_guard=getattr(args, "leak_guard", False),
+                          leak_min_words=getattr(args, "leak_guard_words", 8),
+                          canaries=tuple(getattr(args, "canary", None) or ())),
     )
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
@@ -158,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"cleangen\": false); ALPHA = probability-ratio threshold (default 20)")
     p.add_argument("--allow-unvetted", action="store_true",
                    help="load adapters that fail the vetting gate (logged as an override)")
+    p.add_argument("--leak-guard", action="store_true",
+                   help="cut chat answers that copy a run of their request's system prompt (finish_reason "
+                        "\"content_filter\"); see docs/SECURITY.md")
+    p.add_argument("--leak-guard-words", type=int, default=8, metavar="N",
+                   help="consecutive system-prompt words that count as a leak (default 8)")
+    p.add_argument("--canary", action="append", default=[], metavar="STRING",
+                   help="a marker planted in confidential text: no answer may contain it (repeatable)")
     p.add_argument("--admin-key", default=None,
                    help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
     p.set_defaults(func=cmd_serve)

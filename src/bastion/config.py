@@ -154,6 +154,27 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """Output guards the server puts around the engine (bastion.guard.leak). Off by
+    default: a guard can cut an answer that legitimately quotes its system prompt."""
+
+    leak_guard: bool = False  # cut chat answers that copy a run of the request's system/developer text
+    leak_min_words: int = 8  # how many consecutive words of it count as a leak
+    canaries: tuple[str, ...] = ()  # strings no answer may contain, on every endpoint
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.leak_min_words <= 1000:
+            raise ValueError(f"leak_min_words must be in 2..1000, got {self.leak_min_words}")
+        for canary in self.canaries:
+            if not re.search(r"\w", canary):
+                raise ValueError(f"canary {canary!r} has no letters or digits; it could never be matched")
+
+    @property
+    def active(self) -> bool:
+        return self.leak_guard or bool(self.canaries)
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -162,6 +183,7 @@ class ServerConfig:
     admin_key: str | None = None  # enables runtime adapter load/unload (Bearer admin key)
     max_tokens_default: int = 256
     shutdown_grace_s: float = 10.0
+    guard: GuardConfig = field(default_factory=GuardConfig)  # applied by the server, per request
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

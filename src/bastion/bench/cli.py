@@ -133,10 +133,12 @@ def add_bench_parsers(subparsers: Any) -> None:
     m.set_defaults(func=run_kv_memory_cmd)
 
     from bastion.bench.cleangen import add_cleangen_parser
+    from bastion.bench.guard import add_guard_parser
     from bastion.bench.security import add_security_parser
 
     add_security_parser(subparsers)
     add_cleangen_parser(subparsers)
+    add_guard_parser(subparsers)
 
 
 def _variants(text: str) -> tuple[Any, ...]:

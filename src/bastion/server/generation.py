@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -22,20 +23,23 @@ from fastapi import Request
 
 from bastion.engine.outputs import EngineError, RequestOutput
 from bastion.engine.sampling_params import SamplingParams, TokenLogprob
+from bastion.guard.leak import FILTERED, LeakGuard, guard_outputs
 from bastion.server.errors import ClientDisconnected, from_engine_error, unavailable
 from bastion.server.metrics import RequestTimer
 from bastion.server.protocol import Usage
 
 T = TypeVar("T")
+logger = logging.getLogger("bastion.server")
 
 
 class Generation:
     """Runs one prompt through the engine and accumulates what came back."""
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 timer: RequestTimer, cleangen: bool | None = None) -> None:
+                 timer: RequestTimer, cleangen: bool | None = None, guard: LeakGuard | None = None) -> None:
         self.engine = engine
         self.cleangen = cleangen  # None: the served model's policy
+        self.guard = guard  # output guard: holds back text, may end the answer ("content_filter")
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id = request_id
@@ -83,24 +87,34 @@ class Generation:
         self._timer.prompt(len(self.prompt_ids))
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
-        """The deltas, starting with the one `start()` fetched. Closes the engine
-        generator on the way out, whether finished, broken off or failed."""
+        """The deltas, starting with the one `start()` fetched (through the output guard,
+        if any). Closes the engine generator on the way out, whether finished, broken off,
+        cut by the guard or failed."""
         assert self._gen is not None or self._first is not None, "start() first"
+        source = self._engine_outputs()
         try:
-            out, self._first = self._first, None
-            while out is not None:
-                self._observe(out)
-                yield out
-                if out.finished:
-                    return
-                try:
-                    out = await self._gen.__anext__()
-                except StopAsyncIteration:
-                    raise RuntimeError("engine stream ended without a finished output") from None
-                except EngineError as exc:
-                    raise from_engine_error(exc) from None
+            async with contextlib.aclosing(guard_outputs(source, self.guard) if self.guard else source) as outs:
+                async for out in outs:
+                    self._observe(out)
+                    yield out
+                    if out.finished:
+                        return
         finally:
+            await source.aclose()
             await self.aclose()
+
+    async def _engine_outputs(self) -> AsyncIterator[RequestOutput]:
+        out, self._first = self._first, None
+        while out is not None:
+            yield out
+            if out.finished:
+                return
+            try:
+                out = await self._gen.__anext__()
+            except StopAsyncIteration:
+                raise RuntimeError("engine stream ended without a finished output") from None
+            except EngineError as exc:
+                raise from_engine_error(exc) from None
 
     async def drain(self) -> None:
         async with contextlib.aclosing(self.outputs()) as outs:
@@ -137,6 +151,9 @@ class Generation:
         if out.finished:
             self.finish_reason = out.finish_reason or "stop"
             self._timer.finished(self.finish_reason)
+            if self.finish_reason == FILTERED:  # the content stays private; the event does not
+                logger.warning("%s: answer cut by the output guard (%s leak)", self.request_id,
+                               getattr(self.guard, "tripped", None))
 
 
 def usage_of(gens: list[Generation]) -> Usage:

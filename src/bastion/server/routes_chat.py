@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from bastion.guard.leak import LeakGuard
 from bastion.server.generation import Generation, cancel_on_disconnect, check_not_aborted, run_all, usage_of
 from bastion.server.logprobs import TokenTexts, chat_logprobs, vllm_prompt_logprobs
 from bastion.server.params import (
@@ -54,7 +55,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.log_private("%s chat model=%s messages=%r params=%r", request_id, served.id,
                       [m.as_template_dict() for m in body.messages], params)
     gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival),
-                     cleangen=cleangen_choice(body, served))
+                     cleangen=cleangen_choice(body, served), guard=_guard(body, state))
     texts = TokenTexts(engine.tokenizer)
 
     if body.stream:
@@ -73,6 +74,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     )
     resp = ChatCompletionResponse(id=request_id, model=served.id, choices=[choice], usage=usage_of([gen]))
     return Response(resp.model_dump_json(), media_type="application/json")
+
+
+def _guard(body: ChatCompletionRequest, state: ServerState) -> LeakGuard | None:
+    """The operator's output guard for this request: its system/developer messages are
+    what the leak guard protects (the user's own turns are not secrets)."""
+    system = [m.as_template_dict()["content"] for m in body.messages if m.role in ("system", "developer")]
+    return LeakGuard.for_request(state.config.guard, system)
 
 
 async def _stream(gen: Generation, body: ChatCompletionRequest, model_id: str, texts: TokenTexts,

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from bastion.guard.leak import LeakGuard
 from bastion.server.generation import Generation, cancel_on_disconnect, check_not_aborted, run_all, usage_of
 from bastion.server.logprobs import (
     CompletionLogprobBuilder,
@@ -56,7 +57,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                                         state.config.max_tokens_default, "prompt")
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
         rid = request_id if len(id_lists) == 1 else f"{request_id}-{i}"
-        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), cleangen=cleangen))
+        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), cleangen=cleangen,
+                               guard=LeakGuard.for_request(state.config.guard)))  # canaries only: no system prompt
     state.log_private("%s completion model=%s prompts=%r params=%r", request_id, served.id, prompts,
                       gens[0].params)
     texts = TokenTexts(engine.tokenizer)
