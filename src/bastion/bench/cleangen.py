@@ -16,7 +16,6 @@ over every adapter, per-token time ratio. JSON + PNG + Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
@@ -227,12 +226,7 @@ def run_cleangen_cmd(args: argparse.Namespace) -> int:
                           max_tokens=args.max_tokens, threads=args.threads, timing_batch=args.timing_batch,
                           timing_repeats=args.timing_repeats,
                           only=set(args.only.split(",")) if args.only else None)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cleangen.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / "cleangen.md").write_text(table + "\n")
-    plot(result, out / "cleangen.png")
-    print(table)
-    print(f"\nwrote {out}/cleangen.json, .md, .png")
+    from bastion.bench.cli import write_report
+
+    write_report(Path(args.out), "cleangen", result, markdown(result), plot)
     return 0

@@ -171,7 +171,7 @@ def run_kv_quality_cmd(args: argparse.Namespace) -> int:
         gguf = args.model if args.model and args.model.endswith(".gguf") else None
         hf_dir = str(peers.export_hf_model(gguf, args.hf_dir).resolve())
     result = kq.run_kv_quality(cfg, hf_python=args.hf_python, hf_dir=hf_dir)
-    _write_report(Path(args.out), "kv_quality", result, plots.kv_quality_table(result), plots.plot_kv_quality)
+    write_report(Path(args.out), "kv_quality", result, plots.kv_quality_table(result), plots.plot_kv_quality)
     return 0
 
 
@@ -188,7 +188,7 @@ def run_kv_memory_cmd(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     result = km.run_kv_memory(cfg)
-    _write_report(Path(args.out), "kv_memory", result, km.kv_memory_table(result), km.plot_kv_memory)
+    write_report(Path(args.out), "kv_memory", result, km.kv_memory_table(result), km.plot_kv_memory)
     return 0
 
 
@@ -211,7 +211,7 @@ def run_lora_cmd(args: argparse.Namespace) -> int:
              f"|---|---|---|---|---|---|---|\n| {cfg.batch} | {cfg.rank} | {','.join(cfg.targets)} | "
              f"{result['median_decode_tok_s']['base']:.1f} | {result['median_decode_tok_s']['lora']:.1f} | "
              f"{result['lora_over_base']:.2f} | {result['ratio_of_medians']:.2f} |")
-    _write_report(Path(args.out), "lora", result, table, plot_lora)
+    write_report(Path(args.out), "lora", result, table, plot_lora)
     return 0
 
 
@@ -233,7 +233,7 @@ def _sigterm_unwinds() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _write_report(out: Path, stem: str, result: dict[str, Any], table: str, plot: Any) -> None:
+def write_report(out: Path, stem: str, result: dict[str, Any], table: str, plot: Any) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (out / f"{stem}.md").write_text(table + "\n")
@@ -297,7 +297,7 @@ def run_serving_cmd(args: argparse.Namespace) -> int:
                                             proc.spec.dialect, args.prompt_format,
                                             peers.end_token_ids(tokenizer)))
         result = serving.run_serving(endpoints, corpus, tokenizer, workload, cfg)
-    _write_report(out, "serving", result, plots.serving_table(result), plots.plot_serving)
+    write_report(out, "serving", result, plots.serving_table(result), plots.plot_serving)
     return 0
 
 
@@ -354,7 +354,7 @@ def run_offline_cmd(args: argparse.Namespace) -> int:
         result = offline.run_offline(engines, prompts, cfg)
     finally:
         torch.set_num_threads(previous_threads)
-    _write_report(Path(args.out), "offline", result, plots.offline_table(result), plots.plot_offline)
+    write_report(Path(args.out), "offline", result, plots.offline_table(result), plots.plot_offline)
     return 0
 
 

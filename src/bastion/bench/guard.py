@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -239,13 +238,8 @@ def run_guard_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--thresholds wants comma-separated integers, got {args.thresholds!r}") from None
     if not thresholds or min(thresholds) < 2:
         raise ValueError("--thresholds: each t must be >= 2")
+    from bastion.bench.cli import write_report
+
     result = run_guard_bench(thresholds=thresholds, max_tokens=args.max_tokens, threads=args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "guard.json").write_text(json.dumps(result, indent=2))
-    table = markdown(result)
-    (out / "guard.md").write_text(table + "\n")
-    plot(result, out / "guard.png")
-    print(table)
-    print(f"\nwrote {out}/guard.json, .md, .png")
+    write_report(Path(args.out), "guard", result, markdown(result), plot)
     return 0
