@@ -169,10 +169,6 @@ class GuardConfig:
             if not re.search(r"\w", canary):
                 raise ValueError(f"canary {canary!r} has no letters or digits; it could never be matched")
 
-    @property
-    def active(self) -> bool:
-        return self.leak_guard or bool(self.canaries)
-
 
 @dataclass(frozen=True)
 class ServerConfig:

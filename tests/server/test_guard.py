@@ -11,6 +11,7 @@ import pytest
 
 from bastion.cli import _config, build_parser
 from bastion.config import GuardConfig, ServerConfig
+from bastion.guard.leak import LeakGuard
 
 from .conftest import ServerThread, wait_until
 from .fake_engine import SCRIPT, FakeEngine
@@ -84,7 +85,8 @@ def test_cli_flags_and_bad_values():
                                       "--canary", "blue moon"])
     assert _config(args).server.guard == GuardConfig(leak_guard=True, leak_min_words=5,
                                                      canaries=("ZX-12", "blue moon"))
-    assert not _config(build_parser().parse_args(["serve"])).server.guard.active
+    assert _config(build_parser().parse_args(["serve"])).server.guard == GuardConfig()  # off: nothing guarded
+    assert LeakGuard.for_request(GuardConfig(), [SYSTEM]) is None
     with pytest.raises(ValueError, match="leak_min_words"):
         GuardConfig(leak_min_words=1)
     with pytest.raises(ValueError, match="no letters or digits"):

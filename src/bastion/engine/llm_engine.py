@@ -82,7 +82,7 @@ class LLMEngine:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         if _want_shadow(config.model.fp16_gemv, dtype, device, weight_bytes):
             model.enable_fp16_gemv()
-        if _want_shadow(config.model.packed_gemm, dtype, device, weight_bytes) and packed_gemm_available():
+        if _want_shadow(config.model.packed_gemm, dtype, device, weight_bytes):  # (a no-op where it cannot run)
             model.enable_packed_gemm()
         a = ckpt.arch
         kv = build_kv_cache(config, a, dtype, device)

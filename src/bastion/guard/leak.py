@@ -90,8 +90,7 @@ class LeakGuard:
         protected = [Protected.canary(c) for c in config.canaries]
         if config.leak_guard:
             protected += [Protected.system_prompt(t, config.leak_min_words) for t in system_texts]
-        guard = cls(protected)
-        return guard if guard.protected else None
+        return cls(protected) or None
 
     def __bool__(self) -> bool:
         return bool(self.protected)
@@ -105,8 +104,8 @@ class LeakGuard:
                 break  # the word may go on in the next delta
             self._step(m.group().casefold(), m.start())
             self._scanned = m.end()
-            if self.tripped:
-                return min([r.start for r in self._runs] or [len(self._text)])
+            if self.tripped:  # (then _runs holds the runs that reached their threshold)
+                return min(r.start for r in self._runs)
         return self._safe_length(final)
 
     def _step(self, word: str, start: int) -> None:
