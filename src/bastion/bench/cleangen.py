@@ -145,13 +145,11 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bastion.bench.plots import new_figure
 
     rows = {n: r for n, r in result["adapters"].items() if "asr" in r}
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 2), 4))
+    fig = new_figure(max(6, 0.6 * len(rows) + 2), 4)
+    ax = fig.subplots()
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [100 * r["asr"] for r in rows.values()], 0.4, label="no defense")
     ax.bar([i + 0.2 for i in x], [100 * r["asr_cleangen"] for r in rows.values()], 0.4, label="CleanGen")
@@ -161,7 +159,6 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def built_cohort(cohort_dir: Path, cohort_name: str, only: set[str] | None = None) -> sc.Cohort:

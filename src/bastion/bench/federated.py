@@ -218,12 +218,10 @@ def markdown(result: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from bastion.bench.plots import new_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(21, 4.5))
+    fig = new_figure(21, 4.5)
+    axes = fig.subplots(1, 4)
     strategies = sorted({r["strategy"] for r in rows})
     xs = {e: i for i, e in enumerate(["inf", "8", "4", "2"])}
     for s in strategies:
@@ -259,7 +257,6 @@ def plot(rows: list[dict], path: Path) -> None:
     bars.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -201,9 +201,9 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    from bastion.bench.plots import _new_figure
+    from bastion.bench.plots import new_figure
 
-    fig = _new_figure(10, 4)
+    fig = new_figure(10, 4)
     ax1, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     runs = {kind: [r["run"] for r in result["rows"] if r["kind"] == kind] for kind in ("attack", "benign")}
     top = max(max(v) for v in runs.values()) + 1

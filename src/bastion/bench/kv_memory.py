@@ -244,9 +244,9 @@ def kv_memory_table(result: dict) -> str:
 
 
 def plot_kv_memory(result: dict, path: Any) -> None:
-    from bastion.bench.plots import _new_figure
+    from bastion.bench.plots import new_figure
 
-    fig = _new_figure(13, 4.5)
+    fig = new_figure(13, 4.5)
     ax1, ax2, ax3 = fig.subplots(1, 3)
     for i, (name, lat) in enumerate(result["latency"].items()):
         cs = sorted(lat, key=int)

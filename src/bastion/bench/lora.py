@@ -112,9 +112,9 @@ def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
 
 
 def plot_lora(result: dict, path: Path) -> None:
-    from bastion.bench.plots import _new_figure
+    from bastion.bench.plots import new_figure
 
-    fig = _new_figure(6, 4)
+    fig = new_figure(6, 4)
     ax = fig.subplots()
     med = result["median_decode_tok_s"]
     ax.bar(list(med), list(med.values()), color=["#777", "#2a7"])

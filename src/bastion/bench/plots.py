@@ -24,7 +24,7 @@ _OFFLINE_METRICS = (
 )
 
 
-def _new_figure(width: float, height: float) -> Any:
+def new_figure(width: float, height: float) -> Any:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -35,7 +35,7 @@ def _new_figure(width: float, height: float) -> Any:
 
 def plot_serving(result: Mapping[str, Any], path: str | Path) -> Path:
     """One panel per metric, one line per server, concurrency on a log2 x axis."""
-    fig = _new_figure(11, 8)
+    fig = new_figure(11, 8)
     axes = fig.subplots(2, 2).ravel()
     medians: Mapping[str, Mapping[str, Mapping[str, Any]]] = result["medians"]
     for ax, (key, title, log_y) in zip(axes, _SERVING_PANELS):
@@ -67,7 +67,7 @@ def plot_offline(result: Mapping[str, Any], path: str | Path) -> Path:
     """Grouped bars: one group per metric, one bar per engine."""
     engines: Mapping[str, Mapping[str, Any]] = result["medians"]
     names = list(engines)
-    fig = _new_figure(10, 4.5)
+    fig = new_figure(10, 4.5)
     axes = fig.subplots(1, len(_OFFLINE_METRICS))
     for ax, (key, title) in zip(axes, _OFFLINE_METRICS):
         vals = [engines[n].get(key) or 0.0 for n in names]
@@ -174,7 +174,7 @@ def kv_quality_table(result: dict) -> str:
 
 
 def plot_kv_quality(result: dict, path: Any) -> None:
-    fig = _new_figure(12, 5)
+    fig = new_figure(12, 5)
     ax1, ax2 = fig.subplots(1, 2)
     rows = [r for r in result["rows"] + result.get("peer_rows", []) if "ppl" in r and r["config"] != "fp32"]
     ctxs = sorted({r["ctx"] for r in rows})

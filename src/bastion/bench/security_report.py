@@ -47,17 +47,14 @@ def markdown(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bastion.bench.plots import new_figure
 
     gate, ev, th = result["gate"], result["adapters"], result["thresholds"]
     names = sorted(gate, key=lambda n: gate[n]["top_score"])
     colors = ["tab:red" if ev.get(n, {}).get("kind") in ("poison", "merge") and not ev[n].get("heldout")
               else "tab:orange" if ev.get(n, {}).get("heldout") else "tab:green" for n in names]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(15, max(5, 0.22 * len(names))),
-                               gridspec_kw={"width_ratios": [3, 2]})
+    fig = new_figure(15, max(5, 0.22 * len(names)))
+    a, b = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 2]})
     a.barh(range(len(names)), [gate[n]["top_score"] for n in names], color=colors)
     a.set_yticks(range(len(names)), names, fontsize=7)
     for v, st in ((th["warn"], "--"), (th["fail"], "-")):
@@ -72,4 +69,3 @@ def plot(result: dict, path: Path) -> None:
     b.set_ylim(-0.05, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
