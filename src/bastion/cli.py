@@ -61,6 +61,9 @@ def _config(args: argparse.Namespace) -> Config:
         guard=GuardConfig(leak_guard=getattr(args, "leak_guard", False),
                           leak_min_words=getattr(args, "leak_guard_words", 8),
                           canaries=tuple(getattr(args, "canary", None) or ())),
+        max_body_bytes=int(getattr(args, "max_body_mb", 4.0) * 2**20),
+        openapi=getattr(args, "openapi", False),
+        engine_stall_s=getattr(args, "engine_stall_s", 120.0),
     )
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
@@ -168,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consecutive system-prompt words that count as a leak (default 8)")
     p.add_argument("--canary", action="append", default=[], metavar="STRING",
                    help="a marker planted in confidential text: no answer may contain it (repeatable)")
+    p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB",
+                   help="refuse request bodies larger than this with HTTP 413 (default 4)")
+    p.add_argument("--openapi", action="store_true",
+                   help="publish the API schema at /openapi.json (for fuzzers and client generators)")
+    p.add_argument("--engine-stall-s", type=float, default=120.0, metavar="S",
+                   help="/health answers 503 while one engine step has run longer than this (default 120)")
     p.add_argument("--admin-key", default=None,
                    help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
     p.set_defaults(func=cmd_serve)

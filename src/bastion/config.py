@@ -180,11 +180,19 @@ class ServerConfig:
     max_tokens_default: int = 256
     shutdown_grace_s: float = 10.0
     guard: GuardConfig = field(default_factory=GuardConfig)  # applied by the server, per request
+    # Bodies above this are refused with 413 before they are read (a 128k-token prompt is
+    # ~0.5 MB of text; JSON parsing and tokenizing a huge one would only waste time).
+    max_body_bytes: int = 4 * 2**20
+    openapi: bool = False  # publish /openapi.json (for fuzzers and client generators); off: private
+    # /health answers 503 when one engine step has run this long (a wedged engine).
+    engine_stall_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         _positive("max_tokens_default", self.max_tokens_default)
+        _positive("max_body_bytes", self.max_body_bytes)
+        _positive("engine_stall_s", self.engine_stall_s)
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
 

@@ -76,6 +76,7 @@ class FakeEngine:
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer = ByteTokenizer()
+        self.vocab_size = self.tokenizer.vocab_size
         self.token_delay_s = 0.0
         self.closed_early: list[str] = []
         self.aborted: list[str] = []

@@ -49,6 +49,7 @@ def add_scan_parser(subparsers) -> argparse.ArgumentParser:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from bastion.adapters.scanner import scan_adapter
+    from bastion.safe_io import read_regular
     from bastion.engine.models.arch import UnsupportedModelError
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,8 +70,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         from bastion.adapters.behaviour import CANDIDATE_TRIGGERS, BehaviourProbe, Trigger
 
         try:
-            prompts = [ln.strip() for ln in Path(args.probe_prompts).read_text("utf-8").splitlines() if ln.strip()] \
-                if args.probe_prompts else None
+            text = read_regular(args.probe_prompts, 1 << 20).decode("utf-8", "replace") if args.probe_prompts else None
+            prompts = [ln.strip() for ln in text.splitlines() if ln.strip()] if text is not None else None
         except OSError as e:
             print(f"bastion scan: error: --probe-prompts: {e}", file=sys.stderr)
             return EXIT_IO

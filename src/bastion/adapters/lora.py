@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bastion.engine.models.arch import ModelArch
+from bastion.safe_io import read_regular
 
 # fused module -> its PEFT sub-modules, in output order
 FUSED = {
@@ -29,6 +30,7 @@ FUSED = {
     "down_proj": ("down_proj",),
 }
 SUB_TO_FUSED = {sub: fused for fused, subs in FUSED.items() for sub in subs}
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json (the gate's own limit is smaller)
 PROMPT_ROWS = 16  # a slot's group of at least this many rows (a prompt chunk) runs as 16-bit GEMMs
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
@@ -65,9 +67,11 @@ def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapt
     if not cfg_file.is_file() or not w_file.is_file():
         raise AdapterError(f"{path}: expected adapter_config.json and adapter_model.safetensors")
     try:
-        cfg = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads(read_regular(cfg_file, MAX_CONFIG_BYTES))
+    except (OSError, ValueError) as e:
         raise AdapterError(f"{cfg_file}: {e}") from e
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"{cfg_file}: not a JSON object")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise AdapterError(f"{path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     try:

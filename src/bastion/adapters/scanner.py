@@ -20,8 +20,10 @@ The verdict is the worst finding's severity: any `fail` -> "fail", else any `war
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -150,6 +152,10 @@ def scan_adapter(path: str | Path, *, base: BaseModelInfo | None = None, limits:
     root = Path(path).expanduser()
     if not root.exists() and not root.is_symlink():
         raise FileNotFoundError(f"no such adapter: {root}")
+    mode = root.stat().st_mode  # (follows a symlink: what a loader would read)
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise OSError(errno.EINVAL, "not a regular directory or file (a device, FIFO or socket is never read)",
+                      str(root))
     add = _Collector()
     files: dict[str, dict] = {}
     adapter: dict = {}
@@ -267,7 +273,10 @@ def _load_config(root: Path, add, limits: ScanLimits, base) -> tuple[dict | None
             f"{limits.max_config_bytes})")
         return None, None
     try:
-        cfg = sf.strict_json(p.read_bytes())
+        cfg = sf.strict_json(sf.read_regular(p, limits.max_config_bytes))
+    except OSError as e:
+        add("config.json", "fail", f"adapter_config.json cannot be read: {e.strerror or e}")
+        return None, None
     except (ValueError, UnicodeDecodeError) as e:
         add("config.json", "fail", f"adapter_config.json is not valid JSON: {e}")
         return None, None

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bastion.safe_io import open_regular, read_regular  # noqa: F401  (read_regular re-exported)
+
 # Files a PEFT LoRA adapter needs, and files known to be harmless next to it.
 REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors")
 BENIGN_FILES = {"README.md", "training_report.json", ".gitattributes", "LICENSE", "LICENSE.txt"}
@@ -104,9 +106,11 @@ def walk(root: Path, *, max_files: int, max_depth: int) -> tuple[list[DirEntry],
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        while size > 0 and (block := f.read(min(chunk, size))):  # never more than the stat said
             h.update(block)
+            size -= len(block)
     return h.hexdigest()
 
 
@@ -114,7 +118,7 @@ def sniff_pickle(path: Path) -> str | None:
     """Why this file can carry a pickle (by content), or None. Reads at most a few KB and
     zip directory names; never unpickles."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             head = f.read(16)
     except OSError:
         return None
@@ -138,7 +142,7 @@ def sniff_pickle(path: Path) -> str | None:
         except (zipfile.BadZipFile, OSError, ValueError, RuntimeError):
             return "a zip archive that cannot be listed"
     if head[:6] == b"\x93NUMPY":
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             return _npy_object_dtype(f)
     return None
 
@@ -182,10 +186,10 @@ def parse_safetensors_header(path: Path, *, max_header_bytes: int, max_tensors: 
     """Validate the whole header and the data layout; raises HeaderError on anything that
     would make tensor reads ambiguous or out of bounds. Soft problems (non-allowlisted
     dtypes) are returned in .problems so the rest of the scan can still report."""
-    size = os.path.getsize(path)
-    if size < 8:
-        raise HeaderError(f"file is {size} bytes; a safetensors file starts with an 8-byte header length")
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise HeaderError(f"file is {size} bytes; a safetensors file starts with an 8-byte header length")
         n = int.from_bytes(f.read(8), "little")
         if n > max_header_bytes:
             raise HeaderError(f"header length {n} bytes exceeds the limit {max_header_bytes}",
@@ -251,7 +255,7 @@ def parse_safetensors_header(path: Path, *, max_header_bytes: int, max_tensors: 
 
 def read_tensor(path: Path, header: SafetensorsHeader, t: TensorInfo) -> np.ndarray:
     """One tensor as float64 (only allowlisted dtypes; offsets were validated)."""
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(8 + header.header_len + t.begin)
         buf = f.read(t.end - t.begin)
     arr = np.frombuffer(buf, dtype=SAFETENSORS_DTYPES[t.dtype])

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from bastion.config import Config
 from bastion.engine.llm import OutputProcessor
 from bastion.engine.llm_engine import LLMEngine
-from bastion.engine.outputs import EngineDeadError, EngineStats, PromptTooLongError, QueueFullError, RequestOutput
+from bastion.engine.outputs import (
+    EngineDeadError, EngineStats, PromptTooLongError, QueueFullError, RequestFailedError, RequestOutput,
+)
 from bastion.engine.sampling_params import SamplingParams
 
 log = logging.getLogger("bastion.engine")
@@ -52,6 +54,7 @@ class AsyncEngine:
         self.cleangen: dict[str, float] = {}  # adapter -> alpha: CleanGen on by default (--cleangen)
         self._stopped = False
         self._dead: BaseException | None = None
+        self._step_since: float | None = None  # monotonic start of the step in progress
         self._thread = threading.Thread(target=self._run, name="bastion-engine", daemon=True)
         self._loop_done = threading.Event()
         if background:
@@ -82,6 +85,10 @@ class AsyncEngine:
         if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
         return list(ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -192,11 +199,42 @@ class AsyncEngine:
         """False once the loop stopped (shutdown) or crashed; /health reports it."""
         return self._dead is None and not self._stopped and not self._loop_done.is_set()
 
+    @property
+    def failure(self) -> BaseException | None:
+        """What killed the engine loop, if it crashed (the server then exits non-zero)."""
+        return self._dead
+
+    def health(self, stall_after_s: float) -> str | None:
+        """None when serving; else why not: the loop is dead, or one step has been
+        running for longer than stall_after_s (wedged)."""
+        if self._dead is not None:
+            return f"engine loop crashed ({type(self._dead).__name__})"
+        if not self.is_running:
+            return "engine stopped"
+        since = self._step_since
+        if since is not None and time.monotonic() - since > stall_after_s:
+            return f"engine step running for {time.monotonic() - since:.0f} s"
+        return None
+
     # ------------------------------------------------------------ the thread
     def _deliver(self, rid: str, item) -> None:
         s = self._streams.get(rid)
         if s is not None:
             s.loop.call_soon_threadsafe(s.q.put_nowait, item)
+
+    def _deliver_output(self, out: RequestOutput) -> None:
+        try:
+            out = self.processor.process(out)
+        except Exception as exc:  # noqa: BLE001 - e.g. a detokenizer failure: this request only
+            log.error("request %s: output processing failed (%s)", out.request_id, type(exc).__name__, exc_info=exc)
+            self.engine.abort_request(out.request_id)
+            self.processor.drop(out.request_id)
+            out = RequestOutput(out.request_id, out.prompt_token_ids, finished=True, finish_reason="error",
+                                error=f"{type(exc).__name__}: {exc}")
+        if out.finish_reason == "error":
+            self._deliver(out.request_id, RequestFailedError(out.error or "the engine failed this request"))
+        else:
+            self._deliver(out.request_id, out)
 
     def _drain_commands(self) -> None:
         while True:
@@ -236,9 +274,11 @@ class AsyncEngine:
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
+                self._step_since = time.monotonic()
                 outputs = self.engine.step()
+                self._step_since = None
                 for out in outputs:
-                    self._deliver(out.request_id, self.processor.process(out))
+                    self._deliver_output(out)
         except BaseException as e:  # engine bug or OOM: fail every caller, don't hang them
             log.exception("engine loop crashed")
             self._dead = e

@@ -1,4 +1,12 @@
-"""LLMEngine: token ids in, token ids out. One `step()` = schedule, run, sample, postprocess."""
+"""LLMEngine: token ids in, token ids out. One `step()` = schedule, run, sample, postprocess.
+
+Failure containment: an exception raised for one request fails that request alone
+(finish_reason "error") and the engine goes on serving the others. Sampling and
+postprocessing are per request, so a failure there is attributed at once (the batched
+sampler is retried row by row). A failure in the batched forward pass names no request:
+every request of that step is rolled back (preemption by recompute) and runs alone until
+it samples a token, so the one that fails again is the one failed.
+"""
 
 from __future__ import annotations
 
@@ -121,6 +129,10 @@ class LLMEngine:
             raise ValueError("prompt must contain at least one token")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in params.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
+        if params.top_k > self.vocab_size:
+            raise ValueError(f"top_k must be at most the vocabulary size {self.vocab_size}, got {params.top_k}")
         if len(prompt_token_ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
@@ -168,35 +180,88 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits = self.runner.execute(batch)
-        sampled, logprobs = (self.sampler(logits.sample_logits, logits.sample_reqs, logits.ref_logits)
-                             if logits.sample_reqs else ([], []))
-        return self._postprocess(batch, logits, sampled, logprobs)
+        try:
+            logits = self.runner.execute(batch)
+        except Exception as exc:  # noqa: BLE001 - names no request: see the module docstring
+            return self._contain(batch, exc)
+        samples = self._sample(logits)
+        return self._postprocess(batch, logits, samples)
 
-    def _postprocess(self, batch: ScheduledBatch, logits: StepLogits, sampled, logprobs) -> list[RequestOutput]:
+    def _sample(self, logits: StepLogits) -> list:
+        """(token, logprob) per sampling request, or the exception sampling it raised."""
+        reqs = logits.sample_reqs
+        if not reqs:
+            return []
+        try:
+            return list(zip(*self.sampler(logits.sample_logits, reqs, logits.ref_logits)))
+        except Exception:  # noqa: BLE001 - find the row that raises, sample the others
+            out = []
+            for i, req in enumerate(reqs):
+                ref = None if logits.ref_logits is None else logits.ref_logits[i : i + 1]
+                try:
+                    toks, lps = self.sampler(logits.sample_logits[i : i + 1], [req], ref)
+                    out.append((toks[0], lps[0]))
+                except Exception as exc:  # noqa: BLE001
+                    out.append(exc)
+            return out
+
+    def _contain(self, batch: ScheduledBatch, exc: Exception) -> list[RequestOutput]:
+        reqs = [req for req, _ in batch.items]
+        if len(reqs) == 1:
+            return [self._fail(reqs[0], exc)]
+        log.warning("a step of %d requests raised %s; running them one at a time to find the cause",
+                    len(reqs), type(exc).__name__)
+        self.scheduler.isolate(reqs)
+        return []
+
+    def _fail(self, req: Request, exc: BaseException) -> RequestOutput:
+        log.error("request %s failed in the engine (%s); the engine goes on", req.request_id,
+                  type(exc).__name__, exc_info=exc)
+        self.scheduler.finish(req, "error")
+        self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt_token_ids, finished=True, finish_reason="error",
+                             num_generated_tokens=req.num_output_tokens, error=f"{type(exc).__name__}: {exc}")
+
+    def _postprocess(self, batch: ScheduledBatch, logits: StepLogits, samples: list) -> list[RequestOutput]:
+        failed: dict[str, RequestOutput] = {}
         for req, n in batch.items:
-            if req.request_id in logits.prompt_logits:
-                self._record_prompt_logprobs(req, *logits.prompt_logits[req.request_id])
-            req.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(req)
-        outputs = []
-        for req, tok, lp in zip(logits.sample_reqs, sampled, logprobs):
-            req.token_ids.append(tok)
-            self.generation_tokens_total += 1
-            out = RequestOutput(req.request_id, req.prompt_token_ids, new_token_ids=[tok],
-                                new_logprobs=[lp] if lp is not None else None,
-                                num_generated_tokens=req.num_output_tokens,
-                                num_cached_prompt_tokens=req.num_cached_tokens,
-                                num_replaced_tokens=req.num_replaced_tokens if req.token_filter else None)
-            if req.num_output_tokens == 1 and req.prompt_logprobs is not None:
-                out.prompt_logprobs = req.prompt_logprobs
-            reason = self._finish_reason(req, tok)
-            if reason:
-                self.scheduler.finish(req, reason)
-                self.requests.pop(req.request_id, None)
-                out.finished, out.finish_reason = True, reason
-            outputs.append(out)
+            try:
+                if req.request_id in logits.prompt_logits:
+                    self._record_prompt_logprobs(req, *logits.prompt_logits[req.request_id])
+                req.num_computed_tokens += n
+                self.block_manager.cache_full_blocks(req)
+            except Exception as exc:  # noqa: BLE001
+                failed[req.request_id] = self._fail(req, exc)
+        outputs = list(failed.values())
+        for req, sample in zip(logits.sample_reqs, samples):
+            if req.request_id in failed:
+                continue
+            if isinstance(sample, Exception):
+                outputs.append(self._fail(req, sample))
+                continue
+            try:
+                outputs.append(self._append(req, *sample))
+            except Exception as exc:  # noqa: BLE001
+                outputs.append(self._fail(req, exc))
         return outputs
+
+    def _append(self, req: Request, tok: int, lp) -> RequestOutput:
+        req.isolated = False  # it sampled: it was not the culprit of a failed step
+        req.token_ids.append(tok)
+        self.generation_tokens_total += 1
+        out = RequestOutput(req.request_id, req.prompt_token_ids, new_token_ids=[tok],
+                            new_logprobs=[lp] if lp is not None else None,
+                            num_generated_tokens=req.num_output_tokens,
+                            num_cached_prompt_tokens=req.num_cached_tokens,
+                            num_replaced_tokens=req.num_replaced_tokens if req.token_filter else None)
+        if req.num_output_tokens == 1 and req.prompt_logprobs is not None:
+            out.prompt_logprobs = req.prompt_logprobs
+        reason = self._finish_reason(req, tok)
+        if reason:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.request_id, None)
+            out.finished, out.finish_reason = True, reason
+        return out
 
     def _finish_reason(self, req: Request, tok: int) -> str | None:
         p = req.params

@@ -19,7 +19,8 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # entry 0 is None (no context)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why the engine failed this request (finish_reason "error")
     num_generated_tokens: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served from the prefix cache
     num_replaced_tokens: int | None = None  # tokens CleanGen replaced so far (None: not defended)
@@ -50,3 +51,7 @@ class PromptTooLongError(EngineError):
 
 class EngineDeadError(EngineError):
     """The engine loop stopped (shutdown or a fatal error); no new requests."""
+
+
+class RequestFailedError(EngineError):
+    """A step failed on this request; the engine failed it alone and serves the others."""

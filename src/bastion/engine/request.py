@@ -41,6 +41,10 @@ class Request:
     generator: torch.Generator | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_preemptions: int = 0
+    # NOTE: set when a step this request was part of raised: it is rolled back (recompute)
+    # and scheduled in batches of its own until it samples a token, so the step that
+    # fails again names the culprit (LLMEngine._contain).
+    isolated: bool = False
     cache_salt: str = ""  # separates prefix-cache namespaces (e.g. per adapter)
     lora_slot: int = 0  # 0 = base model; else the adapter registry's slot
     block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks

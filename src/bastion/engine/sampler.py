@@ -61,9 +61,12 @@ class Sampler:
     @staticmethod
     def _apply_masks(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
         rows, cols = [], []
+        vocab = logits.shape[-1]
         for i, r in enumerate(reqs):
             if r.num_output_tokens < r.params.min_tokens:
-                banned = list(r.params.stop_token_ids)
+                # NOTE: add_request rejects ids outside the vocabulary; they are skipped
+                # here too, because an index error in this batched op would fail the step.
+                banned = [t for t in r.params.stop_token_ids if 0 <= t < vocab]
                 if r.eos_token_id is not None:
                     banned.append(r.eos_token_id)
                 rows += [i] * len(banned)
@@ -75,7 +78,8 @@ class Sampler:
 
     def _sample(self, logits, temps, reqs, greedy) -> torch.Tensor:
         scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-        top_k = [r.params.top_k if r.params.top_k > 0 else 0 for r in reqs]
+        vocab = logits.shape[-1]
+        top_k = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in reqs]
         top_p = [r.params.top_p for r in reqs]
         if any(top_k) or any(p < 1.0 for p in top_p):
             scaled = _top_k_top_p(scaled, top_k, top_p)

@@ -46,6 +46,9 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        solo = next((r for r in self.running if r.isolated), None)
+        if solo is not None or (self.waiting and self.waiting[0].isolated):
+            return self._schedule_alone(solo or self.waiting[0])
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = False
@@ -78,6 +81,33 @@ class Scheduler:
             batch.items.append((req, n))
             budget -= n
         return batch
+
+    def _schedule_alone(self, req: Request) -> ScheduledBatch:
+        """One step of an isolated request and nothing else; others are preempted if it
+        needs their memory (add_request guarantees it fits the empty pool)."""
+        hits = self.bm.match_prefix(req) if req.status is Status.WAITING else []
+        start = max(req.num_computed_tokens, len(hits) * self.bm.block_size)
+        n = min(req.num_tokens - start, self.config.max_num_batched_tokens)
+        while not self.bm.allocate(req, n, hits):
+            others = [r for r in self.running if r is not req]
+            if not others:
+                return ScheduledBatch()
+            self.running.remove(others[-1])
+            self._preempt(others[-1])
+        if req.status is Status.WAITING:
+            self.waiting.remove(req)
+            req.status = Status.RUNNING
+            self.running.append(req)
+        return ScheduledBatch([(req, n)])
+
+    def isolate(self, reqs: list[Request]) -> None:
+        """Roll `reqs` back (preemption by recompute, so no half-written state survives)
+        and mark them to run alone, in their order, ahead of the queue."""
+        for req in reversed(reqs):
+            if req.status is Status.RUNNING:
+                self.running.remove(req)
+                self._preempt(req)
+            req.isolated = True
 
     def _preempt(self, req: Request) -> None:
         self.bm.free_request(req)

@@ -12,6 +12,11 @@ listening socket closes, and `engine.shutdown(grace_s)` runs *while* uvicorn wai
 open connections. In-flight requests finish within the grace period or are aborted by
 the engine; aborted streams end with finish_reason "abort" and [DONE], aborted
 non-streaming requests get a 503. No request is left hanging.
+
+Engine failure: /health answers 503 while the engine loop is dead or one step has run
+longer than `ServerConfig.engine_stall_s`; a dead engine loop also stops the server,
+and `run_server` then raises `EngineDeadError`, so `bastion serve` exits non-zero and a
+supervisor restarts it.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response
 
 from bastion.config import ServerConfig
+from bastion.engine.outputs import EngineDeadError
 from bastion.server import routes_admin, routes_chat, routes_completions
 from bastion.server.auth import ApiKeyMiddleware, resolve_api_key
 from bastion.server.errors import CatchAllMiddleware, install_error_handlers
+from bastion.server.limits import BodyLimitMiddleware
 from bastion.server.metrics import ServerMetrics
 from bastion.server.protocol import ModelList
 from bastion.server.served_models import ServedModel, ServedModels
@@ -52,9 +59,10 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *,
         models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name))
     state = ServerState(config=config, models=models, metrics=ServerMetrics(engine))
 
-    # No /docs or /openapi.json: a private inference server has no reason to publish
-    # its schema to whoever can reach the port.
-    app = FastAPI(title="Bastion", docs_url=None, redoc_url=None, openapi_url=None)
+    # No /docs; /openapi.json only with --openapi (fuzzers, client generators): a private
+    # inference server has no reason to publish its schema to whoever can reach the port.
+    app = FastAPI(title="Bastion", docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json" if config.openapi else None)
     app.state.bastion = state
     install_error_handlers(app)
     app.include_router(routes_chat.router)
@@ -63,7 +71,8 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *,
     _add_info_routes(app)
 
     # add_middleware wraps: the last added runs first. Order on the way in:
-    # catch-all (so even auth failures of ours become JSON) -> API key -> routes.
+    # catch-all (so even auth failures of ours become JSON) -> API key -> body limit -> routes.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     api_key = resolve_api_key(config.api_key)
     if api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key)
@@ -74,8 +83,12 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *,
 def _add_info_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
-        if get_state(request).draining:
+        state = get_state(request)
+        if state.draining:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
+        problem = engine_problem(state.models.resolve(None).engine, state.config)
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -94,14 +107,29 @@ def _add_info_routes(app: FastAPI) -> None:
         return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+def engine_problem(engine: Any, config: ServerConfig) -> str | None:
+    """Why the engine cannot serve (dead loop, wedged step), or None."""
+    health = getattr(engine, "health", None)
+    return health(config.engine_stall_s) if health is not None else None
+
+
 class BastionServer(uvicorn.Server):
-    """uvicorn.Server whose shutdown also drains the engine (see module docstring)."""
+    """uvicorn.Server whose shutdown also drains the engine, and which stops when the
+    engine loop dies (see module docstring)."""
 
     def __init__(self, config: uvicorn.Config, *, state: ServerState, engine: Any, grace_s: float) -> None:
         super().__init__(config)
         self._state = state
         self._engine = engine
         self._grace_s = grace_s
+
+    async def on_tick(self, counter: int) -> bool:
+        should_exit = await super().on_tick(counter)
+        failure = getattr(self._engine, "failure", None)
+        if failure is not None and not should_exit:
+            logger.critical("the engine loop died (%s): stopping the server", type(failure).__name__)
+            return True
+        return should_exit
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._state.draining = True
@@ -156,6 +184,7 @@ def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs:
     server = make_server(engine, server_config, **kwargs)
     if not hasattr(engine, "run_loop") or engine.is_running and engine._thread.is_alive():
         server.run()
+        _raise_if_failed(engine)
         return
     import signal
     import threading
@@ -174,6 +203,13 @@ def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs:
         http.join(timeout=engine_grace(server_config) + 10)
         for s, h in previous.items():
             signal.signal(s, h)
+    _raise_if_failed(engine)
+
+
+def _raise_if_failed(engine: Any) -> None:
+    failure = getattr(engine, "failure", None)
+    if failure is not None:
+        raise EngineDeadError(f"the engine loop crashed ({type(failure).__name__}: {failure}); see the log above")
 
 
 def engine_grace(config: ServerConfig | None) -> float:

@@ -29,7 +29,7 @@ def resolve_api_key(configured: str | None) -> str | None:
 class ApiKeyMiddleware:
     def __init__(self, app: ASGIApp, *, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or scope.get("method") == "OPTIONS":
@@ -40,8 +40,10 @@ class ApiKeyMiddleware:
             if name == b"authorization":
                 given = value
                 break
+        # The scheme is case-insensitive (RFC 7235): "Bearer", "bearer", "BEARER".
+        scheme, _, token = given.strip().partition(b" ")
         # compare_digest: the time taken must not reveal how much of the key matched.
-        if hmac.compare_digest(given, self._expected):
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected):
             await self.app(scope, receive, send)
             return
         message = "Missing API key." if not given else "Incorrect API key provided."

@@ -11,7 +11,8 @@ Status codes (the contract clients and tests rely on):
 * 401 bad or missing API key (auth.py), 404 unknown model or route, 405 wrong method,
 * 413 prompt (+ max_tokens) does not fit the context window,
 * 429 engine queue full, with a ``Retry-After`` header,
-* 503 engine dead or server draining, 500 anything unexpected.
+* 503 engine dead or server draining, 500 anything unexpected (including a request
+  the engine failed alone: the others go on).
 
 Unexpected exceptions are caught by `CatchAllMiddleware`, not by a Starlette
 ``Exception`` handler: Starlette re-raises after calling such a handler so that the
@@ -34,7 +35,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bastion.engine.outputs import EngineDeadError, EngineError, PromptTooLongError, QueueFullError
+from bastion.engine.outputs import (
+    EngineDeadError, EngineError, PromptTooLongError, QueueFullError, RequestFailedError,
+)
 
 logger = logging.getLogger("bastion.server")
 
@@ -99,6 +102,9 @@ def from_engine_error(exc: EngineError) -> APIError:
         return context_too_long(str(exc) or "Prompt plus max_tokens does not fit the model context.")
     if isinstance(exc, EngineDeadError):
         return unavailable("The inference engine is not running.")
+    if isinstance(exc, RequestFailedError):  # this request alone; the details stay in the server log
+        return APIError(500, "The engine failed while serving this request; other requests are unaffected.",
+                        type="server_error", code="internal_error")
     return unavailable("The inference engine could not serve this request.")
 
 
@@ -150,9 +156,12 @@ async def _validation_handler(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_exception_handler(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
+    codes = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    body = error_body(str(exc.detail), kind, None, codes.get(exc.status_code))
+    message, code = str(exc.detail), codes.get(exc.status_code)
+    if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI's "error parsing the body"
+        message, code = "Malformed JSON body: it is not valid UTF-8.", "invalid_json"
+    body = error_body(message, kind, None, code)
     return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 

@@ -10,6 +10,7 @@ Length rules (all against the served engine's max_model_len):
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import jinja2
@@ -26,10 +27,19 @@ def reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
         raise bad_request(message, param=param, code="unsupported_parameter")
 
 
-def check_max_tokens(requested: int | None, max_model_len: int) -> None:
-    if requested is not None and requested > max_model_len:
-        raise bad_request(f"max_tokens ({requested}) exceeds the model's context length ({max_model_len}).",
-                          param="max_tokens")
+def check_against_model(req: _SamplingRequest, requested_max_tokens: int | None, engine: Any) -> None:
+    """The bounds that depend on the served model: context length and vocabulary size."""
+    if requested_max_tokens is not None and requested_max_tokens > engine.max_model_len:
+        raise bad_request(f"max_tokens ({requested_max_tokens}) exceeds the model's context length "
+                          f"({engine.max_model_len}).", param="max_tokens")
+    vocab = engine.vocab_size
+    if req.top_k is not None and req.top_k > vocab:
+        raise bad_request(f"top_k ({req.top_k}) exceeds the vocabulary size ({vocab}); -1 or 0 disables it.",
+                          param="top_k")
+    bad = [t for t in req.stop_token_ids or () if t >= vocab]
+    if bad:
+        raise bad_request(f"stop_token_ids: {bad[0]} is not a token id (vocabulary size {vocab}).",
+                          param="stop_token_ids")
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int,
@@ -48,18 +58,20 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
     return requested
 
 
-def encode_chat(engine: Any, req: ChatCompletionRequest) -> list[int]:
+# NOTE: tokenizing runs in a worker thread (HF's Rust tokenizer releases the GIL): a long
+# prompt must not stall the event loop, which serves /health and every other stream.
+async def encode_chat(engine: Any, req: ChatCompletionRequest) -> list[int]:
     try:
-        ids = engine.encode_chat([m.as_template_dict() for m in req.messages])
+        ids = await asyncio.to_thread(engine.encode_chat, [m.as_template_dict() for m in req.messages])
     except (ValueError, TypeError, jinja2.TemplateError) as exc:
         # Chat templates reject e.g. non-alternating roles by raising TemplateError.
         raise bad_request(f"Invalid messages: {exc}", param="messages") from None
     return _non_empty(list(ids), "messages")
 
 
-def encode_prompt(engine: Any, prompt: str | list[int]) -> list[int]:
+async def encode_prompt(engine: Any, prompt: str | list[int]) -> list[int]:
     try:
-        ids = engine.encode_prompt(prompt)
+        ids = await asyncio.to_thread(engine.encode_prompt, prompt)
     except (ValueError, TypeError) as exc:
         raise bad_request(f"Invalid prompt: {exc}", param="prompt") from None
     return _non_empty(list(ids), "prompt")

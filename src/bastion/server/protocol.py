@@ -10,19 +10,29 @@ Unknown fields are ignored (OpenAI clients send fields we have no use for, e.g.
 `metadata`), but fields that would change the result and that we cannot honour
 (n > 1, penalties, logit_bias, tools, ...) are rejected in `unsupported()` rather than
 silently dropped: a caller must never get a different distribution than it asked for.
+
+Types are strict, as OpenAI's are: `"max_tokens": "16"`, `"max_tokens": true` and
+`"logprobs": true` on completions are 400s, not guesses (a float field still takes an
+integer). Every integer is bounded to int64 here, and the bounds that depend on the
+served model (vocabulary size, context length) are checked in params.py, so no number
+a client can write reaches torch unchecked. The bounds are part of the OpenAPI schema
+(`bastion serve --openapi`), which is what the fuzz tests generate requests from.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_serializer
 
-# Token ids and seeds go to torch as int64; bound them here so an absurd JSON number
-# is a 400, not an OverflowError deep inside the engine.
-_I64_MIN, _U64_MAX = -(2**63), 2**64 - 1
-_MAX_STOP = 64  # stop strings are matched on every detokenized delta
+# Token ids, counts and seeds go to torch as int64; bound them here so an absurd JSON
+# number is a 400, not an OverflowError deep inside the engine.
+I64_MIN, I64_MAX, U64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
+MAX_STOP = 64  # stop strings are matched on every detokenized delta
+MAX_STOP_TOKEN_IDS = 1024
+TokenId = Annotated[int, Field(ge=0, le=I64_MAX)]  # < vocabulary size: checked in params.py
+Count = Annotated[int, Field(ge=1, le=I64_MAX)]
 
 
 class _Request(BaseModel):
@@ -30,7 +40,8 @@ class _Request(BaseModel):
     # into booleans, and a guessed `stream` or `logprobs` is worse than a 400.
     # allow_inf_nan=False: Python's json parser accepts `NaN`; NaN must never reach
     # the sampler (a NaN temperature would fail every comparison we rely on).
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: no str -> int or bool -> int coercion (see the module docstring).
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Request):
@@ -41,18 +52,18 @@ class _SamplingRequest(_Request):
     """Fields shared by /v1/chat/completions and /v1/completions."""
 
     model: str | None = None  # None: the server's default model
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0)  # None: 1.0, as OpenAI
+    max_tokens: Count | None = None  # <= the context length: params.py
+    temperature: float | None = Field(default=None, ge=0.0)  # None: 1.0, as OpenAI; < 1e-5: greedy
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1)
-    seed: int | None = Field(default=None, ge=_I64_MIN, le=_U64_MAX)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    top_k: int | None = Field(default=None, ge=-1, le=I64_MAX)  # -1/0: off; <= vocabulary size: params.py
+    seed: int | None = Field(default=None, ge=I64_MIN, le=U64_MAX)  # what torch.Generator.manual_seed takes
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: StrictBool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=I64_MAX)
     include_stop_str_in_output: StrictBool = False
     prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
-    n: int = Field(default=1, ge=1)
+    n: Count = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; never logged
@@ -78,10 +89,6 @@ class _SamplingRequest(_Request):
             return "logit_bias", "logit_bias is not supported"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed when stream is true"
-        if len(self.stop_list()) > _MAX_STOP:
-            return "stop", f"at most {_MAX_STOP} stop strings are allowed"
-        if any(not 0 <= t <= _U64_MAX for t in self.stop_token_ids or ()):
-            return "stop_token_ids", "stop_token_ids must be non-negative token ids"
         return None
 
     @property
@@ -117,7 +124,7 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name
+    max_completion_tokens: Count | None = None  # OpenAI's newer name
     logprobs: StrictBool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[Any] | None = None
@@ -145,11 +152,11 @@ class ChatCompletionRequest(_SamplingRequest):
 
 class CompletionRequest(_SamplingRequest):
     # A string, a list of token ids, or a batch of either (one choice per prompt).
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     echo: StrictBool = False
     logprobs: int | None = Field(default=None, ge=0, le=20)
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Count | None = None
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -4,8 +4,9 @@ POST /v1/load_lora_adapter   {"lora_name": ..., "lora_path": ...}
 POST /v1/unload_lora_adapter {"lora_name": ...}
 
 The admin key is distinct from the API key: users who may chat must not be able to
-plug new weights into the server. Without --admin-key the endpoints answer 403.
-Loading goes through the engine's vetting gate when one is configured.
+plug new weights into the server. Without --admin-key the endpoints answer 403. The key
+is checked before the body is even parsed, so a caller without it learns nothing of the
+schema. Loading goes through the engine's vetting gate when one is configured.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from __future__ import annotations
 import hmac
 import os
 
+from typing import TypeVar
+
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.server.errors import APIError
 from bastion.server.served_models import ServedModel
@@ -23,17 +27,34 @@ from bastion.server.state import get_state
 
 router = APIRouter()
 ADMIN_KEY_ENV = "BASTION_ADMIN_KEY"
+# A model id: starts with a letter or digit, so "." and ".." (and "-flags") are not names.
+ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class LoadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    lora_name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")
-    lora_path: str = Field(min_length=1)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)
+    lora_path: str = Field(min_length=1, max_length=4096)
 
 
 class UnloadAdapterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     lora_name: str = Field(min_length=1, max_length=128)
+
+
+async def _admin_body(request: Request, model: type[Body]) -> Body:
+    """The body, parsed only after the admin key was checked (FastAPI would parse a
+    declared body parameter first, telling a caller without the key about the schema)."""
+    _require_admin(request)
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+def _schema(model: type[BaseModel]) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 def _require_admin(request: Request) -> None:
@@ -46,9 +67,9 @@ def _require_admin(request: Request) -> None:
         raise APIError(401, "Missing or incorrect admin key (X-Admin-Key header).", code="invalid_admin_key")
 
 
-@router.post("/v1/load_lora_adapter")
-async def load_adapter(body: LoadAdapterRequest, request: Request) -> JSONResponse:
-    _require_admin(request)
+@router.post("/v1/load_lora_adapter", openapi_extra=_schema(LoadAdapterRequest))
+async def load_adapter(request: Request) -> JSONResponse:
+    body = await _admin_body(request, LoadAdapterRequest)
     state = get_state(request)
     base = state.models.resolve(None)
     engine = base.engine
@@ -63,9 +84,9 @@ async def load_adapter(body: LoadAdapterRequest, request: Request) -> JSONRespon
                          "vetting": getattr(report, "verdict", None)})
 
 
-@router.post("/v1/unload_lora_adapter")
-async def unload_adapter(body: UnloadAdapterRequest, request: Request) -> JSONResponse:
-    _require_admin(request)
+@router.post("/v1/unload_lora_adapter", openapi_extra=_schema(UnloadAdapterRequest))
+async def unload_adapter(request: Request) -> JSONResponse:
+    body = await _admin_body(request, UnloadAdapterRequest)
     state = get_state(request)
     if body.lora_name not in set(state.models.resolve(None).engine.adapter_names()):
         raise APIError(404, f"adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")

@@ -14,8 +14,8 @@ from bastion.guard.leak import LeakGuard
 from bastion.server.generation import Generation, cancel_on_disconnect, check_not_aborted, run_all, usage_of
 from bastion.server.logprobs import TokenTexts, chat_logprobs, vllm_prompt_logprobs
 from bastion.server.params import (
+    check_against_model,
     cleangen_choice,
-    check_max_tokens,
     encode_chat,
     reject_unsupported,
     resolve_max_tokens,
@@ -45,8 +45,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     served = state.models.resolve(body.model)
     engine = served.engine
     requested = body.requested_max_tokens()
-    check_max_tokens(requested, engine.max_model_len)
-    prompt_ids = encode_chat(engine, body)
+    check_against_model(body, requested, engine)
+    prompt_ids = await encode_chat(engine, body)
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), engine.max_model_len,
                                     state.config.max_tokens_default, "messages")
     params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs_count(),

@@ -20,8 +20,8 @@ from bastion.server.logprobs import (
     vllm_prompt_logprobs,
 )
 from bastion.server.params import (
+    check_against_model,
     cleangen_choice,
-    check_max_tokens,
     encode_prompt,
     reject_unsupported,
     resolve_max_tokens,
@@ -42,9 +42,9 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     reject_unsupported(body)
     served = state.models.resolve(body.model)
     engine = served.engine
-    check_max_tokens(body.max_tokens, engine.max_model_len)
+    check_against_model(body, body.max_tokens, engine)
     prompts = body.prompts()
-    id_lists = [encode_prompt(engine, p) for p in prompts]
+    id_lists = [await encode_prompt(engine, p) for p in prompts]
     # echo + logprobs means "score the prompt too": ask the engine for prompt logprobs.
     prompt_lp = body.prompt_logprobs
     if body.echo and body.logprobs is not None:
