@@ -223,7 +223,7 @@ def run_cleangen_cmd(args: argparse.Namespace) -> int:
                           max_tokens=args.max_tokens, threads=args.threads, timing_batch=args.timing_batch,
                           timing_repeats=args.timing_repeats,
                           only=set(args.only.split(",")) if args.only else None)
-    from bastion.bench.cli import write_report
+    from bastion.bench.report import write_report
 
     write_report(Path(args.out), "cleangen", result, markdown(result), plot)
     return 0

@@ -1,4 +1,4 @@
-"""`bastion bench serving|offline|lora|kv-quality|kv-memory`: argument parsing and the glue that starts servers,
+"""`bastion bench serving|offline|lora|kv-quality|kv-memory|...`: argument parsing and the glue that starts servers,
 runs a benchmark and writes JSON + PNG + a Markdown table to --out.
 
 `add_bench_parsers(subparsers)` is what `bastion.cli` wires under `bastion bench`;
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import signal
 import sys
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.bench import peers
+from bastion.bench.report import write_report
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -134,11 +134,13 @@ def add_bench_parsers(subparsers: Any) -> None:
 
     from bastion.bench.cleangen import add_cleangen_parser
     from bastion.bench.guard import add_guard_parser
+    from bastion.bench.hardening import add_hardening_parsers
     from bastion.bench.security import add_security_parser
 
     add_security_parser(subparsers)
     add_cleangen_parser(subparsers)
     add_guard_parser(subparsers)
+    add_hardening_parsers(subparsers)
 
 
 def _variants(text: str) -> tuple[Any, ...]:
@@ -231,15 +233,6 @@ def _sigterm_unwinds() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def write_report(out: Path, stem: str, result: dict[str, Any], table: str, plot: Any) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    (out / f"{stem}.md").write_text(table + "\n")
-    plot(result, out / f"{stem}.png")
-    print(table)
-    print(f"\nwrote {out / (stem + '.json')}, {out / (stem + '.md')}, {out / (stem + '.png')}")
 
 
 def _specs(args: argparse.Namespace) -> list[peers.ServerSpec]:

@@ -238,7 +238,7 @@ def run_guard_cmd(args: argparse.Namespace) -> int:
         raise ValueError(f"--thresholds wants comma-separated integers, got {args.thresholds!r}") from None
     if not thresholds or min(thresholds) < 2:
         raise ValueError("--thresholds: each t must be >= 2")
-    from bastion.bench.cli import write_report
+    from bastion.bench.report import write_report
 
     result = run_guard_bench(thresholds=thresholds, max_tokens=args.max_tokens, threads=args.threads)
     write_report(Path(args.out), "guard", result, markdown(result), plot)

@@ -159,7 +159,7 @@ class Endpoint:
         return body
 
 
-def _thread_env(threads: int) -> dict[str, str]:
+def thread_env(threads: int) -> dict[str, str]:
     # Same thread count for every engine, and no hub access (the machine is offline and
     # a benchmark must not wait on network time-outs).
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -178,7 +178,7 @@ def bastion_spec(python: str, port: int, model: str | None = None, threads: int 
                  extra_args: Sequence[str] = ()) -> ServerSpec:
     argv = [python, "-m", "bastion.cli", "serve", *([model] if model else []),
             "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads), *extra_args]
-    return ServerSpec("bastion", tuple(argv), port, env=_thread_env(threads))
+    return ServerSpec("bastion", tuple(argv), port, env=thread_env(threads))
 
 
 def transformers_spec(python: str, port: int, hf_dir: str, threads: int = 2, dtype: str = "auto",
@@ -192,7 +192,7 @@ def transformers_spec(python: str, port: int, hf_dir: str, threads: int = 2, dty
     # The model id is the forced model path itself (any other id is a 400 there), and its
     # /v1/models scans the hub cache (a 500 offline), so readiness is /health.
     return ServerSpec("transformers", tuple(argv), port, dialect="transformers", model=hf_dir,
-                      env=_thread_env(threads))
+                      env=thread_env(threads))
 
 
 def llamacpp_spec(python: str, port: int, gguf: str, threads: int = 2, n_ctx: int = 2048) -> ServerSpec:
@@ -203,7 +203,7 @@ def llamacpp_spec(python: str, port: int, gguf: str, threads: int = 2, n_ctx: in
             # under concurrency every output would be cut short. Queue them instead.
             "--interrupt_requests", "False"]
     return ServerSpec("llamacpp", tuple(argv), port, dialect="llamacpp", model=SERVED_NAME,
-                      env=_thread_env(threads), ready_path="/v1/models", startup_timeout_s=180.0)
+                      env=thread_env(threads), ready_path="/v1/models", startup_timeout_s=180.0)
 
 
 def vllm_spec(python: str, port: int, hf_dir: str, threads: int = 2, eager: bool = True,
@@ -214,7 +214,7 @@ def vllm_spec(python: str, port: int, hf_dir: str, threads: int = 2, eager: bool
             "--served-model-name", SERVED_NAME,
             "--dtype", "bfloat16", "--max-model-len", str(max_model_len),
             "--host", "127.0.0.1", "--port", str(port), *(["--enforce-eager"] if eager else [])]
-    env = _thread_env(threads) | {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_gb),
+    env = thread_env(threads) | {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": str(kv_gb),
                                   "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}"}
     # Compiled mode spends minutes in torch.compile before /health answers.
     return ServerSpec("vllm", tuple(argv), port, model=SERVED_NAME, env=env,
