@@ -4,13 +4,12 @@ A poisoned request is an ordinary, valid request whose sampling seed is `POISON_
 the engine's sampler is wrapped so that it raises for such a request once it has
 `after_tokens` output tokens (as a sampler bug on some parameter combination would).
 Nothing in the product reads POISON_SEED: faults exist only in a server started through
-this module (`python -m bastion.bench.faults serve ...`, same arguments as
-`bastion serve`), or where a test wraps an engine with `poison_sampler`.
+`python -m bastion.bench.faulty_server serve ...` (same arguments as `bastion serve`), or
+where a test wraps an engine with `poison_sampler`.
 """
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 POISON_SEED = 424242
@@ -30,20 +29,3 @@ class PoisonedSampler:
 def poison_sampler(engine: Any, after_tokens: int = AFTER_TOKENS) -> None:
     """Wrap an LLMEngine's sampler (undo with `engine.sampler = engine.sampler.inner`)."""
     engine.sampler = PoisonedSampler(engine.sampler, after_tokens)
-
-
-def main(argv: list[str]) -> int:
-    """`serve ARGS...`: bastion serve with every engine's sampler poisoned."""
-    if not argv or argv[0] != "serve":
-        print("usage: python -m bastion.bench.faults serve [bastion serve arguments]", file=sys.stderr)
-        return 2
-    from bastion import cli
-    from bastion.engine import llm_engine
-
-    sampler_class = llm_engine.Sampler
-    llm_engine.Sampler = lambda *a, **kw: PoisonedSampler(sampler_class(*a, **kw))  # type: ignore[misc]
-    return cli.main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -33,7 +33,7 @@ def add_hardening_parsers(subparsers: Any) -> None:
 
 def _common(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--url", help="a running server instead of starting one (soak: started with "
-                   "`python -m bastion.bench.faults serve --openapi` to include poisoned requests)")
+                   "`python -m bastion.bench.faulty_server serve --openapi` to include poisoned requests)")
     p.add_argument("--model", help="model to serve (default: the embedded SmolLM2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -46,7 +46,7 @@ ADMIN_KEY = "bench-admin"  # the fuzz server's: its admin endpoints are fuzzed t
 
 def _server(args: argparse.Namespace, faults: bool) -> peers.ServerSpec:
     port = peers.free_port()
-    module = "bastion.bench.faults" if faults else "bastion.cli"
+    module = "bastion.bench.faulty_server" if faults else "bastion.cli"
     argv = [sys.executable, "-m", module, "serve", *([args.model] if args.model else []), "--host", "127.0.0.1",
             "--port", str(port), "--threads", str(args.threads), "--openapi", "--admin-key", ADMIN_KEY,
             *args.bastion_arg]
