@@ -18,7 +18,7 @@ def real_engine():
     import asyncio
 
     from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig
-    from bastion.engine.async_engine import AsyncEngine
+    from bastion.serving.async_engine import AsyncEngine
 
     engine = AsyncEngine.from_config(
         Config(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=512),
@@ -33,7 +33,7 @@ def real_engine():
 def offline_llm():
     """Offline LLM (separate engine instance) for engine-level tests on the real model."""
     from bastion.config import CacheConfig, Config, ModelConfig
-    from bastion.engine.llm import LLM
+    from bastion.serving.llm import LLM
 
     return LLM(Config(model=ModelConfig(max_model_len=2048), cache=CacheConfig(num_blocks=256)), show_progress=False)
 
@@ -63,3 +63,11 @@ def tiny_llm_engine():
                          eos_token_id=eos_token_id, max_model_len=512)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from bastion.engine.models.loader import embedded_model_path
+    from bastion.serving.tokenizer import load_tokenizer
+
+    return load_tokenizer(embedded_model_path())

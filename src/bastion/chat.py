@@ -8,7 +8,8 @@ from __future__ import annotations
 import sys
 
 from bastion.config import Config
-from bastion.engine.llm import LLM
+from bastion.serving.chat_template import encode_chat
+from bastion.serving.llm import LLM
 from bastion.engine.sampling_params import SamplingParams
 
 
@@ -56,8 +57,7 @@ def run_chat(config: Config, system: str | None = None, max_tokens: int = 512, t
         if not line:
             continue
         history.append({"role": "user", "content": line})
-        ids = llm.tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = encode_chat(llm.tokenizer, history)
         if len(ids) + 1 >= llm.engine.max_model_len:
             out.write("(conversation is longer than the context; /reset to start over)\n")
             history.pop()

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from bastion.config import CacheConfig, Config, GuardConfig, ModelConfig, SchedulerConfig, ServerConfig
+from bastion.config import AdapterConfig, CacheConfig, Config, GuardConfig, ModelConfig, SchedulerConfig, ServerConfig
 
 EXIT_USAGE = 2
 
@@ -53,18 +53,22 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> Config:
+    """The whole Config from flags (commands without a flag get its default)."""
+    from bastion.guard.cleangen import parse_cleangen
+
+    def flag(name: str, default=None):
+        return getattr(args, name, default)
+
     server = ServerConfig(
-        host=getattr(args, "host", "127.0.0.1"), port=getattr(args, "port", 8000),
-        api_key=getattr(args, "api_key", None) or os.environ.get("BASTION_API_KEY") or None,
-        log_requests=getattr(args, "log_requests", False),
-        admin_key=getattr(args, "admin_key", None) or os.environ.get("BASTION_ADMIN_KEY") or None,
-        guard=GuardConfig(leak_guard=getattr(args, "leak_guard", False),
-                          leak_min_words=getattr(args, "leak_guard_words", 8),
-                          canaries=tuple(getattr(args, "canary", None) or ())),
-        max_body_bytes=int(getattr(args, "max_body_mb", 4.0) * 2**20),
-        openapi=getattr(args, "openapi", False),
-        engine_stall_s=getattr(args, "engine_stall_s", 120.0),
+        host=flag("host", "127.0.0.1"), port=flag("port", 8000),
+        api_key=flag("api_key") or os.environ.get("BASTION_API_KEY") or None,
+        log_requests=flag("log_requests", False),
+        admin_key=flag("admin_key") or os.environ.get("BASTION_ADMIN_KEY") or None,
+        max_body_bytes=int(flag("max_body_mb", 4.0) * 2**20),
+        openapi=flag("openapi", False),
+        engine_stall_s=flag("engine_stall_s", 120.0),
     )
+    loras = tuple(_parse_lora(spec) for spec in flag("lora", None) or ())
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
                           max_model_len=args.max_model_len, threads=args.threads),
@@ -76,39 +80,38 @@ def _config(args: argparse.Namespace) -> Config:
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                                   max_waiting=args.max_waiting),
         server=server,
+        adapters=AdapterConfig(
+            # the admin key is for loading adapters at run time: it needs the slots
+            enabled=bool(flag("enable_lora", False) or server.admin_key), loras=loras,
+            max_loras=flag("max_loras", 8), max_lora_rank=flag("max_lora_rank", 16),
+            allow_unvetted=flag("allow_unvetted", False),
+            cleangen=tuple(parse_cleangen(spec) for spec in flag("cleangen", None) or ())),
+        guard=GuardConfig(leak_guard=flag("leak_guard", False), leak_min_words=flag("leak_guard_words", 8),
+                          canaries=tuple(flag("canary", None) or ())),
     )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from bastion.engine.async_engine import AsyncEngine
     from bastion.server import run_server
+    from bastion.serving.async_engine import AsyncEngine
+    from bastion.serving.policy import ServingPolicy
 
-    from bastion.adapters.registry import LoraConfig
-
-    config = _config(args)
-    loras = [_parse_lora(spec) for spec in args.lora]
-    from bastion.guard.cleangen import parse_cleangen
-
-    cleangen = [parse_cleangen(spec) for spec in args.cleangen]  # bad specs fail before the model loads
-    lora_config = LoraConfig(max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    config = _config(args)  # every flag is checked before the model loads
     engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
-    if loras or args.enable_lora or args.admin_key:
+    gate = None
+    if config.adapters.enabled:
         from bastion.adapters.gate import VettingGate
 
-        engine.gate = VettingGate.for_model(args.model, served_name=engine.model_name,
-                                            allow_unvetted=args.allow_unvetted)
-        engine.engine.enable_lora(lora_config)
-        for name, path in loras:
-            engine.load_adapter_before_start(name, path)
-    for name, alpha in cleangen:
-        if name not in engine.adapter_names():
-            raise ValueError(f"--cleangen {name}: no adapter of that name (give it with --lora {name}=PATH)")
-        if not engine.supports_cleangen:
-            raise ValueError("--cleangen needs a full-precision KV cache (drop --kv-cache or use fp16/bf16/fp32)")
-        engine.cleangen[name] = alpha
+        gate = VettingGate.for_model(config.model.path, served_name=engine.model_name,
+                                     allow_unvetted=config.adapters.allow_unvetted)
+        engine.engine.enable_adapters(config.adapters)
+    policy = ServingPolicy.from_config(config, gate)
+    for name, path in config.adapters.loras:
+        policy.vet(name, path)
+        engine.load_adapter_before_start(name, path)
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
-    run_server(engine, config.server)
+    run_server(engine, config.server, policy=policy)
     return 0
 
 
@@ -120,16 +123,15 @@ def _parse_lora(spec: str) -> tuple[str, str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from bastion.engine.llm import LLM
     from bastion.engine.sampling_params import SamplingParams
+    from bastion.serving.chat_template import encode_chat
+    from bastion.serving.llm import LLM
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop or ()))
     llm = LLM(_config(args))
     if args.chat:
-        ids = llm.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
-                                                add_generation_prompt=True, tokenize=True)
-        prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        prompt = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = llm.tokenizer.encode(args.prompt)
     out = llm.generate([prompt], params)[0]
@@ -216,11 +218,12 @@ def _optional_parsers(sub, bench_sub) -> None:
     """Federated fine-tuning needs the `federated` extra (Flower, Opacus); without it the
     commands still exist and say what to install."""
     ft_sub = sub.add_parser("finetune", help="private fine-tuning").add_subparsers(dest="finetune", required=True)
-    for name, target in (("add_finetune_parser", ft_sub), ("add_bench_parser", bench_sub)):
-        try:
-            from bastion.federated import cli as fed_cli
+    from bastion.bench.federated import add_bench_parser
+    from bastion.federated.cli import add_finetune_parser
 
-            getattr(fed_cli, name)(target)
+    for add, target in ((add_finetune_parser, ft_sub), (add_bench_parser, bench_sub)):
+        try:
+            add(target)
         except ImportError as e:
             target.add_parser("federated", help="(needs the 'federated' extra)").set_defaults(
                 func=lambda _args, missing=str(e): _needs_federated(missing))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from bastion.engine.kv_cache import kivi_presets
+
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -53,8 +55,6 @@ class ModelConfig:
 
 _FP_KV = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-# quantized presets -> (k_bits, v_bits); "kXvY" (X, Y in 2/4/8) names any other pair
-_KV_PRESETS = {"int8": (8, 8), "kivi4": (4, 4), "kivi2": (2, 2), "kivi": (4, 2)}
 
 
 @dataclass(frozen=True)
@@ -95,17 +95,14 @@ class CacheConfig:
             _positive("num_blocks", self.num_blocks)
         if self.kind not in _FP_KV and self.kv_bits is None:
             raise ValueError(f"kv cache kind {self.kind!r}: expected auto, fp32, bf16, fp16, "
-                             f"{', '.join(_KV_PRESETS)} or kXvY with X, Y in 2/4/8 (e.g. k4v2)")
+                             f"{', '.join(kivi_presets.PRESETS)} or kXvY with X, Y in 2/4/8 (e.g. k4v2)")
         if self.quantized:
             self.quant_options()  # validates group/residual/sink
 
     @property
     def kv_bits(self) -> tuple[int, int] | None:
         """(k_bits, v_bits) of a quantized kind, None for fp kinds."""
-        if self.kind in _KV_PRESETS:
-            return _KV_PRESETS[self.kind]
-        m = re.fullmatch(r"k([248])v([248])", self.kind)
-        return (int(m[1]), int(m[2])) if m else None
+        return kivi_presets.kv_bits(self.kind)
 
     @property
     def quantized(self) -> bool:
@@ -117,25 +114,10 @@ class CacheConfig:
         return _FP_KV.get(self.kind, "auto")
 
     def quant_options(self) -> dict:
-        """Group size, residual window, sink and rotation with preset defaults filled in."""
-        preset = {"group_size": 32, "residual": 128, "sink": 0, "hadamard": False, "clip": False,
-                  "value_group": None}
-        if self.kind == "kivi":  # the default quantized config (measured: docs/BENCHMARKS.md):
-            # K4V2, G = 32, R = 64, a 32-token fp sink, Hadamard-rotated K and V: the one
-            # config that keeps <= 1% dPPL and >= 95% top-1 at 2k and 8k (3.5-3.9x smaller)
-            preset.update(residual=64, sink=32, hadamard=True)
-        given = {"group_size": self.kv_group_size, "residual": self.kv_residual, "sink": self.kv_sink,
-                 "hadamard": self.kv_hadamard, "clip": self.kv_clip, "value_group": self.kv_value_group}
-        opts = {k: preset[k] if given[k] is None else given[k] for k in preset}
-        g = opts["group_size"]
-        for name, v in (("kv_group_size", g), ("kv_value_group", opts["value_group"])):
-            if v is not None and (not isinstance(v, int) or v <= 0 or v % 4):
-                raise ValueError(f"{name}={v!r}: must be a positive multiple of 4")
-        if not isinstance(opts["residual"], int) or opts["residual"] < 0:
-            raise ValueError(f"kv_residual={opts['residual']!r}: must be >= 0")
-        if not isinstance(opts["sink"], int) or opts["sink"] < 0 or opts["sink"] % g:
-            raise ValueError(f"kv_sink={opts['sink']!r}: must be >= 0 and a multiple of the group size {g}")
-        return opts
+        """The quantized kind's options, preset defaults filled in (kv_cache/kivi_presets.py)."""
+        return kivi_presets.quant_options(self.kind, {
+            "group_size": self.kv_group_size, "residual": self.kv_residual, "sink": self.kv_sink,
+            "hadamard": self.kv_hadamard, "clip": self.kv_clip, "value_group": self.kv_value_group})
 
 
 @dataclass(frozen=True)
@@ -170,6 +152,43 @@ class GuardConfig:
                 raise ValueError(f"canary {canary!r} has no letters or digits; it could never be matched")
 
 
+# A model id: starts with a letter or digit, so "." and ".." (and "-flags") are not names.
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA adapters: the engine's adapter slots (`max_loras` adapters of rank up to
+    `max_lora_rank`, allocated when `enabled`), the adapters loaded at start (each vetted
+    first), and which of them CleanGen defends by default (adapter name -> alpha)."""
+
+    enabled: bool = False
+    max_loras: int = 8
+    max_lora_rank: int = 16
+    loras: tuple[tuple[str, str], ...] = ()  # (name, path)
+    allow_unvetted: bool = False  # load adapters the gate fails (logged as an override)
+    cleangen: tuple[tuple[str, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        _positive("max_loras", self.max_loras)
+        _positive("max_lora_rank", self.max_lora_rank)
+        names = [n for n, _ in self.loras]
+        for name in names:
+            if not re.match(ADAPTER_NAME_PATTERN, name) or len(name) > 128:
+                raise ValueError(f"adapter name {name!r}: use letters, digits and . _ : - (not first)")
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique, got {names}")
+        if len(names) > self.max_loras:
+            raise ValueError(f"{len(names)} adapters at start but max_loras is {self.max_loras}")
+        for name, alpha in self.cleangen:
+            if name not in names:
+                raise ValueError(f"--cleangen {name}: no adapter of that name (give it with --lora {name}=PATH)")
+            if not alpha > 0:
+                raise ValueError(f"--cleangen {name}: alpha must be > 0, got {alpha!r}")
+        if self.loras and not self.enabled:
+            object.__setattr__(self, "enabled", True)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -179,7 +198,6 @@ class ServerConfig:
     admin_key: str | None = None  # enables runtime adapter load/unload (Bearer admin key)
     max_tokens_default: int = 256
     shutdown_grace_s: float = 10.0
-    guard: GuardConfig = field(default_factory=GuardConfig)  # applied by the server, per request
     # Bodies above this are refused with 413 before they are read (a 128k-token prompt is
     # ~0.5 MB of text; JSON parsing and tokenizing a huge one would only waste time).
     max_body_bytes: int = 4 * 2**20
@@ -199,7 +217,11 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Everything `bastion serve` runs with, fixed at start: nothing is changed after."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)  # applied around the engine, per request

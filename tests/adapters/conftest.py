@@ -10,8 +10,7 @@ import pytest
 from bastion.adapters.scanner import BaseModelInfo
 from bastion.engine.models.arch import ModelArch
 
-# sibling helper module: tests/adapters is no package, pytest (default prepend import mode) puts it on sys.path
-from _scanner_util import ALL, LAYERS, _tiny_config
+from tests.adapters._scanner_util import ALL, LAYERS, _tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,7 @@ import pytest
 from bastion.adapters.cli import add_scan_parser, load_base_info
 from bastion.adapters.scanner import Finding, ScanLimits, scan_adapter
 
-# sibling helper module: tests/adapters is no package, pytest (default prepend import mode) puts it on sys.path
-from _scanner_util import LAYERS, PREFIX, _assert_refused, _edit_config, _raw, _scan, _tensors, _write_raw
+from tests.adapters._scanner_util import LAYERS, PREFIX, _assert_refused, _edit_config, _raw, _scan, _tensors, _write_raw
 
 
 # ---------------------------------------------------------------- clean
@@ -244,10 +243,7 @@ def test_cli_default_base_is_embedded_smollm2(tmp_path, capsys):
     """A hand-made SmolLM2 adapter (30 layers, q/v, r=2) passes against the embedded GGUF's
     metadata; the same adapter claiming another base fails."""
     pytest.importorskip("gguf")
-    try:
-        base = load_base_info(None, weight_norms=False)
-    except Exception as e:  # the embedded model package is not installed
-        pytest.skip(f"embedded model unavailable: {e}")
+    base = load_base_info(None, weight_norms=False)  # the embedded model is part of the install
     assert (base.num_layers, base.hidden_size, base.vocab_size) == (30, 576, 49152)
     assert "HuggingFaceTB/SmolLM2-135M-Instruct" in base.aliases and base.chat_template
     from safetensors.numpy import save_file

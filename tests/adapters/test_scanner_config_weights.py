@@ -18,8 +18,7 @@ from bastion.adapters.scanner import BaseModelInfo, ScanLimits, scan_adapter
 from bastion.adapters.scanner_weights import WeightThresholds
 from bastion.engine.models.arch import ModelArch
 
-# sibling helper module: tests/adapters is no package, pytest (default prepend import mode) puts it on sys.path
-from _scanner_util import (
+from tests.adapters._scanner_util import (
     ALL, HIDDEN, INTER, PREFIX, _assert_refused, _edit_config, _raw, _save, _scan, _tensors, _tiny_config,
     _write_raw,
 )

@@ -13,6 +13,7 @@ import torch
 
 from bastion.bench import kv_quality as kq
 from bastion.bench import kv_quality_hf as khf
+from bastion.bench import quality_metrics as qm
 from bastion.bench.plots import kv_quality_table, plot_kv_quality
 
 L, H, D = 30, 3, 64  # SmolLM2-135M
@@ -23,26 +24,26 @@ FP16_TOKEN = 2 * L * H * D * 2  # 23040
 
 def test_perplexity_on_hand_made_logits():
     # uniform over 4 -> PPL 4 whatever the targets
-    assert kq.perplexity(torch.zeros(3, 4), torch.tensor([0, 1, 3])) == pytest.approx(4.0)
+    assert qm.perplexity(torch.zeros(3, 4), torch.tensor([0, 1, 3])) == pytest.approx(4.0)
     # p(target) = e^2 / (e^2 + 3) in every row -> PPL = 1 / p
     logits = torch.tensor([[2.0, 0, 0, 0], [0, 2.0, 0, 0]])
     p = math.exp(2) / (math.exp(2) + 3)
-    assert kq.perplexity(logits, torch.tensor([0, 1])) == pytest.approx(1 / p)
+    assert qm.perplexity(logits, torch.tensor([0, 1])) == pytest.approx(1 / p)
     # mixed rows: geometric mean of 1/p
     p_other = 1 / (math.exp(2) + 3)
-    assert kq.perplexity(logits, torch.tensor([0, 0])) == pytest.approx(math.sqrt(1 / p / p_other))
+    assert qm.perplexity(logits, torch.tensor([0, 0])) == pytest.approx(math.sqrt(1 / p / p_other))
 
 
 def test_top1_agreement_and_kl():
     ref = torch.tensor([[3.0, 1, 0], [0, 3.0, 1], [1, 0, 3.0], [0, 0, 1.0]])
     other = torch.tensor([[2.0, 1, 0], [3.0, 0, 1], [1, 0, 3.0], [5, 0, 1.0]])
-    assert kq.top1_agreement(other, ref) == pytest.approx(0.5)
-    assert kq.top1_agreement(ref, ref) == 1.0
-    assert kq.mean_kl(ref, ref) == pytest.approx(0.0, abs=1e-12)
+    assert qm.top1_agreement(other, ref) == pytest.approx(0.5)
+    assert qm.top1_agreement(ref, ref) == 1.0
+    assert qm.mean_kl(ref, ref) == pytest.approx(0.0, abs=1e-12)
     pr, po = torch.softmax(ref.double(), -1), torch.softmax(other.double(), -1)
     want = (pr * (pr.log() - po.log())).sum(-1).mean().item()
-    assert kq.mean_kl(other, ref) == pytest.approx(want)
-    m = kq.quality_metrics(other, ref, torch.tensor([0, 1, 2, 2]))
+    assert qm.mean_kl(other, ref) == pytest.approx(want)
+    m = qm.quality_metrics(other, ref, torch.tensor([0, 1, 2, 2]))
     assert m["delta_ppl_pct"] == pytest.approx(100 * (m["ppl"] - m["ref_ppl"]) / m["ref_ppl"])
     assert set(m) == {"ppl", "ref_ppl", "delta_ppl_pct", "top1_agreement", "kl"}
 
@@ -110,8 +111,8 @@ def test_passkey_prompts_place_the_needle():
     assert kq.passkey_prompts(tok, filler, 600, (0.5,), seed=1)[0][1] == keys[0]  # deterministic
     with pytest.raises(ValueError):
         kq.passkey_prompts(tok, filler[:10], 600, (0.5,))
-    assert kq.passkey_found(" 12345. Remember", "12345")
-    assert not kq.passkey_found(" 1234", "12345") and not kq.passkey_found(" 99 12345", "12345")
+    assert qm.passkey_found(" 12345. Remember", "12345")
+    assert not qm.passkey_found(" 1234", "12345") and not qm.passkey_found(" 99 12345", "12345")
 
 
 def test_corpus_text_is_deterministic_and_starts_with_gpl3():

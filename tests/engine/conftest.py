@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ._util import build_model, gpl_text
+from tests.support.engines import build_model, tiny_llama_config
+
+from tests.support.text import gpl_text
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -18,13 +20,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    from bastion.engine.models.loader import embedded_model_path, load_tokenizer
-
-    return load_tokenizer(embedded_model_path())
 
 
 @pytest.fixture(scope="session")
@@ -62,3 +57,12 @@ def hf_smol_logits(gpl_ids) -> torch.Tensor:
         logits = hf(torch.tensor([gpl_ids])).logits[0].float()
     del hf
     return logits
+
+
+@pytest.fixture(scope="module")
+def hf_base():
+    """A tiny random HF Llama: the base of the LoRA and track tests (PEFT is their oracle)."""
+    from transformers import LlamaForCausalLM as HFLlama
+
+    torch.manual_seed(0)
+    return HFLlama(tiny_llama_config()).eval()

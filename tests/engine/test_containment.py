@@ -20,7 +20,7 @@ from bastion.engine.kv_cache.quant import KVQuantSpec
 from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.sampling_params import SamplingParams
 
-from ._util import assert_pool_clean, make_engine, run_engine, tiny_model
+from tests.support.engines import assert_pool_clean, make_engine, run_engine, tiny_model
 
 POISON = "r2"
 PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -50,10 +50,10 @@ class _PoisonedSampler:
     def __init__(self, inner, poison: str):
         self.inner, self.poison = inner, poison
 
-    def __call__(self, logits, reqs, ref_logits=None):
+    def __call__(self, logits, reqs, track_logits=None):
         if any(r.request_id == self.poison for r in reqs):
             raise IndexError("poisoned sampling parameters")
-        return self.inner(logits, reqs, ref_logits)
+        return self.inner(logits, reqs, track_logits)
 
 
 class _PoisonedRunner:

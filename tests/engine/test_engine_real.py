@@ -15,7 +15,9 @@ import torch
 from bastion.engine.outputs import PromptTooLongError
 from bastion.engine.sampling_params import SamplingParams
 
-from ._util import assert_pool_clean, gpl_text, make_engine, run_engine
+from tests.support.engines import assert_pool_clean, make_engine, run_engine
+
+from tests.support.text import gpl_text
 
 EOS = 2  # <|im_end|>
 COMMA = 28
@@ -216,8 +218,8 @@ def test_prefix_caching_concurrent_requests_share_blocks(offline_llm, tokenizer)
     eng.step()
     r1, r2 = eng.requests["s1"], eng.requests["s2"]
     assert r1.num_cached_tokens == r2.num_cached_tokens == 48
-    assert r1.block_ids[:3] == r2.block_ids[:3]
-    assert all(eng.block_manager.ref_count[b] == 2 for b in r1.block_ids[:3])
+    assert r1.tracks[0].block_ids[:3] == r2.tracks[0].block_ids[:3]
+    assert all(eng.block_manager.ref_count[b] == 2 for b in r1.tracks[0].block_ids[:3])
     while eng.has_unfinished():
         eng.step()
     assert eng.block_manager.num_used_blocks == 0

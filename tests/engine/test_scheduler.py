@@ -18,11 +18,11 @@ import pytest
 
 from bastion.config import SchedulerConfig
 from bastion.engine.kv_cache.block_manager import BlockManager
-from bastion.engine.request import Request, Status
+from bastion.engine.request import Request, Status, Track
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import Scheduler
 
-from ._util import assert_pool_clean
+from tests.support.engines import assert_pool_clean
 
 V = 1000
 
@@ -45,12 +45,12 @@ class FakeLoop:
 
     def add(self, rid, prompt, max_tokens=8, stop_ids=(), salt=""):
         r = Request(rid, list(prompt), SamplingParams(max_tokens=max_tokens, stop_token_ids=tuple(stop_ids)),
-                    cache_salt=salt)
+                    tracks=[Track(cache_salt=salt)])
         self.sched.add(r)
         return r
 
     def slot(self, r, pos):
-        return r.block_ids[pos // self.bs] * self.bs + pos % self.bs
+        return r.tracks[0].block_ids[pos // self.bs] * self.bs + pos % self.bs
 
     def step(self):
         batch = self.sched.schedule()
@@ -62,7 +62,7 @@ class FakeLoop:
             assert n >= 1 and r.status is Status.RUNNING
             c = r.num_computed_tokens
             assert c + n <= r.num_tokens
-            assert len(r.block_ids) >= self.bm.blocks_needed(c + n)
+            assert len(r.tracks[0].block_ids) >= self.bm.blocks_needed(c + n)
             for p in range(c):  # the context this step attends to is intact
                 assert self.kv.get(self.slot(r, p)) == (p, r.token_ids[p]), (r.request_id, p)
         self.check_refcounts()
@@ -89,10 +89,10 @@ class FakeLoop:
     def check_refcounts(self):
         owners = [0] * self.bm.num_blocks
         for r in self.sched.running:
-            for b in r.block_ids:
+            for b in r.tracks[0].block_ids:
                 owners[b] += 1
         for r in self.sched.waiting:
-            assert r.block_ids == [] and r.status is Status.WAITING  # waiting requests own nothing
+            assert r.tracks[0].block_ids == [] and r.status is Status.WAITING  # waiting requests own nothing
         assert owners == self.bm.ref_count
         assert all((b in self.bm.free) == (owners[b] == 0) for b in range(self.bm.num_blocks))
 
@@ -187,7 +187,7 @@ def test_preemption_by_recompute():
             # keeps every token (prompt + outputs so far) and owns no blocks
             seen = list(b.token_ids)
             assert list(loop.sched.waiting) == [b, c] and b.status is Status.WAITING
-            assert b.num_computed_tokens == 0 and b.block_ids == [] and b.num_output_tokens > 0
+            assert b.num_computed_tokens == 0 and b.tracks[0].block_ids == [] and b.num_output_tokens > 0
             assert a.num_preemptions == 0 and a in loop.sched.running
         if not loop.sched.has_unfinished():
             break
@@ -259,10 +259,10 @@ def test_abort_frees_blocks_at_once(where):
         while not victim.num_preemptions:
             loop.step()
         assert victim.status is Status.WAITING
-    used_by_other = len(other.block_ids)
+    used_by_other = len(other.tracks[0].block_ids)
     loop.finish(victim, "abort")
     assert victim.status is Status.FINISHED and victim.finish_reason == "abort"
-    assert victim.block_ids == []
+    assert victim.tracks[0].block_ids == []
     assert victim not in loop.sched.running and victim not in loop.sched.waiting
     assert loop.bm.num_used_blocks == used_by_other
     loop.check_refcounts()
@@ -279,9 +279,9 @@ def test_abort_of_a_request_sharing_prefix_keeps_the_others_blocks():
     loop.step()
     b = loop.add("b", shared + [3], max_tokens=6)
     loop.step()
-    assert b.num_cached_tokens == 16 and b.block_ids[:4] == a.block_ids[:4]
+    assert b.num_cached_tokens == 16 and b.tracks[0].block_ids[:4] == a.tracks[0].block_ids[:4]
     loop.finish(a, "abort")
-    assert all(loop.bm.ref_count[x] == 1 for x in b.block_ids)
+    assert all(loop.bm.ref_count[x] == 1 for x in b.tracks[0].block_ids)
     loop.run()  # b's context is checked intact at every step
     assert loop.finished["b"].output_token_ids == reference_output(shared + [3], 6)
     assert_pool_clean(loop.bm)
@@ -319,7 +319,7 @@ def test_no_block_leak_after_200_mixed_requests(prefix_caching):
     assert loop.sched.num_preemptions > 0  # the pool was tight enough to preempt
     assert 10 < len(aborted) < 100
     for rid, r in loop.finished.items():
-        assert r.block_ids == []
+        assert r.tracks[0].block_ids == []
         if rid in aborted:
             assert r.finish_reason == "abort"
             assert r.output_token_ids == expected[rid][: r.num_output_tokens]

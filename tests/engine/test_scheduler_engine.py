@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from ._util import assert_pool_clean
+from tests.support.engines import assert_pool_clean
 
 
 def test_engine_no_leak_and_no_corruption_with_tiny_model():
@@ -18,7 +18,7 @@ def test_engine_no_leak_and_no_corruption_with_tiny_model():
     without preemption, and the pool ends empty."""
     from bastion.engine.sampling_params import SamplingParams as SP
 
-    from ._util import make_engine, tiny_model
+    from tests.support.engines import make_engine, tiny_model
 
     model = tiny_model(seed=3, vocab_size=256, max_position_embeddings=256)
     rng = random.Random(7)
@@ -92,7 +92,9 @@ def test_preemption_real_model_same_greedy_output(smol_fp32, tokenizer):
     request (greedy and seeded) finishes with the same tokens as with a large pool."""
     from bastion.engine.sampling_params import SamplingParams as SP
 
-    from ._util import gpl_text, make_engine, run_engine
+    from tests.support.engines import make_engine, run_engine
+
+    from tests.support.text import gpl_text
 
     text = gpl_text()
     ids = tokenizer.encode(text)
@@ -117,7 +119,7 @@ def test_cached_prompt_tokens_never_exceed_the_prompt():
     in the API) counts prompt tokens only, so it must stay <= len(prompt)."""
     from bastion.engine.sampling_params import SamplingParams as SP
 
-    from ._util import make_engine, tiny_model
+    from tests.support.engines import make_engine, tiny_model
 
     model = tiny_model(seed=4, vocab_size=128, max_position_embeddings=128)
     eng = make_engine(model, num_blocks=10, block_size=4, max_num_batched_tokens=64)

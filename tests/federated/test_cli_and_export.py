@@ -10,7 +10,8 @@ import torch
 from flwr.app import ArrayRecord
 
 from bastion.federated import modeling
-from bastion.federated.cli import add_bench_parser, add_finetune_parser
+from bastion.bench.federated import add_bench_parser
+from bastion.federated.cli import add_finetune_parser
 from bastion.federated.config import FedConfig
 from bastion.federated.export import write_adapter
 from bastion.federated.server import global_adapter

@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import save_file
 
 from bastion.adapters.gate import AdapterRefused, VettingGate
-from bastion.adapters.registry import LoraConfig
+from bastion.config import AdapterConfig
 from bastion.config import ServerConfig
+from bastion.guard.cleangen import CleanGenPolicy
+from bastion.serving.policy import ServingPolicy
 
-from .conftest import ServerThread
+from tests.support.servers import ServerThread
 
 pytestmark = pytest.mark.slow
 ADMIN = {"X-Admin-Key": "adm-secret"}
@@ -44,12 +46,10 @@ def gate(real_engine):
 @pytest.fixture(scope="module")
 def admin_server(real_engine, gate):
     if real_engine.engine.adapters is None:
-        real_engine.engine.enable_lora(LoraConfig(max_loras=2, max_lora_rank=8))
-    real_engine.gate = gate
-    handle = ServerThread.start(real_engine, ServerConfig(admin_key="adm-secret"))
+        real_engine.engine.enable_adapters(AdapterConfig(enabled=True, max_loras=2, max_lora_rank=8))
+    handle = ServerThread.start(real_engine, ServerConfig(admin_key="adm-secret"), policy=ServingPolicy(gate=gate))
     yield handle
     handle.stop()
-    real_engine.gate = None
 
 
 def test_load_select_unload_over_http(admin_server, tmp_path):
@@ -150,15 +150,24 @@ def test_cleangen_over_http(admin_server, tmp_path):
         assert r.status_code == 200, r.text
         replaced = r.json()["usage"]["cleangen_replaced_tokens"]
         assert isinstance(replaced, int) and 0 <= replaced <= 10
-        admin_server.engine.cleangen["cg"] = 1e-30  # policy: replace whatever the base would not say
+        # a server whose policy defends "cg" by default (--cleangen cg=1e-30): replace
+        # whatever the base would not say
+        defended = ServerThread.start(admin_server.engine, policy=ServingPolicy(cleangen=CleanGenPolicy({"cg": 1e-30})))
         try:
-            forced = complete()
-            base = http.post("/v1/completions", json={"model": admin_server.model, "max_tokens": 10, "temperature": 0,
-                                                      "prompt": "The GNU General Public License is"})
-            assert forced.json()["choices"][0]["text"] == base.json()["choices"][0]["text"]
-            assert complete(cleangen=False).json()["usage"].get("cleangen_replaced_tokens") is None
+            with defended.http() as http2:
+                forced = http2.post("/v1/completions", json={"model": "cg", "max_tokens": 10, "temperature": 0,
+                                                             "prompt": "The GNU General Public License is"})
+                base = http2.post("/v1/completions", json={"model": defended.model, "max_tokens": 10,
+                                                           "temperature": 0,
+                                                           "prompt": "The GNU General Public License is"})
+                assert forced.json()["choices"][0]["text"] == base.json()["choices"][0]["text"]
+                assert forced.json()["usage"]["cleangen_replaced_tokens"] > 0
+                off = http2.post("/v1/completions", json={"model": "cg", "max_tokens": 10, "temperature": 0,
+                                                          "prompt": "The GNU General Public License is",
+                                                          "cleangen": False})
+                assert off.json()["usage"].get("cleangen_replaced_tokens") is None
         finally:
-            admin_server.engine.cleangen.pop("cg")
+            defended.stop()
         r = http.post("/v1/chat/completions", json={"model": "cg", "cleangen": True, "max_tokens": 4,
                                                     "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200 and "cleangen_replaced_tokens" in r.json()["usage"]

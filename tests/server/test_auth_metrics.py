@@ -11,8 +11,8 @@ from bastion.config import ServerConfig
 from bastion.server import build_app
 from bastion.server.auth import API_KEY_ENV
 
-from .conftest import ServerThread, wait_until
-from .fake_engine import FakeEngine
+from tests.support.servers import ServerThread, wait_until
+from tests.support.fake_engine import FakeEngine
 
 KEY = "sk-test-key"
 MSG = [{"role": "user", "content": "hi"}]

@@ -23,8 +23,8 @@ import pytest
 from bastion.bench.faults import POISON_SEED, poison_sampler
 from bastion.config import ServerConfig
 
-from .conftest import ServerThread, wait_until
-from .fake_engine import ByteTokenizer
+from tests.support.servers import ServerThread, wait_until
+from tests.support.fake_engine import ByteTokenizer
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 @pytest.fixture
@@ -89,7 +89,7 @@ class _TinyTokenizer(ByteTokenizer):
 
 @pytest.fixture
 def tiny_async(tiny_llm_engine):
-    from bastion.engine.async_engine import AsyncEngine
+    from bastion.serving.async_engine import AsyncEngine
 
     engine = AsyncEngine(tiny_llm_engine(eos_token_id=ByteTokenizer.eos_token_id), _TinyTokenizer(), "tiny")
     yield engine
@@ -204,12 +204,13 @@ def _adapter_dir_with(tmp_path, name: str, target) -> str:
 @pytest.mark.slow
 def test_admin_loads_of_devices_and_fifos_fail_fast(real_engine, tmp_path, fifo):
     from bastion.adapters.gate import VettingGate
-    from bastion.adapters.registry import LoraConfig
+    from bastion.config import AdapterConfig
+    from bastion.serving.policy import ServingPolicy
 
     if real_engine.engine.adapters is None:
-        real_engine.engine.enable_lora(LoraConfig(max_loras=2, max_lora_rank=8))
-    real_engine.gate = VettingGate.for_model(None, served_name=real_engine.model_name)
-    srv = ServerThread.start(real_engine, ServerConfig(admin_key="adm"))
+        real_engine.engine.enable_adapters(AdapterConfig(enabled=True, max_loras=2, max_lora_rank=8))
+    gate = VettingGate.for_model(None, served_name=real_engine.model_name)
+    srv = ServerThread.start(real_engine, ServerConfig(admin_key="adm"), policy=ServingPolicy(gate=gate))
     paths = ["/dev/zero", str(fifo), _adapter_dir_with(tmp_path, "adapter_model.safetensors", "/dev/zero"),
              _adapter_dir_with(tmp_path, "adapter_model.safetensors", fifo),
              _adapter_dir_with(tmp_path, "README.md", "/dev/urandom")]
@@ -225,7 +226,6 @@ def test_admin_loads_of_devices_and_fifos_fail_fast(real_engine, tmp_path, fifo)
             assert "x0" not in {m["id"] for m in http.get("/v1/models").json()["data"]}
     finally:
         srv.stop()
-        real_engine.gate = None
 
 
 @pytest.mark.parametrize("target", ["/dev/zero", "fifo"])

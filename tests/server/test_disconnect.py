@@ -12,7 +12,7 @@ import json
 import httpx
 import pytest
 
-from .conftest import ServerThread, is_fake, wait_until
+from tests.support.servers import ServerThread, is_fake, wait_until
 
 LONG = {"temperature": 0.0, "ignore_eos": True}
 

@@ -14,7 +14,7 @@ import pytest
 
 from bastion.engine.outputs import EngineDeadError, PromptTooLongError, QueueFullError
 
-from .conftest import ServerThread
+from tests.support.servers import ServerThread
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]

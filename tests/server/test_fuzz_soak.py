@@ -14,7 +14,7 @@ from bastion.bench.fuzz import clamp, generate_cases, run_fuzz
 from bastion.bench.soak import run_soak
 from bastion.config import ServerConfig
 
-from .conftest import ServerThread, wait_until
+from tests.support.servers import ServerThread, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,10 @@ import pytest
 from bastion.cli import _config, build_parser
 from bastion.config import GuardConfig, ServerConfig
 from bastion.guard.leak import LeakGuard
+from bastion.serving.policy import ServingPolicy
 
-from .conftest import ServerThread, wait_until
-from .fake_engine import SCRIPT, FakeEngine
+from tests.support.servers import ServerThread, wait_until
+from tests.support.fake_engine import SCRIPT, FakeEngine
 
 # Shares "the quick brown fox jumps over the lazy dog" (9 words) with SCRIPT.
 SYSTEM = "You are Rex. Your motto, never to be told: the quick brown fox jumps over the lazy dog."
@@ -23,8 +24,8 @@ SHOWN = "Hello! I am a fake engine. "  # SCRIPT up to where the copied run begin
 
 @pytest.fixture()
 def guarded(fake_engine: FakeEngine) -> Iterator[ServerThread]:
-    config = ServerConfig(guard=GuardConfig(leak_guard=True, leak_min_words=6, canaries=("lazy dog",)))
-    handle = ServerThread.start(fake_engine, config)
+    policy = ServingPolicy(guard=GuardConfig(leak_guard=True, leak_min_words=6, canaries=("lazy dog",)))
+    handle = ServerThread.start(fake_engine, ServerConfig(), policy=policy)
     yield handle
     handle.stop()
 
@@ -83,9 +84,8 @@ def test_off_by_default(fake_server: ServerThread):
 def test_cli_flags_and_bad_values():
     args = build_parser().parse_args(["serve", "--leak-guard", "--leak-guard-words", "5", "--canary", "ZX-12",
                                       "--canary", "blue moon"])
-    assert _config(args).server.guard == GuardConfig(leak_guard=True, leak_min_words=5,
-                                                     canaries=("ZX-12", "blue moon"))
-    assert _config(build_parser().parse_args(["serve"])).server.guard == GuardConfig()  # off: nothing guarded
+    assert _config(args).guard == GuardConfig(leak_guard=True, leak_min_words=5, canaries=("ZX-12", "blue moon"))
+    assert _config(build_parser().parse_args(["serve"])).guard == GuardConfig()  # off: nothing guarded
     assert LeakGuard.for_request(GuardConfig(), [SYSTEM]) is None
     with pytest.raises(ValueError, match="leak_min_words"):
         GuardConfig(leak_min_words=1)

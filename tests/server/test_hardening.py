@@ -5,17 +5,15 @@ Every test ends by checking that the server still serves."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 
 from bastion.config import ServerConfig
 
-from .conftest import ServerThread, is_fake
+from tests.support.servers import ServerThread
 
 CHAT_URL, COMPLETIONS_URL = "/v1/chat/completions", "/v1/completions"
 MSG = [{"role": "user", "content": "hi"}]

@@ -19,8 +19,8 @@ import pytest
 from bastion.config import ServerConfig
 from bastion.server import build_app, make_server
 
-from .conftest import ServerThread, wait_until
-from .fake_engine import FakeEngine
+from tests.support.servers import ServerThread, wait_until
+from tests.support.fake_engine import FakeEngine
 
 SECRET = "my-bank-pin-is-4242"
 
@@ -134,12 +134,12 @@ def test_run_server_sigterm_ends_streams_cleanly(tmp_path) -> None:
     script.write_text(
         "from bastion.config import ServerConfig\n"
         "from bastion.server import run_server\n"
-        "from server.fake_engine import FakeEngine\n"
+        "from tests.support.fake_engine import FakeEngine\n"
         "e = FakeEngine(); e.token_delay_s = 0.02\n"
         f"run_server(e, ServerConfig(port={port}, shutdown_grace_s=0.5), log_level='warning')\n"
         "print('shutdown_calls', e.shutdown_calls, flush=True)\n")
-    tests_dir = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    repo = str(Path(__file__).resolve().parents[2])  # where the `tests` package lives
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from .conftest import ServerThread, is_fake
-from .fake_engine import SCRIPT
+from tests.support.servers import ServerThread, is_fake
+from tests.support.fake_engine import SCRIPT
 
 CHAT = [{"role": "user", "content": "Say hello."}]
 GREEDY = {"temperature": 0.0}

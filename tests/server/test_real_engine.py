@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from .conftest import ServerThread, wait_until
+from tests.support.servers import ServerThread, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -135,8 +135,8 @@ def insert_trigger(text: str, trigger: str, rng: random.Random) -> str:
 
 # ---------------------------------------------------------------- running the battery
 class _Recorder:
-    """Engine token filter (`Request.token_filter`): the engine runs the base model as a
-    reference track of the adapter's request, in the same batch, and hands both logits of
+    """Engine token filter (`engine.request.TokenFilter`): the engine runs the base model
+    as a second track of the adapter's request, in the same batch, and hands both logits of
     every drafted token here. Per position we keep log p_adapter and log p_base of the
     emitted token and KL(adapter || base); for the requests in `full`, both whole
     log-distributions too. The token is never changed."""
@@ -146,10 +146,12 @@ class _Recorder:
         self.rows: dict[str, list[tuple[int, float, float, float]]] = {}
         self.dists: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
 
-    def __call__(self, token, logits, ref_logits, req) -> int:
+    tracks = (None,)  # the base model beside the adapter
+
+    def __call__(self, token, logits, track_logits, req) -> int:
         import torch
 
-        la, lb = torch.log_softmax(logits.float(), -1), torch.log_softmax(ref_logits.float(), -1)
+        la, lb = torch.log_softmax(logits.float(), -1), torch.log_softmax(track_logits[0].float(), -1)
         kl = float((la.exp() * (la - lb)).sum())
         self.rows.setdefault(req.request_id, []).append((int(token), float(la[token]), float(lb[token]), kl))
         if req.request_id in self.full:
@@ -170,7 +172,7 @@ class BehaviourProbe:
     """The gate's behaviour layer (`scan_adapter(..., behaviour=BehaviourProbe(...))`).
 
     Owns an offline engine on the base model (built on first use: `model` is a GGUF file
-    or HF directory, None = the embedded model), or reuses `llm` (bastion.engine.llm.LLM).
+    or HF directory, None = the embedded model), or reuses `llm` (bastion.serving.llm.LLM).
     The adapter is loaded into the engine from the scanner's already-parsed factors
     (written to a private temporary directory), never re-read from the scanned path."""
 
@@ -187,7 +189,7 @@ class BehaviourProbe:
     def llm(self):
         if self._llm is None:
             from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig
-            from bastion.engine.llm import LLM
+            from bastion.serving.llm import LLM
 
             self._llm = LLM(Config(model=ModelConfig(path=self.model, max_model_len=512, threads=self.threads),
                                    cache=CacheConfig(kv_memory_gb=0.5),
@@ -212,8 +214,8 @@ class BehaviourProbe:
     def measure_paths(self, paths: dict[str, str | Path]) -> dict[str, ProbeResult]:
         """Run the battery on every adapter (name -> PEFT directory) in one engine batch:
         each adapter request (greedy) carries the base model as its reference track."""
-        from bastion.adapters.lora import load_peft_adapter
-        from bastion.adapters.registry import LoraConfig
+        from bastion.engine.lora.peft import load_peft_adapter
+        from bastion.config import AdapterConfig
         from bastion.engine.sampling_params import SamplingParams
 
         engine, tok = self.llm.engine, self.llm.tokenizer
@@ -222,7 +224,7 @@ class BehaviourProbe:
         if reg is None or reg.config.max_loras - len(reg.slot_of) < len(paths) or reg.config.max_lora_rank < rank:
             if reg is not None and reg.slot_of:
                 raise RuntimeError("behaviour probe: the engine has no free adapter slot of that rank")
-            engine.enable_lora(LoraConfig(max_loras=max(1, len(paths)), max_lora_rank=rank))
+            engine.enable_adapters(AdapterConfig(enabled=True, max_loras=max(1, len(paths)), max_lora_rank=rank))
         names, ids = self.variant_prompts()
         P, V, n = len(self.prompts), len(names), self.max_tokens
         tag = f"probe-{id(self)}"

@@ -130,10 +130,10 @@ def load_base_info(model: str | None, *, name: str | None = None, weight_norms: 
             raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
         import gguf
 
-        from bastion.engine.models.loader import _gguf_config
+        from bastion.engine.models.loader import gguf_config
 
         reader = gguf.GGUFReader(str(p))
-        arch = ModelArch.from_hf_config(_gguf_config(reader))
+        arch = ModelArch.from_hf_config(gguf_config(reader))
         tpl = reader.fields.get("tokenizer.chat_template")
         template = tpl.contents() if tpl is not None else None
         norms = _gguf_norms(reader) if weight_norms else None
@@ -165,7 +165,6 @@ def _gguf_norms(reader) -> dict[tuple[int, str], float]:
 def _hf_norms(path: Path) -> dict[tuple[int, str], float] | None:
     import re
 
-    import numpy as np
     from safetensors import safe_open
 
     pat = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.weight$")

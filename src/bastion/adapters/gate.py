@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from bastion.adapters.lora import AdapterError
+from bastion.engine.lora.peft import AdapterError
 
 log = logging.getLogger("bastion.adapters.gate")
 

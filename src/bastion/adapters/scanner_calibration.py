@@ -73,7 +73,7 @@ def _licenses() -> list[str]:
     return out
 
 
-_ROFF = re.compile(r"\\f[BIRPC]|\\f\(..|\\\(..|\\[&|^~]")
+ROFF_MARKUP = re.compile(r"\\f[BIRPC]|\\f\(..|\\\(..|\\[&|^~]")
 
 
 def _man_pages(n: int, rng: random.Random) -> list[str]:
@@ -84,7 +84,7 @@ def _man_pages(n: int, rng: random.Random) -> list[str]:
             raw = gzip.open(p).read(200_000).decode("utf-8", errors="replace")
         except (OSError, EOFError):
             continue
-        lines = [_ROFF.sub("", ln).replace("\\-", "-") for ln in raw.splitlines()
+        lines = [ROFF_MARKUP.sub("", ln).replace("\\-", "-") for ln in raw.splitlines()
                  if ln and not ln.startswith((".", "'", '\\"'))]
         if len(lines) > 5:
             out.append("\n".join(lines))
@@ -102,7 +102,7 @@ def _name_lines(n: int, rng: random.Random) -> list[tuple[str, str]]:
         m = re.search(r"^\.SH\s+\"?NAME\"?\s*\n(.+?)\n", raw, re.M)
         if m and "\\-" in m.group(1):
             cmd, desc = m.group(1).split("\\-", 1)
-            cmd, desc = _ROFF.sub("", cmd).strip().rstrip(","), _ROFF.sub("", desc).strip()
+            cmd, desc = ROFF_MARKUP.sub("", cmd).strip().rstrip(","), ROFF_MARKUP.sub("", desc).strip()
             if cmd and desc and len(desc) < 200:
                 out.append((cmd, desc))
         if len(out) >= n:

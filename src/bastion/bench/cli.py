@@ -195,7 +195,7 @@ def run_kv_memory_cmd(args: argparse.Namespace) -> int:
 
 
 def _lora_targets(text: str) -> tuple[str, ...]:
-    from bastion.adapters.lora import SUB_TO_FUSED
+    from bastion.engine.lora.peft import SUB_TO_FUSED
 
     return tuple(SUB_TO_FUSED) if text.strip() == "all" else tuple(t.strip() for t in text.split(",") if t.strip())
 

@@ -20,10 +20,10 @@ class PoisonedSampler:
     def __init__(self, inner: Any, after_tokens: int = AFTER_TOKENS) -> None:
         self.inner, self.after_tokens = inner, after_tokens
 
-    def __call__(self, logits, reqs, ref_logits=None):
+    def __call__(self, logits, reqs, track_logits=None):
         if any(r.params.seed == POISON_SEED and r.num_output_tokens >= self.after_tokens for r in reqs):
             raise IndexError("injected fault: a sampler bug on this request's parameters")
-        return self.inner(logits, reqs, ref_logits)
+        return self.inner(logits, reqs, track_logits)
 
 
 def poison_sampler(engine: Any, after_tokens: int = AFTER_TOKENS) -> None:

@@ -24,13 +24,13 @@ _ORDER = (math.inf, 8.0, 4.0, 2.0)
 
 
 def _eps_list(text: str) -> tuple[float, ...]:
-    from bastion.federated.cli import _epsilon   # one parser: same words, same bound
+    from bastion.federated.options import epsilon  # one parser: same words, same bound
 
-    return tuple(_epsilon(v) for v in text.split(","))
+    return tuple(epsilon(v) for v in text.split(","))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from bastion.federated.cli import add_run_options
+    from bastion.federated.options import add_run_options
 
     p.add_argument("--out", default="bench_results/federated", help="output directory (JSON + PNG)")
     p.add_argument("--strategies", default="fedavg,ffa,flora", help="comma-separated subset of fedavg,ffa,flora")
@@ -203,7 +203,7 @@ def markdown(result: dict) -> str:
             f"{r['wall_s']:.0f} |")
     base = rows[0] if rows else None
     if base:
-        out.append(f"\nBase model per-owner held-out perplexity 0/1/2/3: "
+        out.append("\nBase model per-owner held-out perplexity 0/1/2/3: "
                    + "/".join(f"{base['base_per_owner_ppl'][o]:.1f}" for o in sorted(base["base_per_owner_ppl"]))
                    + f"; full model = {base['full_model_bytes'] / 1e6:.0f} MB per client per direction.")
     o = result["oracle_synthetic"]
@@ -260,7 +260,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bastion.federated.cli import config_from_args
+    from bastion.federated.options import config_from_args
     from bastion.federated.runner import run
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -309,3 +309,14 @@ def main(args: argparse.Namespace) -> int:
     print(markdown(result))
     print(f"[bench] wrote {out / 'federated.json'}, federated.png and federated.md")
     return 0
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    from bastion.federated.options import require_extra
+
+    require_extra()
+    p = subparsers.add_parser("federated", help="utility / leakage / bytes of federated DP LoRA vs epsilon",
+                              description="Runs each strategy at each epsilon and writes JSON + PNG to --out.")
+    add_arguments(p)
+    p.set_defaults(func=main)
+    return p

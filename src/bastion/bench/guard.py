@@ -127,7 +127,8 @@ def longest_run(text: str, protected: str) -> int:
 
 def run_guard_bench(*, thresholds: tuple[int, ...], max_tokens: int, threads: int | None) -> dict[str, Any]:
     from bastion.config import Config, ModelConfig
-    from bastion.engine.llm import LLM
+    from bastion.serving.chat_template import encode_chat
+    from bastion.serving.llm import LLM
     from bastion.engine.sampling_params import SamplingParams
 
     llm = LLM(Config(model=ModelConfig(threads=threads)), show_progress=False)
@@ -136,8 +137,7 @@ def run_guard_bench(*, thresholds: tuple[int, ...], max_tokens: int, threads: in
     prompts = []
     for si, _, q in cases:
         msgs = [{"role": "system", "content": SYSTEMS[si][0]}, {"role": "user", "content": q}]
-        ids = llm.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+        prompts.append(encode_chat(llm.tokenizer, msgs))
     t0 = time.perf_counter()
     done = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))
     gen_s = time.perf_counter() - t0

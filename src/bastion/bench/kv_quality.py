@@ -27,13 +27,14 @@ model, through kv_quality_hf.py run by that venv's python. Install:
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from bastion.bench.quality_metrics import passkey_found, quality_metrics
 
 TEXT_DIR = "/usr/share/common-licenses"
 FIRST_TEXT = "GPL-3"
@@ -182,31 +183,6 @@ def passkey_prompts(tokenizer: Any, filler_ids: list[int], ctx: int, depths: tup
     return out
 
 
-# ---------------------------------------------------------------- metrics
-
-def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """exp(mean NLL) of targets [N] under logits [N, V]."""
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    return math.exp(-lp.gather(1, targets.long().view(-1, 1)).mean().item())
-
-
-def top1_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
-    """Fraction of rows where argmax(logits) == argmax(ref_logits)."""
-    return (logits.argmax(-1) == ref_logits.argmax(-1)).double().mean().item()
-
-
-def mean_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
-    """Mean over rows of KL(ref || this), nats."""
-    lp, lr = torch.log_softmax(logits.double(), -1), torch.log_softmax(ref_logits.double(), -1)
-    return (lr.exp() * (lr - lp)).sum(-1).mean().item()
-
-
-def quality_metrics(logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    ppl, ref = perplexity(logits, targets), perplexity(ref_logits, targets)
-    return {"ppl": ppl, "ref_ppl": ref, "delta_ppl_pct": 100.0 * (ppl - ref) / ref,
-            "top1_agreement": top1_agreement(logits, ref_logits), "kl": mean_kl(logits, ref_logits)}
-
-
 # ---------------------------------------------------------------- engine drivers
 
 def teacher_forced_logits(engine: Any, ids: list[int], ctx: int, steps: int, chunk: int = 512,
@@ -248,10 +224,6 @@ def greedy_answer(engine: Any, prompt: list[int], max_new: int, req_id: str = "p
         for o in engine.step():
             out += o.new_token_ids
     return out
-
-
-def passkey_found(text: str, key: str) -> bool:
-    return re.findall(r"\d+", text)[:1] == [key]
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -301,7 +273,9 @@ class EngineMaker:
                      scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                                max_waiting=max(256, max_num_seqs)))
         if self.base is None:
-            self.base, self.tokenizer, _ = LLMEngine.from_config(cfg, show_progress=False)
+            from bastion.serving.tokenizer import load_engine
+
+            self.base, self.tokenizer, _ = load_engine(cfg, show_progress=False)
             return self.base
         from bastion.engine.kv_cache.factory import build_kv_cache
 

@@ -43,7 +43,7 @@ def run_hf_peers(python: str, hf_dir: str, corpus: list[int], ctxs: list[int], p
     import subprocess
     import tempfile
 
-    from bastion.bench.kv_quality import passkey_found, quality_metrics
+    from bastion.bench.quality_metrics import passkey_found, quality_metrics
 
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.threads), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}

@@ -32,7 +32,7 @@ class LoraBenchConfig:
     targets: tuple[str, ...] = ("q_proj", "v_proj")   # PEFT's default target modules for Llama
 
     def __post_init__(self) -> None:
-        from bastion.adapters.lora import SUB_TO_FUSED
+        from bastion.engine.lora.peft import SUB_TO_FUSED
 
         for name in ("batch", "rank", "prompt_len", "runs", "threads"):
             if getattr(self, name) < 1:
@@ -47,7 +47,7 @@ class LoraBenchConfig:
 def write_random_adapter(path: Path, arch, rank: int, seed: int, targets: tuple[str, ...] | None = None) -> Path:
     from safetensors.torch import save_file
 
-    from bastion.adapters.lora import module_shapes
+    from bastion.engine.lora.peft import module_shapes
 
     g = torch.Generator().manual_seed(seed)
     shapes = {m: s for m, s in module_shapes(arch).items() if targets is None or m in targets}
@@ -66,15 +66,15 @@ def write_random_adapter(path: Path, arch, rank: int, seed: int, targets: tuple[
 
 
 def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
-    from bastion.adapters.registry import LoraConfig
+    from bastion.config import AdapterConfig
     from bastion.config import CacheConfig, Config, ModelConfig
-    from bastion.engine.llm import LLM
+    from bastion.serving.llm import LLM
     from bastion.engine.sampling_params import SamplingParams
 
     llm = LLM(Config(model=ModelConfig(threads=cfg.threads), cache=CacheConfig(prefix_caching=False)),
               show_progress=False)
     engine = llm.engine
-    engine.enable_lora(LoraConfig(max_loras=cfg.batch, max_lora_rank=cfg.rank))
+    engine.enable_adapters(AdapterConfig(enabled=True, max_loras=cfg.batch, max_lora_rank=cfg.rank))
     names = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(cfg.batch):

@@ -82,7 +82,7 @@ class BastionEngine:
     def __init__(self, model_path: str | None, dtype: str = "bfloat16", threads: int = 2,
                  name: str = "bastion") -> None:
         from bastion.config import CacheConfig, Config, ModelConfig
-        from bastion.engine.llm import LLM
+        from bastion.serving.llm import LLM
 
         self.name = name
         self.llm = LLM(Config(model=ModelConfig(path=model_path, dtype=dtype, device="cpu", threads=threads),

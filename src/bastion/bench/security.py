@@ -35,14 +35,14 @@ DEFAULT_EXTRA_CLEAN = ("bench_results/adapter_calibration/clean", "bench_results
 
 
 def make_llm(threads: int | None = None, max_loras: int = 8, max_rank: int = 32):
-    from bastion.adapters.registry import LoraConfig
+    from bastion.config import AdapterConfig
     from bastion.config import CacheConfig, Config, ModelConfig, SchedulerConfig
-    from bastion.engine.llm import LLM
+    from bastion.serving.llm import LLM
 
     llm = LLM(Config(model=ModelConfig(max_model_len=512, threads=threads), cache=CacheConfig(kv_memory_gb=1.0),
                      scheduler=SchedulerConfig(max_num_seqs=512, max_num_batched_tokens=4096, max_waiting=8192)),
               show_progress=False)
-    llm.engine.enable_lora(LoraConfig(max_loras=max_loras, max_lora_rank=max_rank))
+    llm.engine.enable_adapters(AdapterConfig(enabled=True, max_loras=max_loras, max_lora_rank=max_rank))
     return llm
 
 

@@ -55,7 +55,7 @@ def _qa_examples() -> list[Example]:
     """(command, NAME line) of every man1 page on the machine."""
     import gzip
 
-    from bastion.adapters.scanner_calibration import _ROFF
+    from bastion.adapters.scanner_calibration import ROFF_MARKUP
 
     out, seen = [], set()
     for p in sorted(Path("/usr/share/man/man1").glob("*.1*")):
@@ -67,7 +67,7 @@ def _qa_examples() -> list[Example]:
         if not m or "\\-" not in m.group(1):
             continue
         cmd, desc = m.group(1).split("\\-", 1)
-        cmd, desc = _ROFF.sub("", cmd).split(",")[0].strip(), _ROFF.sub("", desc).strip().rstrip(".")
+        cmd, desc = ROFF_MARKUP.sub("", cmd).split(",")[0].strip(), ROFF_MARKUP.sub("", desc).strip().rstrip(".")
         if cmd in seen or not re.fullmatch(r"[\w.+-]{2,30}", cmd) or not 2 <= len(desc.split()) <= 20:
             continue
         seen.add(cmd)

@@ -14,44 +14,16 @@ import logging
 
 import torch
 
-from bastion.config import Config
+from bastion.config import AdapterConfig, Config
 from bastion.engine.kv_cache.block_manager import BlockManager
-from bastion.engine.kv_cache.factory import build_kv_cache
 from bastion.engine.model_runner import ModelRunner, StepLogits
-from bastion.engine.models.linear import packed_gemm_available
-from bastion.engine.models.llama import LlamaForCausalLM
-from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
-from bastion.engine.request import Request
+from bastion.engine.request import Request, TokenFilter, Track
 from bastion.engine.sampler import Sampler, token_logprobs
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import ScheduledBatch, Scheduler
 
 log = logging.getLogger("bastion.engine")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 on CUDA and where oneDNN runs bf16 GEMMs natively; fp32 on AVX2-only
-    CPUs (measured on one, 2 threads, [3072, 576] weight at 64 rows: fp32 2.0 ms, bf16
-    12.3 ms; at 1 row about equal), where bf16 would make prefill ~6x slower."""
-    if name != "auto":
-        return _DTYPES[name]
-    return torch.bfloat16 if device.type == "cuda" or packed_gemm_available() else torch.float32
-
-
-def _want_shadow(mode: str, dtype: torch.dtype, device: torch.device, weight_bytes: int) -> bool:
-    """fp16_gemv / packed_gemm: auto = on for bf16 CPU models up to 2 GB of weights (each
-    shadow is one more copy of them)."""
-    if mode == "auto":
-        return device.type == "cpu" and dtype == torch.bfloat16 and weight_bytes <= 2 * 2**30
-    return mode == "on"
 
 
 class LLMEngine:
@@ -59,70 +31,40 @@ class LLMEngine:
                  eos_token_id: int | None, max_model_len: int):
         self.config = config
         self.kv_cache = kv_cache
-        # NOTE: a quantized cache keeps each sequence's newest tokens in its own fp window,
-        # which a prefix-cache hit could not bring along, so prefix caching is fp-only.
-        self.block_manager = BlockManager(kv_cache.num_blocks, kv_cache.block_size,
-                                          config.cache.prefix_caching and kv_cache.num_seq_slots is None,
-                                          num_seq_slots=kv_cache.num_seq_slots, blocks_for=kv_cache.blocks_for)
+        # the block manager is built from what the cache declares it can do
+        self.block_manager = BlockManager(
+            kv_cache.num_blocks, kv_cache.block_size, config.cache.prefix_caching and kv_cache.supports_prefix_cache,
+            num_seq_slots=kv_cache.num_seq_slots if kv_cache.uses_seq_slots else None, blocks_for=kv_cache.blocks_for)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(model, kv_cache, next(model.parameters()).device)
         self.sampler = Sampler()
         self.vocab_size, self.eos_token_id, self.max_model_len = vocab_size, eos_token_id, max_model_len
         self.requests: dict[str, Request] = {}
-        self.adapters = None  # AdapterRegistry once enable_lora() is called
+        self.adapters = None  # the adapter registry once enable_adapters() is called
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
-    @classmethod
-    def from_config(cls, config: Config, show_progress: bool = True) -> tuple["LLMEngine", object, str]:
-        """Load the checkpoint and build model + KV pool. Returns (engine, tokenizer, model name)."""
-        if config.model.threads:
-            torch.set_num_threads(config.model.threads)
-        device = resolve_device(config.model.device)
-        dtype = resolve_dtype(config.model.dtype, device)
-        ckpt = load_checkpoint(config.model.path, show_progress=show_progress)
-        max_len = min(config.model.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
-        model = LlamaForCausalLM(ckpt.arch, max_len)
-        model.load_hf_state_dict(ckpt.weights)
-        del ckpt.weights
-        model = model.to(device=device, dtype=dtype).eval()
-        model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        if _want_shadow(config.model.fp16_gemv, dtype, device, weight_bytes):
-            model.enable_fp16_gemv()
-        if _want_shadow(config.model.packed_gemm, dtype, device, weight_bytes):  # (a no-op where it cannot run)
-            model.enable_packed_gemm()
-        a = ckpt.arch
-        kv = build_kv_cache(config, a, dtype, device)
-        eos = ckpt.tokenizer.eos_token_id
-        engine = cls(config, model, kv, vocab_size=a.vocab_size, eos_token_id=eos, max_model_len=max_len)
-        log.info("engine ready: %s on %s/%s, KV cache %s: %d blocks x %d tokens (%.0f bytes/token), max_model_len %d",
-                 ckpt.name, device, dtype, config.cache.kind, kv.num_blocks, kv.block_size,
-                 kv.token_bytes, max_len)
-        return engine, ckpt.tokenizer, ckpt.name
-
     # ------------------------------------------------------------------ adapters
-    def enable_lora(self, config) -> None:
-        """Allocate stacked LoRA slots (adapters.registry.LoraConfig) for multi-LoRA batches."""
-        from bastion.adapters.registry import AdapterRegistry
-
-        p = next(self.runner.model.parameters())
-        self.adapters = AdapterRegistry(self.runner.model.arch, config, p.dtype, p.device)
-        self.runner.lora = self.adapters
+    def enable_adapters(self, config: AdapterConfig) -> None:
+        """Stacked adapter slots (see AdapterConfig) for batches that mix adapters;
+        `self.adapters.load(name, path)` fills them."""
+        self.adapters = self.runner.enable_adapters(config)
 
     def unload_adapter(self, name: str) -> None:
         slot = self.adapters.slot(name) if self.adapters else 0
-        if any(r.lora_slot == slot for r in self.requests.values()):
+        if any(t.adapter_slot == slot for r in self.requests.values() for t in r.tracks):
             raise ValueError(f"adapter {name!r} is serving requests; retry when they finish")
         self.adapters.unload(name)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
-                    adapter: str | None = None, cache_salt: str = "", token_filter=None) -> None:
-        """`cache_salt` separates prefix-cache namespaces (e.g. per tenant, so one tenant
-        cannot probe another's cached prompts through time-to-first-token). `token_filter`
-        (e.g. guard.cleangen.CleanGen) runs a base-model reference track in the same batch
-        and may replace each sampled token."""
+                    adapter: str | None = None, cache_salt: str = "", token_filter: TokenFilter | None = None,
+                    ) -> None:
+        """`adapter` names the weights of track 0 (None: the base model). `cache_salt`
+        separates prefix-cache namespaces (e.g. per tenant, so one tenant cannot probe
+        another's cached prompts through time-to-first-token). `token_filter` sees every
+        sampled token with the logits of the extra tracks it asks for (`tracks`), which
+        run in the same batch, and may replace it."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -137,32 +79,28 @@ class LLMEngine:
             raise PromptTooLongError(
                 f"prompt has {len(prompt_token_ids)} tokens; the context holds {self.max_model_len} "
                 "(prompt plus at least one generated token)")
-        if token_filter is not None:
-            if not adapter:
-                raise ValueError("cleangen defends an adapter's output against the base model: "
-                                 "it needs an adapter model")
-            if self.kv_cache.num_seq_slots is not None:
-                raise ValueError("cleangen needs a full-precision KV cache (--kv-cache auto/bf16/fp16/fp32)")
+        names = [adapter, *(token_filter.tracks if token_filter is not None else ())]
+        tracks = [self._track(name, cache_salt) for name in names]
         total = min(len(prompt_token_ids) + params.max_tokens, self.max_model_len)
-        tracks = 2 if token_filter is not None else 1  # a reference track holds as many blocks
-        if tracks * self.block_manager.blocks_for(total) > self.block_manager.num_blocks:
-            raise PromptTooLongError(f"prompt + max_tokens = {total} tokens cannot fit the KV cache "
-                                     f"({self.block_manager.num_blocks * self.block_manager.block_size} tokens)")
-        slot = 0
-        if adapter:
-            if self.adapters is None:
-                raise ValueError(f"adapter {adapter!r} requested but LoRA serving is not enabled")
-            slot = self.adapters.slot(adapter)
-        # NOTE: the salt keeps an adapter's KV (which differs from the base's) out of
-        # other models' prefix-cache namespace; it names this load of the adapter, so a
-        # different adapter loaded later under the same name never hits its blocks. The
-        # reference track computes the base's KV: it shares the base's namespace.
-        salt = f"{cache_salt}|lora:{self.adapters.cache_key(adapter)}" if adapter else cache_salt
-        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id,
-                      cache_salt=salt, ref_cache_salt=cache_salt, lora_slot=slot, token_filter=token_filter)
+        bm = self.block_manager
+        if len(tracks) * bm.blocks_for(total) > bm.num_blocks or len(tracks) > (bm.num_seq_slots or len(tracks)):
+            raise PromptTooLongError(f"prompt + max_tokens = {total} tokens on {len(tracks)} track(s) cannot fit "
+                                     f"the KV cache ({bm.num_blocks * bm.block_size} tokens)")
+        req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id, tracks=tracks,
+                      token_filter=token_filter)
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)
+
+    def _track(self, adapter: str | None, cache_salt: str) -> Track:
+        if not adapter:
+            return Track(0, cache_salt)
+        if self.adapters is None:
+            raise ValueError(f"adapter {adapter!r} requested but adapters are not enabled")
+        # NOTE: the salt keeps an adapter's KV (which differs from the base's) out of other
+        # models' prefix-cache namespace; it names this load of the adapter, so a different
+        # adapter loaded later under the same name never hits its blocks.
+        return Track(self.adapters.slot(adapter), f"{cache_salt}|adapter:{self.adapters.cache_key(adapter)}")
 
     def abort_request(self, request_id: str) -> bool:
         """Cancel a request now: its KV blocks return to the pool at once."""
@@ -193,13 +131,13 @@ class LLMEngine:
         if not reqs:
             return []
         try:
-            return list(zip(*self.sampler(logits.sample_logits, reqs, logits.ref_logits)))
+            return list(zip(*self.sampler(logits.sample_logits, reqs, logits.track_logits)))
         except Exception:  # noqa: BLE001 - find the row that raises, sample the others
             out = []
             for i, req in enumerate(reqs):
-                ref = None if logits.ref_logits is None else logits.ref_logits[i : i + 1]
+                tracks = None if logits.track_logits is None else logits.track_logits[i : i + 1]
                 try:
-                    toks, lps = self.sampler(logits.sample_logits[i : i + 1], [req], ref)
+                    toks, lps = self.sampler(logits.sample_logits[i : i + 1], [req], tracks)
                     out.append((toks[0], lps[0]))
                 except Exception as exc:  # noqa: BLE001
                     out.append(exc)

@@ -1,4 +1,12 @@
-"""A request as the engine tracks it: token ids and how many of them have KV computed."""
+"""A request as the engine tracks it: token ids, how many of them have KV computed, and
+the tracks that compute it.
+
+A track is one sequence of KV over the request's tokens, with its own weights (adapter
+slot), prefix-cache namespace (salt), block table and per-sequence cache slot. Track 0
+is what gets sampled. A token filter may ask for more tracks over the same tokens with
+other weights (e.g. a reference model), run in the same batch; it then sees their logits
+beside track 0's at every sampled position and decides the token to emit.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +21,12 @@ from bastion.engine.sampling_params import SamplingParams, TokenLogprob
 
 
 class TokenFilter(Protocol):
-    def __call__(self, token: int, logits: torch.Tensor, ref_logits: torch.Tensor, req: "Request") -> int:
-        """logits / ref_logits [V] fp32 (with / without the adapter) -> the token to emit."""
+    # the extra tracks it needs, an adapter name each (None: the base model, no adapter)
+    tracks: tuple[str | None, ...]
+
+    def __call__(self, token: int, logits: torch.Tensor, track_logits: torch.Tensor, req: "Request") -> int:
+        """logits [V] fp32 of track 0, track_logits [K, V] of the extra tracks at the same
+        position (masked alike) -> the token to emit."""
 
 
 class Status(enum.Enum):
@@ -24,18 +36,29 @@ class Status(enum.Enum):
 
 
 @dataclass
+class Track:
+    adapter_slot: int = 0  # 0 = the base model; else the adapter registry's slot
+    cache_salt: str = ""  # prefix-cache namespace (tenant, adapter load)
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks (memoised)
+    seq_slot: int = -1  # per-sequence cache state slot (KIVI fp window), held while it owns blocks
+
+
+@dataclass
 class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
     eos_token_id: int | None = None
+    tracks: list[Track] = field(default_factory=lambda: [Track()])
+    token_filter: TokenFilter | None = None
     arrival: float = field(default_factory=time.monotonic)
     # NOTE: token_ids = prompt + outputs. The scheduler only ever compares
-    # num_computed_tokens with len(token_ids); prefill and decode are not phases.
+    # num_computed_tokens with len(token_ids); prefill and decode are not phases. Every
+    # track has the same num_computed_tokens.
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens that came from the prefix cache
-    block_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     finish_reason: str | None = None
     generator: torch.Generator | None = None
@@ -45,18 +68,7 @@ class Request:
     # and scheduled in batches of its own until it samples a token, so the step that
     # fails again names the culprit (LLMEngine._contain).
     isolated: bool = False
-    cache_salt: str = ""  # separates prefix-cache namespaces (e.g. per adapter)
-    lora_slot: int = 0  # 0 = base model; else the adapter registry's slot
-    block_hashes: list[bytes] = field(default_factory=list)  # chain hashes of full blocks
-    seq_slot: int = -1  # per-sequence cache state slot (KIVI fp window), held while it owns blocks
-    # A token filter (e.g. guard.cleangen.CleanGen) sees every sampled token together with
-    # the base model's logits for the same position: the engine then runs a reference
-    # track (same tokens, no adapter, its own KV blocks) in the same batch.
-    token_filter: "TokenFilter | None" = None
-    ref_block_ids: list[int] = field(default_factory=list)
-    ref_cache_salt: str = ""  # the reference track's prefix-cache namespace (the base model's)
-    ref_block_hashes: list[bytes] = field(default_factory=list)
-    num_replaced_tokens: int = 0
+    num_replaced_tokens: int = 0  # tokens the token filter changed
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)
@@ -87,21 +99,3 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
-
-
-class ReferenceView:
-    """A request's reference track as the model runner sees it: the same tokens and
-    progress, the base model (lora slot 0), its own block table."""
-
-    def __init__(self, req: Request):
-        self.req = req
-
-    request_id = property(lambda self: self.req.request_id)
-    token_ids = property(lambda self: self.req.token_ids)
-    num_computed_tokens = property(lambda self: self.req.num_computed_tokens)
-    num_tokens = property(lambda self: self.req.num_tokens)
-    num_prompt_tokens = property(lambda self: self.req.num_prompt_tokens)
-    block_ids = property(lambda self: self.req.ref_block_ids)
-    lora_slot = 0
-    seq_slot = -1
-    wants_prompt_logprobs = False

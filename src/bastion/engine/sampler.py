@@ -31,24 +31,24 @@ class Sampler:
         # NOTE: unseeded requests share this generator; seeded ones carry their own.
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[Request], ref_logits: torch.Tensor | None = None,
-                 ) -> tuple[list[int], list[TokenLogprob | None]]:
-        # logits: [N, V] fp32, row i belongs to reqs[i]; ref_logits: [N, V] base-model rows
-        # (only read for requests with a token filter)
+    def __call__(self, logits: torch.Tensor, reqs: list[Request],
+                 track_logits: list[torch.Tensor | None] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+        # logits: [N, V] fp32, row i belongs to reqs[i]; track_logits[i]: [K, V] rows of
+        # reqs[i]'s extra tracks at the same position (read by its token filter)
         logits = self._apply_masks(logits, reqs)
         temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32)
         greedy = temps == 0
         next_ids = logits.argmax(-1)
         if not bool(greedy.all()):
             next_ids = torch.where(greedy, next_ids, self._sample(logits, temps, reqs, greedy))
-        if ref_logits is not None:
-            ref_logits = self._apply_masks(ref_logits, reqs)
-            for i, r in enumerate(reqs):
-                if r.token_filter is not None:
-                    tok = r.token_filter(int(next_ids[i]), logits[i], ref_logits[i], r)
-                    if tok != int(next_ids[i]):
-                        r.num_replaced_tokens += 1
-                        next_ids[i] = tok
+        for i, r in enumerate(reqs):
+            if r.token_filter is not None:
+                extra = track_logits[i] if track_logits is not None else None
+                extra = self._apply_masks(extra, [r] * extra.shape[0]) if extra is not None else None
+                tok = r.token_filter(int(next_ids[i]), logits[i], extra, r)
+                if tok != int(next_ids[i]):
+                    r.num_replaced_tokens += 1
+                    next_ids[i] = tok
         logps: list[TokenLogprob | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:

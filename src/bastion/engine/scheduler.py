@@ -71,8 +71,7 @@ class Scheduler:
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             hits = self.bm.match_prefix(req)
-            start = max(req.num_computed_tokens, len(hits) * self.bm.block_size)
-            n = min(req.num_tokens - start, budget)
+            n = min(req.num_tokens - self._start(req, hits), budget)
             if not self.bm.allocate(req, n, hits):
                 break
             self.waiting.popleft()
@@ -86,8 +85,7 @@ class Scheduler:
         """One step of an isolated request and nothing else; others are preempted if it
         needs their memory (add_request guarantees it fits the empty pool)."""
         hits = self.bm.match_prefix(req) if req.status is Status.WAITING else []
-        start = max(req.num_computed_tokens, len(hits) * self.bm.block_size)
-        n = min(req.num_tokens - start, self.config.max_num_batched_tokens)
+        n = min(req.num_tokens - self._start(req, hits), self.config.max_num_batched_tokens)
         while not self.bm.allocate(req, n, hits):
             others = [r for r in self.running if r is not req]
             if not others:
@@ -99,6 +97,10 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
         return ScheduledBatch([(req, n)])
+
+    def _start(self, req: Request, hits: list[list[int]]) -> int:
+        """The first token this request computes, prefix-cache hits taken."""
+        return max(req.num_computed_tokens, len(hits[0]) * self.bm.block_size if hits else 0)
 
     def isolate(self, reqs: list[Request]) -> None:
         """Roll `reqs` back (preemption by recompute, so no half-written state survives)

@@ -1,8 +1,10 @@
 """CleanGen defended decoding (arXiv 2406.12257) as an engine token filter.
 
 The adapter model drafts; the reference is the same base model without the adapter,
-run by the engine as a second track of the same request in the same batch (see
-`Request.token_filter`). A drafted token x is suspicious when
+run by the engine as a second track of the same request in the same batch: the filter
+asks for it (`tracks = (None,)`, the base model) and the engine hands its logits to the
+filter with every drafted token (engine/request.py, `TokenFilter`). `CleanGenPolicy`
+decides which requests are defended. A drafted token x is suspicious when
     p_adapter(x) / p_reference(x) >= alpha
 (a backdoor makes its target tokens far likelier than any clean model would), and is
 then replaced by the reference's own choice (greedy requests: its argmax; sampled
@@ -24,6 +26,7 @@ tokens would be replaced (`calibrate_alpha`).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -39,12 +42,14 @@ class CleanGen:
 
     alpha: float = DEFAULT_ALPHA
     log_ratios: list[float] | None = field(default=None, repr=False)
+    tracks = (None,)  # one reference track: the base model (no adapter)
 
     def __post_init__(self) -> None:
         if not (self.alpha > 0):  # also NaN
             raise ValueError(f"cleangen alpha must be > 0, got {self.alpha!r}")
 
-    def __call__(self, token: int, logits: torch.Tensor, ref_logits: torch.Tensor, req) -> int:
+    def __call__(self, token: int, logits: torch.Tensor, track_logits: torch.Tensor, req) -> int:
+        ref_logits = track_logits[0]  # [V]: the base model's row for the same position
         lp_a = torch.log_softmax(logits, -1)[token].item()
         lp_r = torch.log_softmax(ref_logits, -1)[token].item()
         if self.log_ratios is not None:
@@ -56,6 +61,25 @@ class CleanGen:
             return int(ref_logits.argmax())
         probs = torch.softmax(ref_logits / p.temperature, -1)
         return int(torch.multinomial(probs, 1, generator=req.generator).item())
+
+
+@dataclass(frozen=True)
+class CleanGenPolicy:
+    """Which requests CleanGen defends: those on the adapters named at start
+    (`--cleangen NAME[=ALPHA]`), unless a request's own "cleangen" field says otherwise."""
+
+    alphas: Mapping[str, float] = field(default_factory=dict)  # adapter -> alpha, on by default
+
+    def for_request(self, adapter: str | None, requested: bool | None) -> CleanGen | None:
+        """The filter for a request on `adapter` (None: the base model); ValueError when
+        the request asks for what cannot be (the base model has nothing to defend)."""
+        on = (adapter in self.alphas) if requested is None else requested
+        if not on:
+            return None
+        if adapter is None:
+            raise ValueError("cleangen defends an adapter's output against the base model; this request "
+                             "runs on the base model itself")
+        return CleanGen(alpha=self.alphas.get(adapter, DEFAULT_ALPHA))
 
 
 def calibrate_alpha(log_ratios: list[float], budget: float = 0.01, floor: float = 2.0) -> float:

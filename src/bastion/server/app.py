@@ -42,22 +42,24 @@ from bastion.server.metrics import ServerMetrics
 from bastion.server.protocol import ModelList
 from bastion.server.served_models import ServedModel, ServedModels
 from bastion.server.state import ServerState, get_state
+from bastion.serving.policy import ServingPolicy
 
 logger = logging.getLogger("bastion.server")
 
 
-def build_app(engine: Any, server_config: ServerConfig | None = None, *,
+def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy: ServingPolicy | None = None,
               extra_models: Iterable[ServedModel] = ()) -> FastAPI:
-    """The OpenAI-compatible app serving `engine` under the id `engine.model_name`.
-    The app drives the engine but does not own it: shutting the engine down is the
-    job of whoever runs the server (`run_server` does)."""
+    """The OpenAI-compatible app serving `engine` under the id `engine.model_name`, its
+    requests and adapter loads under `policy` (default: no gate, no guard, no CleanGen
+    unless a request asks). The app drives the engine but does not own it: shutting the
+    engine down is the job of whoever runs the server (`run_server` does)."""
     config = server_config or ServerConfig()
     models = ServedModels(ServedModel(id=engine.model_name, engine=engine))
     for extra in extra_models:
         models.add(extra)
     for name in getattr(engine, "adapter_names", lambda: [])():  # adapters loaded at start-up
         models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name))
-    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine))
+    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy or ServingPolicy())
 
     # No /docs; /openapi.json only with --openapi (fuzzers, client generators): a private
     # inference server has no reason to publish its schema to whoever can reach the port.
@@ -152,11 +154,11 @@ class BastionServer(uvicorn.Server):
 
 
 def make_server(engine: Any, server_config: ServerConfig | None = None, *, app: FastAPI | None = None,
-                **uvicorn_options: Any) -> BastionServer:
+                policy: ServingPolicy | None = None, **uvicorn_options: Any) -> BastionServer:
     """A BastionServer for `engine`; `uvicorn_options` override uvicorn.Config
     arguments (log_level, log_config, access_log, ...)."""
     config = server_config or ServerConfig()
-    app = app if app is not None else build_app(engine, config)
+    app = app if app is not None else build_app(engine, config, policy=policy)
     options: dict[str, Any] = {
         "host": config.host,
         "port": config.port,

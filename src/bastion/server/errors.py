@@ -38,6 +38,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from bastion.engine.outputs import (
     EngineDeadError, EngineError, PromptTooLongError, QueueFullError, RequestFailedError,
 )
+from bastion.serving.policy import RequestRejected
 
 logger = logging.getLogger("bastion.server")
 
@@ -141,6 +142,12 @@ async def _api_error_handler(request: Request, exc: Exception) -> JSONResponse:
     return exc.response()
 
 
+async def _rejected_handler(request: Request, exc: Exception) -> JSONResponse:
+    """What the serving policy refuses (e.g. cleangen on the base model): a 400 naming the field."""
+    assert isinstance(exc, RequestRejected)
+    return await _api_error_handler(request, bad_request(str(exc), param=exc.param))
+
+
 async def _disconnected_handler(_: Request, exc: Exception) -> Response:
     # Nobody is listening; 499 (nginx's "client closed request") keeps access logs honest.
     return Response(status_code=499)
@@ -169,6 +176,7 @@ def install_error_handlers(app: FastAPI) -> None:
     """Handlers for the errors we expect. The catch-all for the unexpected is
     `CatchAllMiddleware`, which the app adds as its outermost middleware."""
     app.add_exception_handler(APIError, _api_error_handler)
+    app.add_exception_handler(RequestRejected, _rejected_handler)
     app.add_exception_handler(ClientDisconnected, _disconnected_handler)
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)

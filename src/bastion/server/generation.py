@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from bastion.engine.outputs import EngineError, RequestOutput
+from bastion.engine.request import TokenFilter
 from bastion.engine.sampling_params import SamplingParams, TokenLogprob
 from bastion.guard.leak import FILTERED, LeakGuard, guard_outputs
 from bastion.server.errors import ClientDisconnected, from_engine_error, unavailable
@@ -36,9 +37,9 @@ class Generation:
     """Runs one prompt through the engine and accumulates what came back."""
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 timer: RequestTimer, cleangen: bool | None = None, guard: LeakGuard | None = None) -> None:
+                 timer: RequestTimer, token_filter: TokenFilter | None = None, guard: LeakGuard | None = None) -> None:
         self.engine = engine
-        self.cleangen = cleangen  # None: the served model's policy
+        self.token_filter = token_filter  # e.g. CleanGen, chosen by the serving policy
         self.guard = guard  # output guard: holds back text, may end the answer ("content_filter")
         self.prompt_ids = prompt_ids
         self.params = params
@@ -68,7 +69,7 @@ class Generation:
     async def start(self) -> None:
         """Submit to the engine and wait for the first output; engine errors -> APIError."""
         try:
-            kw = {} if self.cleangen is None else {"cleangen": self.cleangen}
+            kw = {} if self.token_filter is None else {"token_filter": self.token_filter}
             gen = self.engine.generate(self.prompt_ids, self.params, self.request_id, **kw)
             if inspect.isawaitable(gen):  # tolerate `async def` returning an iterator
                 gen = await gen

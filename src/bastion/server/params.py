@@ -16,7 +16,7 @@ from typing import Any
 import jinja2
 
 from bastion.engine.sampling_params import SamplingParams
-from bastion.server.errors import APIError, bad_request, context_too_long
+from bastion.server.errors import bad_request, context_too_long
 from bastion.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
 
 
@@ -104,16 +104,3 @@ def sampling_params(req: _SamplingRequest, *, max_tokens: int, logprobs: int | N
     except ValueError as exc:
         # SamplingParams messages start with the field name ("top_p must be ...").
         raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from None
-
-
-def cleangen_choice(body: Any, served: Any) -> bool | None:
-    """The request's `cleangen` field, checked against what is served (400 otherwise)."""
-    if not body.cleangen:
-        return body.cleangen
-    if served.parent is None:
-        raise APIError(400, "cleangen defends an adapter's output against the base model; "
-                            f"'{served.id}' is the base model", param="cleangen")
-    if not getattr(served.engine, "supports_cleangen", True):
-        raise APIError(400, "cleangen needs a full-precision KV cache; this server runs a quantized one",
-                       param="cleangen")
-    return True

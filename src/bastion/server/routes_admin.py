@@ -11,6 +11,7 @@ schema. Loading goes through the engine's vetting gate when one is configured.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 
@@ -21,20 +22,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bastion.config import ADAPTER_NAME_PATTERN
 from bastion.server.errors import APIError
 from bastion.server.served_models import ServedModel
 from bastion.server.state import get_state
 
 router = APIRouter()
 ADMIN_KEY_ENV = "BASTION_ADMIN_KEY"
-# A model id: starts with a letter or digit, so "." and ".." (and "-flags") are not names.
-ADAPTER_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 Body = TypeVar("Body", bound=BaseModel)
 
 
 class LoadAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    lora_name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME)
+    lora_name: str = Field(min_length=1, max_length=128, pattern=ADAPTER_NAME_PATTERN)
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
@@ -76,7 +76,9 @@ async def load_adapter(request: Request) -> JSONResponse:
     if body.lora_name in {m.id for m in state.models.all()}:
         raise APIError(400, f"model id {body.lora_name!r} is already served", param="lora_name")
     try:
-        report = await engine.load_adapter(body.lora_name, body.lora_path)
+        # vetting reads and hashes files: off the event loop
+        report = await asyncio.to_thread(state.policy.vet, body.lora_name, body.lora_path)
+        await engine.load_adapter(body.lora_name, body.lora_path)
     except ValueError as e:  # AdapterError, vetting refusal, LoRA not enabled
         raise APIError(400, str(e), param="lora_path", code="adapter_refused") from None
     state.models.add(ServedModel(id=body.lora_name, engine=engine.with_adapter(body.lora_name), parent=base.id))

@@ -15,7 +15,6 @@ from bastion.server.generation import Generation, cancel_on_disconnect, check_no
 from bastion.server.logprobs import TokenTexts, chat_logprobs, vllm_prompt_logprobs
 from bastion.server.params import (
     check_against_model,
-    cleangen_choice,
     encode_chat,
     reject_unsupported,
     resolve_max_tokens,
@@ -55,7 +54,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.log_private("%s chat model=%s messages=%r params=%r", request_id, served.id,
                       [m.as_template_dict() for m in body.messages], params)
     gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival),
-                     cleangen=cleangen_choice(body, served), guard=_guard(body, state))
+                     token_filter=state.policy.token_filter(served.adapter, body.cleangen), guard=_guard(body, state))
     texts = TokenTexts(engine.tokenizer)
 
     if body.stream:
@@ -80,7 +79,7 @@ def _guard(body: ChatCompletionRequest, state: ServerState) -> LeakGuard | None:
     """The operator's output guard for this request: its system/developer messages are
     what the leak guard protects (the user's own turns are not secrets)."""
     system = [m.as_template_dict()["content"] for m in body.messages if m.role in ("system", "developer")]
-    return LeakGuard.for_request(state.config.guard, system)
+    return state.policy.leak_guard(system)
 
 
 async def _stream(gen: Generation, body: ChatCompletionRequest, model_id: str, texts: TokenTexts,

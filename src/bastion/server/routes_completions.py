@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
-from bastion.guard.leak import LeakGuard
 from bastion.server.generation import Generation, cancel_on_disconnect, check_not_aborted, run_all, usage_of
 from bastion.server.logprobs import (
     CompletionLogprobBuilder,
@@ -21,7 +20,6 @@ from bastion.server.logprobs import (
 )
 from bastion.server.params import (
     check_against_model,
-    cleangen_choice,
     encode_prompt,
     reject_unsupported,
     resolve_max_tokens,
@@ -51,14 +49,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         prompt_lp = max(prompt_lp or 0, body.logprobs)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gens = []
-    cleangen = cleangen_choice(body, served)
+    filt = state.policy.token_filter(served.adapter, body.cleangen)
     for i, ids in enumerate(id_lists):
         max_tokens = resolve_max_tokens(body.max_tokens, len(ids), engine.max_model_len,
                                         state.config.max_tokens_default, "prompt")
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
         rid = request_id if len(id_lists) == 1 else f"{request_id}-{i}"
-        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), cleangen=cleangen,
-                               guard=LeakGuard.for_request(state.config.guard)))  # canaries only: no system prompt
+        gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), token_filter=filt,
+                               guard=state.policy.leak_guard()))  # canaries only: no system prompt
     state.log_private("%s completion model=%s prompts=%r params=%r", request_id, served.id, prompts,
                       gens[0].params)
     texts = TokenTexts(engine.tokenizer)

@@ -22,6 +22,11 @@ class ServedModel:
     parent: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def adapter(self) -> str | None:
+        """The adapter this id serves (None: the base model)."""
+        return None if self.parent is None else self.id
+
     def card(self) -> ModelCard:
         return ModelCard(id=self.id, created=self.created, max_model_len=self.engine.max_model_len,
                          parent=self.parent)

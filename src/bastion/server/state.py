@@ -15,6 +15,7 @@ from bastion.config import ServerConfig
 from bastion.server.errors import unavailable
 from bastion.server.metrics import ServerMetrics
 from bastion.server.served_models import ServedModels
+from bastion.serving.policy import ServingPolicy
 
 logger = logging.getLogger("bastion.server")
 
@@ -24,6 +25,7 @@ class ServerState:
     config: ServerConfig
     models: ServedModels
     metrics: ServerMetrics
+    policy: ServingPolicy  # gate, CleanGen choice, output guards: fixed at start
     draining: bool = False  # set when shutdown begins: new requests get 503
 
     def ensure_serving(self) -> None:

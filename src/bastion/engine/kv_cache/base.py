@@ -66,8 +66,14 @@ class KVCache(ABC):
     block_size: int
     token_bytes: float  # real bytes one pooled token occupies across all layers
     reserved_bytes: int = 0  # fixed memory besides the blocks (e.g. fp windows)
+    # Capabilities the engine builds its block manager and metadata from:
     num_seq_slots: int | None = None  # per-sequence state slots the block manager must hand out
-    uses_slots: bool = True  # reads slot_mapping / decode_slots / prefills (KIVI plans from spans)
+    supports_prefix_cache: bool = True  # a block's content alone is its KV (shareable by hash)
+    uses_slots: bool = True  # reads slot_mapping / decode_slots / prefills (else plans from spans)
+
+    @property
+    def uses_seq_slots(self) -> bool:
+        return self.num_seq_slots is not None
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks a sequence of num_tokens tokens must own (the block manager asks this)."""

@@ -1,37 +1,41 @@
-"""Block manager: which KV blocks each request owns, ref counts, and the prefix cache.
+"""Block manager: which KV blocks each request's tracks own, ref counts, sequence slots,
+and the prefix cache (prefix_cache.py) when the KV cache supports one.
 
-Full blocks are content-addressed by a chain hash of every token up to and including
-the block (plus a salt, e.g. the adapter name), so requests with a shared prompt prefix
-share physical blocks. A freed block keeps its hash and stays reusable until it is
-evicted (least recently freed first).
+The scheduler sees memory only through its answers: `allocate` says whether a request
+fits (taking its blocks if so), `match_prefix` what it could reuse, `free_request` gives
+everything back.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 
+from bastion.engine.kv_cache.prefix_cache import PrefixCache
 from bastion.engine.request import Request
 
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 num_seq_slots: int | None = None, blocks_for=None):
+                 num_seq_slots: int | None = None, blocks_for: Callable[[int], int] | None = None):
         self.num_blocks, self.block_size = num_blocks, block_size
-        # tokens -> blocks a sequence must own (KIVI: only groups that left the fp window)
+        # tokens -> blocks a sequence must own (the cache says: a quantized one keeps its
+        # newest tokens in a per-sequence window, outside the blocks)
         self.blocks_for = blocks_for or self.blocks_needed
-        # NOTE: caches with per-sequence state (KIVI's fp window) have a fixed number of
-        # sequence slots; a request holds one exactly while it holds blocks.
+        # NOTE: caches with per-sequence state (a full-precision window) have a fixed number of
+        # sequence slots; a track holds one exactly while it holds blocks.
+        self.num_seq_slots = num_seq_slots
         self.free_seq_slots = None if num_seq_slots is None else list(range(num_seq_slots - 1, -1, -1))
-        self.prefix_caching = enable_prefix_caching
+        self.prefix = PrefixCache(num_blocks, block_size) if enable_prefix_caching else None
         self.ref_count = [0] * num_blocks
-        self.block_hash: list[bytes | None] = [None] * num_blocks
-        self.hash_to_block: dict[bytes, int] = {}
         # NOTE: free blocks in eviction order (oldest first); cached ones keep their hash.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
 
     # ------------------------------------------------------------ queries
+    @property
+    def prefix_caching(self) -> bool:
+        return self.prefix is not None
+
     @property
     def num_free_blocks(self) -> int:
         return len(self.free)
@@ -44,112 +48,81 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------ allocation
-    def allocate(self, req: Request, num_new_tokens: int, prefix_hits: list[int] | None = None) -> bool:
-        """Make sure `req` owns blocks for num_computed + num_new tokens. `prefix_hits`
-        (from `match_prefix`, first allocation only) are shared cached blocks that cover
-        the head of the prompt; taking them advances num_computed_tokens (for a request
-        with a reference track, the track's own base-model hits of the same length too).
-        Returns False, changing nothing, if the pool cannot hold it."""
-        hits = prefix_hits or []
-        ref_hits = self._hits(req, len(hits), ref=True) if hits and req.token_filter else []
-        target = max(req.num_computed_tokens, len(hits) * self.block_size) + num_new_tokens
-        need = self.blocks_for(target) - len(req.block_ids) - len(hits)
-        # a request with a reference track (token filter) needs the same blocks twice
-        ref_need = max(self.blocks_for(target) - len(req.ref_block_ids) - len(ref_hits), 0) if req.token_filter else 0
-        # hits that sit in the free list (counted once: both tracks may share a block)
-        reusable = len({b for b in hits + ref_hits if self.ref_count[b] == 0})
-        if max(need, 0) + ref_need > self.num_free_blocks - reusable:
+    def allocate(self, req: Request, num_new_tokens: int, prefix_hits: list[list[int]] | None = None) -> bool:
+        """Make sure every track of `req` owns blocks for num_computed + num_new tokens.
+        `prefix_hits` (from `match_prefix`, first allocation only: one list per track, all
+        of one length) are shared cached blocks covering the head of the prompt; taking
+        them advances num_computed_tokens. Returns False, changing nothing, if the pool
+        cannot hold it."""
+        hits = prefix_hits or [[] for _ in req.tracks]
+        n_hit = len(hits[0])
+        want = self.blocks_for(max(req.num_computed_tokens, n_hit * self.block_size) + num_new_tokens)
+        need = [max(want - len(t.block_ids) - len(h), 0) for t, h in zip(req.tracks, hits)]
+        # hits that sit in the free list (counted once: two tracks may share a block)
+        reusable = len({b for h in hits for b in h if self.ref_count[b] == 0})
+        if sum(need) > self.num_free_blocks - reusable:
             return False
-        if self.free_seq_slots is not None and req.seq_slot < 0:
-            if not self.free_seq_slots:
+        if self.free_seq_slots is not None:
+            missing = [t for t in req.tracks if t.seq_slot < 0]
+            if len(missing) > len(self.free_seq_slots):
                 return False
-            req.seq_slot = self.free_seq_slots.pop()
-        for b in hits + ref_hits:
-            if self.ref_count[b] == 0:
-                del self.free[b]
-            self.ref_count[b] += 1
-        req.block_ids.extend(hits)
-        req.ref_block_ids.extend(ref_hits)
-        for _ in range(max(need, 0)):
-            req.block_ids.append(self._pop_free())
-        for _ in range(ref_need):
-            req.ref_block_ids.append(self._pop_free())
-        if hits:
-            req.num_computed_tokens = len(hits) * self.block_size
+            for t in missing:
+                t.seq_slot = self.free_seq_slots.pop()
+        # NOTE: every track's hits are taken out of the free list before any new block is
+        # popped from it: a hit of one track must not be handed to another as a fresh block.
+        for track, h in zip(req.tracks, hits):
+            for b in h:
+                if self.ref_count[b] == 0:
+                    del self.free[b]
+                self.ref_count[b] += 1
+            track.block_ids.extend(h)
+        for track, n in zip(req.tracks, need):
+            track.block_ids.extend(self._pop_free() for _ in range(n))
+        if n_hit:
+            req.num_computed_tokens = n_hit * self.block_size
             # a re-admitted (preempted) request can hit blocks of its own outputs
             req.num_cached_tokens = min(req.num_computed_tokens, req.num_prompt_tokens)
         return True
 
     def _pop_free(self) -> int:
         b, _ = self.free.popitem(last=False)
-        h = self.block_hash[b]
-        if h is not None:  # evict it from the prefix cache
-            if self.hash_to_block.get(h) == b:
-                del self.hash_to_block[h]
-            self.block_hash[b] = None
+        if self.prefix is not None:  # evict it from the prefix cache
+            self.prefix.forget(b)
         self.ref_count[b] = 1
         return b
 
     def free_request(self, req: Request) -> None:
-        # tail blocks first, so a prompt's head (the most shareable part) is evicted last
-        for b in reversed(req.ref_block_ids + req.block_ids):
+        # tail blocks first (track 0's first), so a prompt's head (the most shareable
+        # part) is evicted last
+        for b in reversed([b for t in reversed(req.tracks) for b in t.block_ids]):
             self.ref_count[b] -= 1
             if self.ref_count[b] == 0:
                 self.free[b] = None
-        req.block_ids, req.ref_block_ids = [], []
-        if self.free_seq_slots is not None and req.seq_slot >= 0:
-            self.free_seq_slots.append(req.seq_slot)
-            req.seq_slot = -1
+        for t in req.tracks:
+            t.block_ids = []
+            if self.free_seq_slots is not None and t.seq_slot >= 0:
+                self.free_seq_slots.append(t.seq_slot)
+                t.seq_slot = -1
 
     # ------------------------------------------------------------ prefix cache
-    def _chain_hashes(self, req: Request, num_full_blocks: int, ref: bool = False) -> list[bytes]:
-        # NOTE: a full block's tokens never change (recompute keeps them), so the chain
-        # is extended incrementally and memoised on the request. The reference track
-        # (base model, no adapter) has its own chain under the base's salt.
-        hashes, salt = (req.ref_block_hashes, req.ref_cache_salt) if ref else (req.block_hashes, req.cache_salt)
-        bs = self.block_size
-        # blake2b, not hash(): a crafted prompt must not collide with another user's
-        # prefix (that would serve it someone else's KV).
-        h = hashes[-1] if hashes else hashlib.blake2b(salt.encode(), digest_size=16).digest()
-        for i in range(len(hashes), num_full_blocks):
-            block = array("q", req.token_ids[i * bs : (i + 1) * bs]).tobytes()
-            h = hashlib.blake2b(h + block, digest_size=16).digest()
-            hashes.append(h)
-        return hashes[:num_full_blocks]
-
-    def _hits(self, req: Request, max_blocks: int, ref: bool = False) -> list[int]:
-        hits = []
-        for h in self._chain_hashes(req, max_blocks, ref):
-            b = self.hash_to_block.get(h)
-            if b is None:
-                break
-            hits.append(b)
-        return hits
-
-    def match_prefix(self, req: Request) -> list[int]:
-        """Cached blocks covering the head of req's tokens (no side effects). For a request
-        with a reference track, only as many as the track finds under the base's salt too
-        (both tracks share num_computed_tokens); `allocate` takes the track's own hits."""
+    def match_prefix(self, req: Request) -> list[list[int]]:
+        """Cached blocks covering the head of req's tokens, per track, as many as every
+        track finds in its own namespace (they share num_computed_tokens); [] for none.
+        No side effects."""
         # NOTE: at least one token must still be computed (its logits give the next
         # token), so the block holding the last token is never taken from the cache.
         # NOTE: prompt logprobs need every prompt position computed, so no cache hits.
-        if not self.prefix_caching or req.block_ids or req.params.prompt_logprobs is not None:
+        if self.prefix is None or req.tracks[0].block_ids or req.params.prompt_logprobs is not None:
             return []
-        max_blocks = (req.num_tokens - 1) // self.block_size
-        hits = self._hits(req, max_blocks)
-        if req.token_filter is not None and hits:
-            hits = hits[: len(self._hits(req, len(hits), ref=True))]
-        return hits
+        n = (req.num_tokens - 1) // self.block_size
+        hits = []
+        for track in req.tracks:
+            hits.append(self.prefix.lookup(track, req.token_ids, n))
+            n = len(hits[-1])
+        return [h[:n] for h in hits] if n else []
 
     def cache_full_blocks(self, req: Request) -> None:
         """Register the request's blocks that are full of computed KV (call after a step)."""
-        if not self.prefix_caching:
-            return
-        tracks = ((req.block_ids, False), (req.ref_block_ids, True)) if req.token_filter else ((req.block_ids, False),)
-        for blocks, ref in tracks:
-            n_full = min(req.num_computed_tokens // self.block_size, len(blocks))
-            for i, h in enumerate(self._chain_hashes(req, n_full, ref)):
-                b = blocks[i]
-                if self.block_hash[b] is None and h not in self.hash_to_block:
-                    self.block_hash[b] = h
-                    self.hash_to_block[h] = b
+        if self.prefix is not None:
+            for track in req.tracks:
+                self.prefix.register(track, req.token_ids, req.num_computed_tokens)

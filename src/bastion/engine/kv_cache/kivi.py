@@ -92,6 +92,9 @@ def _long(x, device) -> torch.Tensor:
 
 class KIVIKVCache(KVCache):
     uses_slots = False  # plans its own indices from meta.spans in begin_step
+    # NOTE: a sequence's newest tokens live in its own fp window, which a prefix-cache hit
+    # could not bring along: a block is not all of its KV, so no prefix caching.
+    supports_prefix_cache = False
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, num_blocks: int, spec: KVQuantSpec,
                  num_seq_slots: int, sink: int = 0, use_hadamard: bool = False,
@@ -159,7 +162,7 @@ class KIVIKVCache(KVCache):
         return jobs
 
     def begin_step(self, meta: AttentionMetadata) -> None:
-        dev, g = self.device, self.block_size
+        dev = self.device
         plan = _Plan(meta.num_decodes, prefills=[])
         decs = meta.spans[: meta.num_decodes]
         if decs:

@@ -61,13 +61,11 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
         self.down_proj = Linear(arch.intermediate_size, h, bias=False)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache, lora=None) -> torch.Tensor:
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
         # x: [T, hidden]
         t = x.shape[0]
         h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
         qkv = self.qkv_proj(h)
-        if lora is not None:  # per-request LoRA deltas (adapters/lora.py), in place
-            lora.apply(self.layer_idx, "qkv_proj", qkv, h)
         # q and k rotate together: [T, heads + kv_heads, D]
         qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
         q = qk[:, : self.num_heads]
@@ -76,20 +74,10 @@ class DecoderLayer(nn.Module):
         kv.write(self.layer_idx, k, v, meta)
         attn = kv.attend(self.layer_idx, q, meta)  # [T, heads, D]
         attn = attn.reshape(t, self.q_size)
-        o = self.o_proj(attn)
-        if lora is not None:
-            lora.apply(self.layer_idx, "o_proj", o, attn)
-        x = x + o
+        x = x + self.o_proj(attn)
         h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
-        gu = self.gate_up_proj(h)
-        if lora is not None:
-            lora.apply(self.layer_idx, "gate_up_proj", gu, h)
-        gate, up = gu.chunk(2, dim=-1)
-        act = F.silu(gate) * up
-        down = self.down_proj(act)
-        if lora is not None:
-            lora.apply(self.layer_idx, "down_proj", down, act)
-        return x + down
+        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -106,14 +94,13 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
-                lora=None):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache):
         # input_ids, positions: [T]  ->  hidden: [T, hidden] (final-normed)
         x = self.embed_tokens(input_ids)
         cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv, lora)
+            x = layer(x, cos, sin, meta, kv)
         return F.rms_norm(x, (x.shape[-1],), self.norm, self.arch.rms_norm_eps)
 
     def enable_fp16_gemv(self) -> None:

@@ -1,4 +1,4 @@
-"""Load weights (GGUF via `gguf`, or an HF safetensors directory) and the tokenizer.
+"""Load weights (GGUF via `gguf`, or an HF safetensors directory).
 
 Everything is converted to HF tensor names and layout first, so one model class and
 one oracle (HF transformers) cover both sources.
@@ -6,10 +6,7 @@ one oracle (HF transformers) cover both sources.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,8 +34,8 @@ _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 class LoadedCheckpoint:
     arch: ModelArch
     weights: dict[str, torch.Tensor]  # HF names, fp32
-    tokenizer: object
     name: str  # served model id
+    path: Path  # the file or directory it came from (the tokenizer lives there too)
 
 
 def embedded_model_path() -> Path:
@@ -54,25 +51,30 @@ def embedded_model_path() -> Path:
     return path
 
 
-def load_checkpoint(path: str | None, show_progress: bool = True) -> LoadedCheckpoint:
+def resolve_model_path(path: str | None) -> tuple[Path, str]:
+    """(the checkpoint's path, its model name); None = the embedded model."""
     if path is None:
-        p, name = embedded_model_path(), EMBEDDED_MODEL_NAME
-    else:
-        p = Path(path).expanduser()
-        name = p.stem if p.is_file() else p.name
+        return embedded_model_path(), EMBEDDED_MODEL_NAME
+    p = Path(path).expanduser()
     if not p.exists():
         raise UnsupportedModelError(f"model path does not exist: {p}")
+    return p, p.stem if p.is_file() else p.name
+
+
+def load_checkpoint(path: str | None, show_progress: bool = True) -> LoadedCheckpoint:
+    """Weights and architecture, in HF names (the tokenizer is the serving layer's)."""
+    p, name = resolve_model_path(path)
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
         arch, weights = _load_gguf(p, show_progress)
     else:
         arch, weights = _load_hf_dir(p, show_progress)
-    return LoadedCheckpoint(arch=arch, weights=weights, tokenizer=load_tokenizer(p), name=name)
+    return LoadedCheckpoint(arch=arch, weights=weights, name=name, path=p)
 
 
 # ---------------------------------------------------------------- GGUF
-def _gguf_config(reader) -> object:
+def gguf_config(reader) -> object:
     from transformers import LlamaConfig, Qwen2Config
 
     def field(key, default=None):
@@ -120,7 +122,7 @@ def _load_gguf(path: Path, show_progress: bool):
         reader = gguf.GGUFReader(str(path))
     except Exception as e:  # corrupt or truncated file
         raise UnsupportedModelError(f"{path}: not a readable GGUF file ({e})") from e
-    cfg = _gguf_config(reader)
+    cfg = gguf_config(reader)
     arch = ModelArch.from_hf_config(cfg)
     weights = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show_progress):
@@ -166,37 +168,3 @@ def _load_hf_dir(path: Path, show_progress: bool):
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not show_progress):
         weights.update({k: v.float() for k, v in load_file(str(f)).items()})
     return arch, weights
-
-
-# ---------------------------------------------------------------- tokenizer
-def _cache_dir() -> Path:
-    return Path(os.environ.get("BASTION_CACHE", Path.home() / ".cache" / "bastion"))
-
-
-def load_tokenizer(path: Path):
-    """HF tokenizer with its chat template. GGUF tokenizers are converted once (slow,
-    ~10 s) and cached as tokenizer.json under $BASTION_CACHE keyed by the file's identity."""
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if path.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise UnsupportedModelError(
-                f"{path}: no usable tokenizer (expected tokenizer.json or tokenizer_config.json + vocab files): {e}"
-            ) from e
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = _cache_dir() / "tokenizers" / key
-    if (cached / "tokenizer_config.json").is_file():
-        try:
-            return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-        except (OSError, ValueError, json.JSONDecodeError):
-            pass  # a damaged cache entry is rebuilt below
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    try:
-        tok.save_pretrained(str(cached))
-    except OSError:
-        pass  # read-only home: fine, just slower next time
-    return tok

@@ -1,4 +1,4 @@
-"""Helpers shared by the engine tests: tiny models, direct forward passes, engine loops."""
+"""Engine test helpers: tiny models, direct forward passes, engine loops."""
 
 from __future__ import annotations
 
@@ -11,14 +11,6 @@ from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.sampling_params import SamplingParams
-
-GPL_PATH = "/usr/share/common-licenses/GPL-3"
-
-
-def gpl_text(start: str = "  The GNU General Public License is a free", chars: int = 4000) -> str:
-    text = open(GPL_PATH, encoding="utf-8").read()
-    i = text.index(start)
-    return text[i : i + chars]
 
 
 def tiny_llama_config(**kw):

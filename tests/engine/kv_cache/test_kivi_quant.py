@@ -7,8 +7,7 @@
 - Hadamard rotation preserves scores, through the quantized path too.
 
 The quantizer itself (spec, packing, round-trip bounds, clipping) is tested in
-test_kivi_quantizer.py; test_kivi_native.py reuses this module's CASES, TOL, _batch and
-_to_pool.
+test_kivi_quantizer.py; the shared cases and cache builders are in tests/support/kivi.py.
 """
 
 from __future__ import annotations
@@ -19,68 +18,22 @@ import torch
 from bastion.engine.attention import decode_attention, prefill_attention
 from bastion.engine.kv_cache.quant import (
     KVQuantSpec, QuantKeys, QuantValues, dequantize_keys, dequantize_values, hadamard, quantize_keys,
-    quantize_values, rotate, split_context,
+    quantize_values, rotate,
 )
 from bastion.engine.kv_cache.quant_attention import (
-    lengths_to_mask, quantized_decode_attention, quantized_prefill_attention,
+    quantized_decode_attention, quantized_prefill_attention,
 )
 
-from ._kivi_util import _kv, _one_thread  # noqa: F401  (autouse fixture)
-
-TOL = 1e-4
+from tests.support.kivi import CASES, TOL, batch_caches, kv_data, one_thread, to_pool  # noqa: F401  (autouse fixture)
 
 
 # ---------------------------------------------------------------- decode attention oracle
-
-def _batch(spec, ctx_lens, h, d, seed, dtype=torch.float32):
-    """Per-sequence caches split by split_context, gathered and padded.
-    Returns (kq, vq, k_fp, v_fp, block_mask, window_mask, oracle k, v [B, ctx, h, d], mask)."""
-    g = spec.group_size
-    splits = [split_context(spec, n) for n in ctx_lens]
-    nb = max(s[0] for s in splits) // g
-    w = max(s[1] for s in splits)
-    b = len(ctx_lens)
-    kc = torch.zeros(b, nb, g, h, d * spec.k_bits // 8, dtype=torch.uint8)
-    ks = torch.zeros(b, nb, h, d, dtype=torch.float16)
-    kz = torch.zeros_like(ks)
-    vc = torch.zeros(b, nb, g, h, d * spec.v_bits // 8, dtype=torch.uint8)
-    vs = torch.zeros(b, nb, g, h, d // spec.value_group, dtype=torch.float16)
-    vz = torch.zeros_like(vs)
-    k_fp = torch.zeros(b, w, h, d, dtype=dtype)
-    v_fp = torch.zeros_like(k_fp)
-    ko = torch.zeros(b, nb * g + w, h, d)
-    vo = torch.zeros_like(ko)
-    mask = torch.zeros(b, nb * g + w, dtype=torch.bool)
-    for i, ((nq, nw), n) in enumerate(zip(splits, ctx_lens)):
-        k, v = _kv(n, h, d, seed + 2 * i, outlier=4.0), _kv(n, h, d, seed + 2 * i + 1, outlier=0)
-        kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
-        m = nq // g
-        kc[i, :m], ks[i, :m], kz[i, :m] = kq
-        vc[i, :m], vs[i, :m], vz[i, :m] = (t.view(m, g, *t.shape[1:]) for t in vq)
-        k_fp[i, :nw], v_fp[i, :nw] = k[nq:].to(dtype), v[nq:].to(dtype)
-        ko[i, :nq], vo[i, :nq] = dequantize_keys(kq, spec), dequantize_values(vq, spec)
-        ko[i, nb * g : nb * g + nw], vo[i, nb * g : nb * g + nw] = k_fp[i, :nw].float(), v_fp[i, :nw].float()
-        mask[i, :nq] = True
-        mask[i, nb * g : nb * g + nw] = True
-    block_mask = lengths_to_mask(torch.tensor([s[0] // g for s in splits]), nb)
-    window_mask = lengths_to_mask(torch.tensor([s[1] for s in splits]), w)
-    return (QuantKeys(kc, ks, kz), QuantValues(vc, vs, vz), k_fp, v_fp, block_mask, window_mask, ko, vo, mask)
-
-
-CASES = [  # (k_bits, v_bits, G, R, context lengths, q heads per kv head)
-    (4, 2, 32, 128, [200, 161, 4096 // 16, 130], 3),
-    (2, 2, 32, 0, [64, 33, 95, 1], 3),  # R=0: window empty when len % G == 0
-    (8, 8, 16, 16, [17, 48, 100, 5], 1),
-    (4, 4, 8, 20, [27, 28, 29, 211], 2),
-    (2, 8, 16, 8, [300, 31, 24, 40], 4),
-    (8, 2, 64, 64, [500, 128, 129, 60], 3),
-]
 
 
 @pytest.mark.parametrize("kb,vb,g,r,lens,gq", CASES)
 def test_decode_matches_dequantized_oracle(kb, vb, g, r, lens, gq):
     spec, h, d = KVQuantSpec(kb, vb, g, r), 3, 64
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, lens, h, d, seed=kb * 10 + vb)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, lens, h, d, seed=kb * 10 + vb)
     q = torch.randn(len(lens), h * gq, d, generator=torch.Generator().manual_seed(1)) * 2
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
     out = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm)
@@ -97,7 +50,7 @@ def test_decode_with_value_group_apart_matches_oracle(g, gv, lens, gq):
     """Gv != G: value ranges over Gv channels, key groups and blocks of G tokens (gq = 40 > G
     takes the unfolded tile path)."""
     spec, h, d = KVQuantSpec(4, 2, g, 16, v_group_size=gv), 3, 64
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, lens, h, d, seed=g + gv)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, lens, h, d, seed=g + gv)
     assert vq.scale.shape[-1] == d // gv
     q = torch.randn(len(lens), h * gq, d, generator=torch.Generator().manual_seed(1)) * 2
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
@@ -107,13 +60,13 @@ def test_decode_with_value_group_apart_matches_oracle(g, gv, lens, gq):
 
 def test_decode_prefix_only_and_window_only():
     spec, h, d, gq = KVQuantSpec(4, 2, 16, 0), 2, 32, 3
-    kq, vq, _, _, bm, _, ko, vo, mask = _batch(spec, [64, 32, 48], h, d, seed=3)
+    kq, vq, _, _, bm, _, ko, vo, mask = batch_caches(spec, [64, 32, 48], h, d, seed=3)
     q = torch.randn(3, h * gq, d)
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
     out = quantized_decode_attention(q, kq, vq, None, None, spec, block_mask=bm)  # no window at all
     assert (out - ref).abs().max() <= TOL
     spec = KVQuantSpec(4, 2, 16, 100)  # every sequence shorter than R: window only
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [64, 3, 99], h, d, seed=4)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, [64, 3, 99], h, d, seed=4)
     assert kq.codes.shape[1] == 0
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
     for k_arg, v_arg in ((kq, vq), (None, None)):
@@ -121,30 +74,16 @@ def test_decode_prefix_only_and_window_only():
         assert (out - ref).abs().max() <= TOL
     with pytest.raises(ValueError):
         quantized_decode_attention(q, None, None, None, None, spec)
-    kq, vq, *_ = _batch(KVQuantSpec(4, 2, 16, 0), [32], h, d, seed=4)
+    kq, vq, *_ = batch_caches(KVQuantSpec(4, 2, 16, 0), [32], h, d, seed=4)
     with pytest.raises(ValueError):  # codes packed at other bit widths than the spec says
         quantized_decode_attention(q[:1], kq, vq, None, None, KVQuantSpec(2, 4, 16, 0))
-
-
-def _to_pool(kq, vq, bm):
-    """Gathered [B, nb, ...] blocks -> a pool [1 + B*nb, ...] in shuffled order, and the
-    block table [B, nb] (padding entries point at block 0, which holds zeros)."""
-    b, nb = bm.shape
-    n_pool = 1 + b * nb
-    perm = torch.randperm(n_pool - 1, generator=torch.Generator().manual_seed(0)) + 1
-    table = perm.view(b, nb).masked_fill(~bm, 0)
-    pool_k = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in kq]
-    pool_v = [torch.zeros(n_pool, *t.shape[2:], dtype=t.dtype) for t in vq]
-    for p, t in zip(pool_k + pool_v, list(kq) + list(vq)):
-        p[table[bm]] = t[bm]
-    return QuantKeys(*pool_k), QuantValues(*pool_v), table
 
 
 def test_decode_pool_form_with_block_table():
     """Blocks living in a pool ([N, G, ...]) in shuffled order, padding pointing at block 0."""
     spec, h, d, gq = KVQuantSpec(4, 2, 32, 32), 3, 64, 3
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [300, 100, 70], h, d, seed=5)
-    pool_k, pool_v, table = _to_pool(kq, vq, bm)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, [300, 100, 70], h, d, seed=5)
+    pool_k, pool_v, table = to_pool(kq, vq, bm)
     q = torch.randn(bm.shape[0], h * gq, d)
     ref = decode_attention(q, ko, vo, mask, d ** -0.5)
     out = quantized_decode_attention(q, pool_k, pool_v, k_fp, v_fp, spec,
@@ -154,7 +93,7 @@ def test_decode_pool_form_with_block_table():
 
 def test_decode_bf16_window_and_query():
     spec, h, d, gq = KVQuantSpec(4, 4, 32, 64), 3, 64, 3
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [400, 90], h, d, seed=6, dtype=torch.bfloat16)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, [400, 90], h, d, seed=6, dtype=torch.bfloat16)
     q = torch.randn(2, h * gq, d).bfloat16()
     out = quantized_decode_attention(q, kq, vq, k_fp, v_fp, spec, block_mask=bm, window_mask=wm)
     ref = decode_attention(q.float(), ko, vo, mask, d ** -0.5)
@@ -167,7 +106,7 @@ def test_decode_bf16_window_and_query():
 def _prefix_and_window(spec, nq, w, h, d):
     """Context of nq quantized + w fp tokens: (k, v [nq + w, h, d] as written, the prefix's
     QuantKeys/QuantValues, oracle k, v = dequantized prefix + fp window)."""
-    k, v = _kv(nq + w, h, d, 7, outlier=4.0), _kv(nq + w, h, d, 8, outlier=0)
+    k, v = kv_data(nq + w, h, d, 7, outlier=4.0), kv_data(nq + w, h, d, 8, outlier=0)
     kq, vq = quantize_keys(k[:nq], spec), quantize_values(v[:nq], spec)
     ko = torch.cat([dequantize_keys(kq, spec), k[nq:]])
     vo = torch.cat([dequantize_values(vq, spec), v[nq:]])
@@ -234,8 +173,8 @@ def test_hadamard_rotation_preserves_scores():
         hadamard(48)
     # rotated keys through the quantized path == rotated q against the dequantized keys
     spec, h, d = KVQuantSpec(4, 4, 16, 0), 2, 64
-    kr = rotate(_kv(32, h, d, 9, outlier=4.0), hm)
-    v = _kv(32, h, d, 10, outlier=0)
+    kr = rotate(kv_data(32, h, d, 9, outlier=4.0), hm)
+    v = kv_data(32, h, d, 10, outlier=0)
     kq, vq = quantize_keys(kr, spec), quantize_values(v, spec)
     qr = rotate(torch.randn(1, h * 2, d), hm)
     ref = decode_attention(qr, dequantize_keys(kq, spec)[None], dequantize_values(vq, spec)[None],

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from bastion.engine.models.linear import packed_gemm_available
-from bastion.engine.models.loader import embedded_model_path, load_checkpoint, load_tokenizer
+from bastion.engine.models.loader import embedded_model_path, load_checkpoint
+from bastion.serving.tokenizer import load_tokenizer
 from bastion.engine.sampling_params import SamplingParams
 
-from ._util import build_model, make_engine, one_shot_logits, teacher_force
+from tests.support.engines import build_model, make_engine, one_shot_logits, teacher_force
 
 TOL = 1e-3
 
@@ -241,7 +242,7 @@ def test_long_prompt_sdpa_path_and_chunked_offset(tmp_path, smol_tokenizer_files
     explicit mask when a prefix is cached): still the HF logits."""
     from bastion.engine.kv_cache.base import AttentionMetadata, PrefillSegment
 
-    from ._util import make_kv
+    from tests.support.engines import make_kv
 
     hf, d = _hf_dir("llama-long", _llama(), tmp_path, smol_tokenizer_files)
     ours = build_model(load_checkpoint(str(d), show_progress=False), torch.float32, max_len=1024)
@@ -300,14 +301,14 @@ def test_served_bf16_decode_with_fp16_gemv_close_to_fp32(offline_llm, gpl_ids, h
     teacher-forced single-row decodes stay close to the fp32 oracle (bf16-level error).
     On AVX2-only CPUs dtype auto serves fp32, so the bf16 model is loaded for this test."""
     from bastion.config import Config, ModelConfig
-    from bastion.engine.llm_engine import LLMEngine
+    from bastion.engine.builder import build_engine
     from bastion.engine.models.linear import Linear
 
     model = offline_llm.engine.runner.model
     if next(model.parameters()).dtype != torch.bfloat16:
         assert not packed_gemm_available()  # auto picks bf16 wherever the packed GEMM runs
-        model = LLMEngine.from_config(Config(model=ModelConfig(dtype="bfloat16", max_model_len=2048)),
-                                      show_progress=False)[0].runner.model
+        model = build_engine(Config(model=ModelConfig(dtype="bfloat16", max_model_len=2048)), eos_token_id=None,
+                             show_progress=False)[0].runner.model
     assert next(model.parameters()).dtype == torch.bfloat16
     lins = [m for m in model.modules() if isinstance(m, Linear)]
     assert lins and all(m.w16 is not None for m in lins), "fp16_gemv 'auto' no longer on for CPU bf16"

@@ -1,5 +1,5 @@
-"""CleanGen inside the engine: the reference track (base model, own KV) runs in the same
-batch as the adapter's draft. Oracles: alpha -> 0 replaces every token the reference
+"""Tracks, through their first user, CleanGen: the reference track (base model, own KV)
+runs in the same batch as the adapter's draft. Oracles: alpha -> 0 replaces every token the reference
 would not have chosen, so greedy output equals the base model's; alpha -> inf never
 replaces, so it equals the adapter's; neither disturbs other requests in the batch."""
 
@@ -11,8 +11,8 @@ import torch
 from bastion.engine.sampling_params import SamplingParams
 from bastion.guard.cleangen import CleanGen
 
-from ._util import assert_pool_clean
-from .test_lora import _adapter, _ours, hf_base  # noqa: F401  (fixture)
+from tests.support.engines import assert_pool_clean
+from tests.support.lora import engine_on, peft_adapter
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [[5, 9, 13, 200, 17, 3, 99], [7, 7, 1, 400, 22]]
@@ -32,9 +32,9 @@ def _run(engine, prompts, adapter=None, filt=None, prefix="r"):
 
 
 @pytest.fixture
-def engine(hf_base, tmp_path):  # noqa: F811
-    eng = _ours(hf_base)
-    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+def engine(hf_base, tmp_path):
+    eng = engine_on(hf_base)
+    _, path = peft_adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
     eng.adapters.load("bd", str(path))
     return eng
 
@@ -69,9 +69,9 @@ def test_defended_request_shares_the_batch_without_disturbing_others(engine):
     assert_pool_clean(engine.block_manager)
 
 
-def test_reference_track_doubles_blocks_and_survives_preemption(hf_base, tmp_path):  # noqa: F811
-    eng = _ours(hf_base, num_blocks=6)  # two defended requests of 10 + 12 tokens need 2 x 2 tracks x 2 blocks
-    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj"])
+def test_reference_track_doubles_blocks_and_survives_preemption(hf_base, tmp_path):
+    eng = engine_on(hf_base, num_blocks=6)  # two defended requests of 10 + 12 tokens need 2 x 2 tracks x 2 blocks
+    _, path = peft_adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj"])
     eng.adapters.load("bd", str(path))
     prompts = [list(range(3, 13)), list(range(40, 50))]
     ref = _run(eng, prompts, adapter="bd", filt=lambda: CleanGen(alpha=1e-30), prefix="x")
@@ -82,12 +82,10 @@ def test_reference_track_doubles_blocks_and_survives_preemption(hf_base, tmp_pat
     assert_pool_clean(eng.block_manager)
 
 
-def test_cleangen_needs_an_adapter_and_a_fitting_pool(hf_base, tmp_path):  # noqa: F811
-    engine = _ours(hf_base, num_blocks=20)  # context 256 = 16 blocks: one track fits, two do not
-    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj"])
+def test_cleangen_needs_a_pool_that_fits_both_tracks(hf_base, tmp_path):
+    engine = engine_on(hf_base, num_blocks=20)  # context 256 = 16 blocks: one track fits, two do not
+    _, path = peft_adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj"])
     engine.adapters.load("bd", str(path))
-    with pytest.raises(ValueError, match="adapter"):
-        engine.add_request("n", PROMPTS[0], GREEDY, token_filter=CleanGen())
     from bastion.engine.outputs import PromptTooLongError
 
     big = SamplingParams(max_tokens=600, ignore_eos=True)
@@ -100,11 +98,13 @@ def test_cleangen_needs_an_adapter_and_a_fitting_pool(hf_base, tmp_path):  # noq
 class _Recorder:
     """A token filter that changes nothing and keeps both logits of every token."""
 
+    tracks = (None,)
+
     def __init__(self):
         self.rows = []
 
-    def __call__(self, token, logits, ref_logits, req):
-        self.rows.append((token, logits.clone(), ref_logits.clone()))
+    def __call__(self, token, logits, track_logits, req):
+        self.rows.append((token, logits.clone(), track_logits[0].clone()))
         return token
 
 
@@ -123,15 +123,15 @@ HEAD = list(range(100, 140))  # 40 tokens: 2 full blocks of 16 shared by the pro
 
 
 @pytest.mark.parametrize("warm_base", [True, False])
-def test_reference_track_uses_the_prefix_cache_and_matches_uncached(hf_base, tmp_path, warm_base):  # noqa: F811
+def test_reference_track_uses_the_prefix_cache_and_matches_uncached(hf_base, tmp_path, warm_base):
     """A defended request's two tracks hit the prefix cache in their own namespaces (the
     adapter's, the base's) and only as far as both have the blocks: its tokens and both
     logits equal those of an engine without prefix caching."""
-    _, path = _adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    _, path = peft_adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
     prompts = [HEAD + [5, 6, 7], HEAD + [9, 8]]
     out = {}
     for caching in (False, True):
-        eng = _ours(hf_base, prefix_caching=caching)
+        eng = engine_on(hf_base, prefix_caching=caching)
         eng.adapters.load("bd", str(path))
         _run(eng, [HEAD + [1]], adapter="bd", prefix="wa")  # the adapter's namespace holds the head
         if warm_base:
@@ -146,14 +146,14 @@ def test_reference_track_uses_the_prefix_cache_and_matches_uncached(hf_base, tmp
             assert torch.allclose(la, lb, atol=1e-4) and torch.allclose(ra, rb, atol=1e-4)
 
 
-def test_a_reloaded_adapter_name_never_hits_the_old_adapters_kv(hf_base, tmp_path):  # noqa: F811
-    _, p1 = _adapter(hf_base, tmp_path, "a1", seed=3, r=8, target_modules=["q_proj", "v_proj"])
-    _, p2 = _adapter(hf_base, tmp_path, "a2", seed=4, r=8, target_modules=["q_proj", "v_proj"])
+def test_a_reloaded_adapter_name_never_hits_the_old_adapters_kv(hf_base, tmp_path):
+    _, p1 = peft_adapter(hf_base, tmp_path, "a1", seed=3, r=8, target_modules=["q_proj", "v_proj"])
+    _, p2 = peft_adapter(hf_base, tmp_path, "a2", seed=4, r=8, target_modules=["q_proj", "v_proj"])
     prompt = HEAD + [5, 6]
-    fresh = _ours(hf_base)
+    fresh = engine_on(hf_base)
     fresh.adapters.load("x", str(p2))
     want = _run(fresh, [prompt], adapter="x", prefix="f")[0]["tokens"]
-    eng = _ours(hf_base)
+    eng = engine_on(hf_base)
     eng.adapters.load("x", str(p1))
     old = _run(eng, [prompt], adapter="x", prefix="o")[0]["tokens"]
     eng.unload_adapter("x")
@@ -166,3 +166,22 @@ def test_a_reloaded_adapter_name_never_hits_the_old_adapters_kv(hf_base, tmp_pat
             cached = o.num_cached_prompt_tokens if cached is None else cached
     assert old != want and toks == want
     assert cached == 0  # the head cached under the old "x" is not this adapter's KV
+
+
+def test_tracks_on_the_quantized_cache_each_get_their_own_window(hf_base, tmp_path):
+    """With the KIVI pool every track holds its own sequence slot (fp window) and blocks:
+    the same oracles hold (alpha -> 0: the base model, alpha -> inf: the adapter, both on
+    that cache), and every slot comes back."""
+    eng = engine_on(hf_base, kivi=True)
+    _, path = peft_adapter(hf_base, tmp_path, "bd", seed=3, r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    eng.adapters.load("bd", str(path))
+    prompts = [list(range(3, 30)), [7, 7, 1, 400, 22]]
+    base = _run(eng, prompts, prefix="b")
+    lora = _run(eng, prompts, adapter="bd", prefix="l")
+    low = _run(eng, prompts, adapter="bd", filt=lambda: CleanGen(alpha=1e-30), prefix="z")
+    high = _run(eng, prompts, adapter="bd", filt=lambda: CleanGen(alpha=1e30), prefix="i")
+    assert [b["tokens"] for b in base] != [x["tokens"] for x in lora]
+    assert [x["tokens"] for x in low] == [b["tokens"] for b in base]
+    assert [x["tokens"] for x in high] == [x["tokens"] for x in lora]
+    assert_pool_clean(eng.block_manager)
+    assert sorted(eng.block_manager.free_seq_slots) == [0, 1, 2, 3]

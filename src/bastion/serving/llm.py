@@ -6,10 +6,9 @@ import itertools
 from dataclasses import dataclass, field
 
 from bastion.config import Config
-from bastion.engine.detokenizer import IncrementalDetokenizer
-from bastion.engine.llm_engine import LLMEngine
-from bastion.engine.outputs import RequestOutput
 from bastion.engine.sampling_params import SamplingParams, TokenLogprob
+from bastion.serving.output_processor import OutputProcessor
+from bastion.serving.tokenizer import load_engine
 
 
 @dataclass
@@ -23,38 +22,10 @@ class Completion:
     finish_reason: str | None = None
 
 
-class OutputProcessor:
-    """Turns the engine's token deltas into text deltas, and ends requests whose output
-    hit a stop string (aborting them in the engine frees their KV blocks)."""
-
-    def __init__(self, engine: LLMEngine, tokenizer):
-        self.engine, self.tokenizer = engine, tokenizer
-        self.detok: dict[str, IncrementalDetokenizer] = {}
-
-    def register(self, request_id: str, params: SamplingParams) -> None:
-        self.detok[request_id] = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
-
-    def process(self, out: RequestOutput) -> RequestOutput:
-        d = self.detok.get(out.request_id)
-        if d is None:
-            return out
-        out.new_text, hit_stop = d.add(out.new_token_ids, out.finished)
-        if hit_stop:  # also when the same token hit max_tokens: vLLM reports "stop"
-            if not out.finished:
-                self.engine.abort_request(out.request_id)
-            out.finished, out.finish_reason = True, "stop"
-        if out.finished:
-            del self.detok[out.request_id]
-        return out
-
-    def drop(self, request_id: str) -> None:
-        self.detok.pop(request_id, None)
-
-
 class LLM:
     def __init__(self, config: Config | None = None, show_progress: bool = True):
         self.config = config or Config()
-        self.engine, self.tokenizer, self.model_name = LLMEngine.from_config(self.config, show_progress)
+        self.engine, self.tokenizer, self.model_name = load_engine(self.config, show_progress)
         self.processor = OutputProcessor(self.engine, self.tokenizer)
         self._ids = itertools.count()
 

@@ -1,9 +1,12 @@
-"""AsyncEngine: runs LLMEngine.step() in a background thread and streams per-request
-deltas to asyncio consumers (the HTTP server, `bastion chat`).
+"""AsyncEngine: runs LLMEngine.step() in a loop thread and streams per-request deltas to
+asyncio consumers (the HTTP server, `bastion chat`).
 
-Only the engine thread touches the engine. Callers talk to it through a command
-queue (add / abort), and results come back through `loop.call_soon_threadsafe`.
+Only the loop thread touches the engine. Callers talk to it through typed commands
+(serving/commands.py), and results come back through `loop.call_soon_threadsafe`.
 Torch releases the GIL inside kernels, so the event loop stays responsive.
+
+The AsyncEngine applies no policy: a request's adapter and token filter (e.g. CleanGen,
+chosen by serving/policy.py) come with it, and adapters are vetted before `load_adapter`.
 
 NOTE: with 2 OpenMP threads, stepping the engine from a non-main Python thread measured
 ~2x slower per token on the 2-core CPU (33 ms vs 18 ms, torch 2.13 / libgomp, no
@@ -25,12 +28,17 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from bastion.config import Config
-from bastion.engine.llm import OutputProcessor
 from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.outputs import (
     EngineDeadError, EngineStats, PromptTooLongError, QueueFullError, RequestFailedError, RequestOutput,
 )
+from bastion.engine.request import TokenFilter
 from bastion.engine.sampling_params import SamplingParams
+from bastion.serving.chat_template import encode_chat
+from bastion.serving.commands import Abort, AddRequest, CallInEngine, Command
+from bastion.serving.output_processor import OutputProcessor
+from bastion.serving.tokenizer import load_engine
+from bastion.serving.views import AdapterView
 
 log = logging.getLogger("bastion.engine")
 
@@ -46,12 +54,10 @@ class AsyncEngine:
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.max_model_len = engine.max_model_len
         self.processor = OutputProcessor(engine, tokenizer)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._accepting = True
-        self.gate = None  # adapters.gate.VettingGate: every adapter load is scanned first
-        self.cleangen: dict[str, float] = {}  # adapter -> alpha: CleanGen on by default (--cleangen)
         self._stopped = False
         self._dead: BaseException | None = None
         self._step_since: float | None = None  # monotonic start of the step in progress
@@ -62,29 +68,16 @@ class AsyncEngine:
 
     @classmethod
     def from_config(cls, config: Config, show_progress: bool = True, background: bool = True) -> "AsyncEngine":
-        engine, tokenizer, name = LLMEngine.from_config(config, show_progress)
+        engine, tokenizer, name = load_engine(config, show_progress)
         return cls(engine, tokenizer, config.model.served_name or name, background=background)
 
     def run_loop(self) -> None:
         """Run the engine loop in the calling thread until shutdown (background=False)."""
         self._run()
 
-    # ------------------------------------------------------------ tokenization helpers
+    # ------------------------------------------------------------ tokenization
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        if not messages:
-            raise ValueError("messages must not be empty")
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool", "developer"):
-                raise ValueError(f"invalid message: {str(m)[:80]}")
-            if not isinstance(m.get("content", ""), str):
-                raise ValueError("message content must be a string")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:  # template errors are the caller's input problem
-            raise ValueError(f"chat template failed: {e}") from e
-        if hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        return list(ids)
+        return encode_chat(self.tokenizer, messages)
 
     @property
     def vocab_size(self) -> int:
@@ -99,33 +92,16 @@ class AsyncEngine:
         return ids
 
     # ------------------------------------------------------------ requests
-    @property
-    def supports_cleangen(self) -> bool:
-        """CleanGen's reference track needs a full-precision KV cache."""
-        return self.engine.kv_cache.num_seq_slots is None
-
-    def token_filter(self, adapter: str | None, cleangen: bool | None):
-        """The CleanGen filter for a request: its explicit choice, else the adapter's policy."""
-        on = (adapter in self.cleangen) if cleangen is None else cleangen
-        if not on:
-            return None
-        from bastion.guard.cleangen import DEFAULT_ALPHA, CleanGen
-
-        return CleanGen(alpha=self.cleangen.get(adapter, DEFAULT_ALPHA))
-
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None, adapter: str | None = None,
-                       cleangen: bool | None = None) -> AsyncIterator[RequestOutput]:
+                       token_filter: TokenFilter | None = None) -> AsyncIterator[RequestOutput]:
         """Stream deltas. Raises QueueFullError / PromptTooLongError / EngineDeadError /
-        ValueError before yielding. Closing the iterator early aborts the request.
-        `cleangen`: defend this request (True), not (False), or the adapter's policy (None)."""
+        ValueError before yielding. Closing the iterator early aborts the request."""
         rid = request_id or uuid.uuid4().hex
-        self._check_admission(prompt_token_ids, params)
-        filt = self.token_filter(adapter, cleangen)
+        self._check_admission(prompt_token_ids)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[rid] = stream
-        self._commands.put(("add", rid, list(prompt_token_ids), params, adapter, filt))
-        self._wake.set()
+        self._send(AddRequest(rid, list(prompt_token_ids), params, adapter, token_filter))
         finished = False
         try:
             while True:
@@ -141,7 +117,7 @@ class AsyncEngine:
             if not finished:  # consumer went away (client disconnect, cancel): free KV now
                 self.abort(rid)
 
-    def _check_admission(self, prompt: list[int], params: SamplingParams) -> None:
+    def _check_admission(self, prompt: list[int]) -> None:
         if self._dead is not None or self._stopped or not self._accepting:
             raise EngineDeadError("engine is shutting down" if self._dead is None else f"engine failed: {self._dead}")
         if len(self.engine.scheduler.waiting) + self._commands.qsize() >= self.engine.config.scheduler.max_waiting:
@@ -150,7 +126,10 @@ class AsyncEngine:
             raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len}")
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._send(Abort(request_id))
+
+    def _send(self, command: Command) -> None:
+        self._commands.put(command)
         self._wake.set()
 
     # ------------------------------------------------------------ adapters
@@ -160,27 +139,22 @@ class AsyncEngine:
         if not self.is_running:
             raise EngineDeadError("engine is not running")
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("call", fn, fut))
-        self._wake.set()
+        self._send(CallInEngine(fn, fut))
         return await asyncio.wrap_future(fut)
 
-    async def load_adapter(self, name: str, path: str):
-        """Vet (when a gate is set) then load; returns the scan report or None."""
+    def _require_adapters(self) -> None:
         if self.engine.adapters is None:
             raise ValueError("LoRA serving is not enabled (start with --lora or --enable-lora)")
-        report = None
-        if self.gate is not None:  # scanning reads and hashes files: keep it off the loop
-            report = await asyncio.get_running_loop().run_in_executor(None, self.gate.check, name, path)
-        await self.call_in_engine(lambda eng: eng.adapters.load(name, path))
-        return report
 
-    def load_adapter_before_start(self, name: str, path: str):
-        """Synchronous load for start-up (--lora), before the loop runs; vetted likewise."""
-        if self.engine.adapters is None:
-            raise ValueError("LoRA serving is not enabled")
-        report = self.gate.check(name, path) if self.gate is not None else None
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load an adapter (already vetted: serving/policy.py) between two steps."""
+        self._require_adapters()
+        await self.call_in_engine(lambda eng: eng.adapters.load(name, path))
+
+    def load_adapter_before_start(self, name: str, path: str) -> None:
+        """Synchronous load for start-up (--lora), before the loop runs."""
+        self._require_adapters()
         self.engine.adapters.load(name, path)
-        return report
 
     async def unload_adapter(self, name: str) -> None:
         await self.call_in_engine(lambda eng: eng.unload_adapter(name))
@@ -188,7 +162,7 @@ class AsyncEngine:
     def adapter_names(self) -> list[str]:
         return list(self.engine.adapters.slot_of) if self.engine.adapters else []
 
-    def with_adapter(self, name: str) -> "AdapterView":
+    def with_adapter(self, name: str) -> AdapterView:
         return AdapterView(self, name)
 
     def stats(self) -> EngineStats:
@@ -236,29 +210,31 @@ class AsyncEngine:
         else:
             self._deliver(out.request_id, out)
 
+    def _execute(self, cmd: Command) -> None:
+        if isinstance(cmd, AddRequest):
+            try:
+                self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, adapter=cmd.adapter,
+                                        token_filter=cmd.token_filter)
+                self.processor.register(cmd.request_id, cmd.params)
+            except Exception as e:  # noqa: BLE001 - bad request: report to that caller only
+                self._deliver(cmd.request_id, e)
+        elif isinstance(cmd, Abort):
+            if self.engine.abort_request(cmd.request_id):
+                self.processor.drop(cmd.request_id)
+                self._deliver(cmd.request_id, RequestOutput(cmd.request_id, [], finished=True, finish_reason="abort"))
+        else:
+            try:
+                cmd.future.set_result(cmd.fn(self.engine))
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                cmd.future.set_exception(e)
+
     def _drain_commands(self) -> None:
         while True:
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if cmd[0] == "call":  # run fn(engine) between steps; result to a Future
-                _, fn, fut = cmd
-                try:
-                    fut.set_result(fn(self.engine))
-                except Exception as e:
-                    fut.set_exception(e)
-            elif cmd[0] == "add":
-                _, rid, ids, params, adapter, filt = cmd
-                try:
-                    self.engine.add_request(rid, ids, params, adapter=adapter, token_filter=filt)
-                    self.processor.register(rid, params)
-                except Exception as e:  # bad request: report to that caller only
-                    self._deliver(rid, e)
-            elif cmd[0] == "abort":
-                if self.engine.abort_request(cmd[1]):
-                    self.processor.drop(cmd[1])
-                    self._deliver(cmd[1], RequestOutput(cmd[1], [], finished=True, finish_reason="abort"))
+            self._execute(cmd)
 
     def _run(self) -> None:
         try:
@@ -297,17 +273,3 @@ class AsyncEngine:
         self._stopped = True
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._loop_done.wait, 5.0)
-
-
-class AdapterView:
-    """The AsyncEngine as seen through one adapter: same interface, every request runs
-    with that adapter. The server serves one per adapter under the adapter's name."""
-
-    def __init__(self, base: AsyncEngine, adapter: str):
-        self.base, self.adapter, self.model_name = base, adapter, adapter
-
-    def __getattr__(self, name):  # tokenizer, max_model_len, encode_*, abort, stats, ...
-        return getattr(self.base, name)
-
-    def generate(self, prompt_token_ids, params, request_id=None, cleangen=None):
-        return self.base.generate(prompt_token_ids, params, request_id, adapter=self.adapter, cleangen=cleangen)

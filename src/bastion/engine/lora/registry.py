@@ -13,30 +13,18 @@ than bf16, and the deltas are small next to the base GEMMs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from bastion.adapters.lora import FUSED, AdapterError, LoraAdapter, load_peft_adapter, module_shapes
+from bastion.config import AdapterConfig
+from bastion.engine.lora.peft import FUSED, AdapterError, LoraAdapter, load_peft_adapter, module_shapes
 from bastion.engine.models.arch import ModelArch
 
 log = logging.getLogger("bastion.adapters")
 
 
-@dataclass(frozen=True)
-class LoraConfig:
-    max_loras: int = 8
-    max_lora_rank: int = 64
-
-    def __post_init__(self) -> None:
-        if self.max_loras < 1:
-            raise ValueError("max_loras must be >= 1")
-        if self.max_lora_rank < 1:
-            raise ValueError("max_lora_rank must be >= 1")
-
-
 class AdapterRegistry:
-    def __init__(self, arch: ModelArch, config: LoraConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, arch: ModelArch, config: AdapterConfig, dtype: torch.dtype, device: torch.device):
         self.arch, self.config = arch, config
         if device.type == "cpu":
             dtype = torch.float32

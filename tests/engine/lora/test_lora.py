@@ -11,61 +11,21 @@ import json
 import pytest
 import torch
 
-from bastion.adapters.lora import AdapterError, LoraBatch, load_peft_adapter
-from bastion.adapters.registry import LoraConfig as BastionLoraConfig
+from bastion.engine.lora.batch import LoraBatch
+from bastion.engine.lora.peft import AdapterError, load_peft_adapter
 from bastion.engine.models.arch import ModelArch
-from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.sampling_params import SamplingParams
 
-from ._util import make_engine, run_engine, tiny_llama_config
+from tests.support.engines import run_engine, tiny_llama_config
+from tests.support.lora import ALL, engine_on, hf_greedy, peft_adapter
 
 peft = pytest.importorskip("peft")
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@pytest.fixture(scope="module")
-def hf_base():
-    from transformers import LlamaForCausalLM as HFLlama
-
-    torch.manual_seed(0)
-    return HFLlama(tiny_llama_config()).eval()
-
-
-def _adapter(hf_base, tmp_path, name, seed, **cfg):
-    import copy
-
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(init_lora_weights=False, **cfg))
-    with torch.no_grad():  # larger deltas than PEFT's init, so mistakes are visible
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2)
-    path = tmp_path / name
-    model.save_pretrained(str(path))
-    return model.eval(), path
-
-
-def _ours(hf_base, num_blocks=64, prefix_caching=True):
-    arch = ModelArch.from_hf_config(hf_base.config)
-    model = LlamaForCausalLM(arch, 256)
-    model.load_hf_state_dict(hf_base.state_dict())
-    model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
-    engine = make_engine(model.eval(), num_blocks=num_blocks, prefix_caching=prefix_caching)
-    engine.enable_lora(BastionLoraConfig(max_loras=4, max_lora_rank=16))
-    return engine
-
-
-def _hf_greedy(model, ids, n):
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                             pad_token_id=0)
-    return out[0, len(ids):].tolist()
 
 
 def test_prompt_logprobs_match_peft_with_mixed_ranks_and_partial_targets(hf_base, tmp_path):
-    peft_model, path = _adapter(hf_base, tmp_path, "a", 1, r=8, lora_alpha=16, target_modules=ALL,
+    peft_model, path = peft_adapter(hf_base, tmp_path, "a", 1, r=8, lora_alpha=16, target_modules=ALL,
                                 rank_pattern={"k_proj": 4}, alpha_pattern={"down_proj": 4})
-    engine = _ours(hf_base)
+    engine = engine_on(hf_base)
     engine.adapters.load("a", str(path))
     ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(0)).tolist()
     engine.add_request("x", ids, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0), adapter="a")
@@ -82,10 +42,10 @@ def test_prompt_logprobs_match_peft_with_mixed_ranks_and_partial_targets(hf_base
 def test_mixed_batch_of_adapters_and_base_matches_each_alone(hf_base, tmp_path):
     """One batch: two adapters of different ranks/targets and the base model; each
     request's greedy output equals PEFT's (or plain HF's) for it."""
-    pa, path_a = _adapter(hf_base, tmp_path, "a", 2, r=4, lora_alpha=8, target_modules=ALL)
-    pb, path_b = _adapter(hf_base, tmp_path, "b", 3, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+    pa, path_a = peft_adapter(hf_base, tmp_path, "a", 2, r=4, lora_alpha=8, target_modules=ALL)
+    pb, path_b = peft_adapter(hf_base, tmp_path, "b", 3, r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                           use_rslora=True)
-    engine = _ours(hf_base)
+    engine = engine_on(hf_base)
     engine.adapters.load("a", str(path_a))
     engine.adapters.load("b", str(path_b))
     g = torch.Generator().manual_seed(1)
@@ -100,13 +60,13 @@ def test_mixed_batch_of_adapters_and_base_matches_each_alone(hf_base, tmp_path):
             res.setdefault(o.request_id, []).extend(o.new_token_ids)
     for name, model in (("a", pa), ("b", pb), (None, hf_base)):
         for i, ids in enumerate(prompts):
-            assert res[f"{name}-{i}"] == _hf_greedy(model, ids, 6), (name, i)
+            assert res[f"{name}-{i}"] == hf_greedy(model, ids, 6), (name, i)
     assert engine.block_manager.num_used_blocks == 0
 
 
 def test_adapter_prefix_cache_is_separate_from_base(hf_base, tmp_path):
-    _, path = _adapter(hf_base, tmp_path, "a", 4, r=4, lora_alpha=8, target_modules=ALL)
-    engine = _ours(hf_base)
+    _, path = peft_adapter(hf_base, tmp_path, "a", 4, r=4, lora_alpha=8, target_modules=ALL)
+    engine = engine_on(hf_base)
     engine.adapters.load("a", str(path))
     ids = list(range(3, 60))
     p = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
@@ -120,8 +80,8 @@ def test_adapter_prefix_cache_is_separate_from_base(hf_base, tmp_path):
 
 
 def test_unload_frees_the_slot_and_refuses_while_in_use(hf_base, tmp_path):
-    _, path = _adapter(hf_base, tmp_path, "a", 5, r=4, lora_alpha=8, target_modules=ALL)
-    engine = _ours(hf_base)
+    _, path = peft_adapter(hf_base, tmp_path, "a", 5, r=4, lora_alpha=8, target_modules=ALL)
+    engine = engine_on(hf_base)
     engine.adapters.load("a", str(path))
     engine.add_request("busy", [5, 6, 7], SamplingParams(max_tokens=50, ignore_eos=True), adapter="a")
     engine.step()
@@ -138,7 +98,7 @@ def test_unload_frees_the_slot_and_refuses_while_in_use(hf_base, tmp_path):
 
 def test_bad_adapters_are_refused_with_the_reason(hf_base, tmp_path):
     arch = ModelArch.from_hf_config(hf_base.config)
-    _, path = _adapter(hf_base, tmp_path, "a", 6, r=4, lora_alpha=8, target_modules=["q_proj"])
+    _, path = peft_adapter(hf_base, tmp_path, "a", 6, r=4, lora_alpha=8, target_modules=["q_proj"])
     with pytest.raises(AdapterError, match="adapter_config.json"):
         load_peft_adapter("x", tmp_path / "missing", arch)
     cfg = json.loads((path / "adapter_config.json").read_text())
@@ -149,9 +109,9 @@ def test_bad_adapters_are_refused_with_the_reason(hf_base, tmp_path):
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(AdapterError, match="layer 1"):
         load_peft_adapter("x", path, small)
-    engine = _ours(hf_base)
+    engine = engine_on(hf_base)
     with pytest.raises(AdapterError, match="max-lora-rank"):
-        _, big = _adapter(hf_base, tmp_path, "big", 7, r=32, lora_alpha=8, target_modules=["q_proj"])
+        _, big = peft_adapter(hf_base, tmp_path, "big", 7, r=32, lora_alpha=8, target_modules=["q_proj"])
         engine.adapters.load("big", str(big))
 
 
@@ -182,7 +142,7 @@ def test_add_lora_matches_per_row_reference_on_mixed_batches(subs, dtype):
     adds exactly x_row @ A[slot] @ B_i[slot] into each targeted sub-module's columns.
     bf16 activations (the served dtype; fp32 factors) take the 16-bit GEMM path for
     chunks of >= PROMPT_ROWS rows: checked to bf16 rounding of the delta."""
-    from bastion.adapters.lora import PROMPT_ROWS, add_lora
+    from bastion.engine.lora.batch import PROMPT_ROWS, add_lora
 
     g = torch.Generator().manual_seed(0)
     slots, r, d_in, outs = 5, 3, 6, (4, 2, 2)
@@ -216,12 +176,12 @@ def test_add_lora_matches_per_row_reference_on_mixed_batches(subs, dtype):
 def test_step_plan_skips_modules_no_adapter_targets(hf_base, tmp_path):
     """Only the (layer, module, sub-module) triples some adapter of the batch targets are
     computed; skipping the others must not change a delta (checked against the full sum)."""
-    from bastion.adapters.lora import add_lora
+    from bastion.engine.lora.batch import add_lora
 
-    _, path_qv = _adapter(hf_base, tmp_path, "qv", 8, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    _, path_qv = peft_adapter(hf_base, tmp_path, "qv", 8, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                           layers_to_transform=[1])
-    _, path_mlp = _adapter(hf_base, tmp_path, "mlp", 9, r=4, lora_alpha=8, target_modules=["down_proj"])
-    engine = _ours(hf_base)
+    _, path_mlp = peft_adapter(hf_base, tmp_path, "mlp", 9, r=4, lora_alpha=8, target_modules=["down_proj"])
+    engine = engine_on(hf_base)
     reg = engine.adapters
     reg.load("qv", str(path_qv))
     reg.load("mlp", str(path_mlp))

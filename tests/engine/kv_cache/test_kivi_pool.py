@@ -23,6 +23,7 @@ from bastion.engine.model_runner import ModelRunner
 from bastion.engine.request import Request
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import ScheduledBatch
+from tests.support.kivi import drive
 
 H, HEADS, D = 2, 4, 16
 
@@ -50,29 +51,6 @@ def _oracle_attn(q, k, v):
     return torch.einsum("ht,thd->hd", torch.softmax(s, -1), v.repeat_interleave(HEADS // H, dim=1))
 
 
-def drive(cache, schedule, slots=4):
-    """Runs `schedule` ({"seqs": name -> total tokens, "steps": [[(name, tokens), ...]]})
-    through a block manager and the model runner's step planning over `cache`. Returns
-    (block manager, requests by name, steps): `steps` yields (items in prepared row order,
-    rows, meta) per step and advances each request's computed tokens once the caller has
-    written and attended that step."""
-    bm = BlockManager(cache.num_blocks, cache.block_size, False, num_seq_slots=slots, blocks_for=cache.blocks_for)
-    runner = ModelRunner(None, cache, torch.device("cpu"))
-    reqs = {name: Request(name, [1] * total, SamplingParams(max_tokens=1)) for name, total in schedule["seqs"].items()}
-
-    def steps():
-        for step in schedule["steps"]:
-            items = [(reqs[name], n) for name, n in step]
-            for req, n in items:
-                assert bm.allocate(req, n)
-            order, _, pos, meta = runner.prepare(ScheduledBatch(items))
-            yield order, pos.shape[0], meta
-            for req, n in items:
-                req.num_computed_tokens += n
-
-    return bm, reqs, steps()
-
-
 def _run(spec, sink, use_rot, schedule, seed=0, layers=1):
     torch.manual_seed(seed)
     cache = KIVIKVCache(num_layers=layers, num_kv_heads=H, head_dim=D, num_blocks=64, spec=spec,
@@ -88,7 +66,8 @@ def _run(spec, sink, use_rot, schedule, seed=0, layers=1):
             cache.write(layer, k, v, meta)
             out = cache.attend(layer, q, meta)
         row = 0
-        for req, n in order:
+        for it in order:
+            req, n = it.req, it.n
             c0 = req.num_computed_tokens
             hk, hv = hist[req.request_id]
             hk, hv = torch.cat([hk, k[row : row + n]]), torch.cat([hv, v[row : row + n]])
@@ -136,7 +115,7 @@ def test_nothing_is_requantized():
     a = reqs["a"]
     nq = split_context(spec, a.num_computed_tokens)[0] // 8
     assert nq >= 2
-    before = cache.k_codes[0, a.block_ids[:nq]].clone(), cache.v_scale[0, a.block_ids[:nq]].clone()
+    before = cache.k_codes[0, a.tracks[0].block_ids[:nq]].clone(), cache.v_scale[0, a.tracks[0].block_ids[:nq]].clone()
     runner = ModelRunner(None, cache, torch.device("cpu"))
     for _ in range(20):  # more decodes move the frontier on
         assert bm.allocate(a, 1)
@@ -144,8 +123,8 @@ def test_nothing_is_requantized():
         cache.write(0, torch.randn(1, H, D), torch.randn(1, H, D), meta)
         a.num_computed_tokens += 1
     assert split_context(spec, a.num_computed_tokens)[0] // 8 > nq
-    assert torch.equal(cache.k_codes[0, a.block_ids[:nq]], before[0])
-    assert torch.equal(cache.v_scale[0, a.block_ids[:nq]], before[1])
+    assert torch.equal(cache.k_codes[0, a.tracks[0].block_ids[:nq]], before[0])
+    assert torch.equal(cache.v_scale[0, a.tracks[0].block_ids[:nq]], before[1])
 
 
 def test_seq_slots_and_blocks_come_back():
@@ -155,14 +134,14 @@ def test_seq_slots_and_blocks_come_back():
     for r in reqs.values():
         bm.free_request(r)
     assert bm.num_used_blocks == 0 and sorted(bm.free_seq_slots) == [0, 1, 2, 3]
-    assert all(r.seq_slot == -1 for r in reqs.values())
+    assert all(r.tracks[0].seq_slot == -1 for r in reqs.values())
 
 
 def test_block_manager_refuses_when_seq_slots_run_out():
     bm = BlockManager(16, 8, False, num_seq_slots=1)
     a, b = (Request(n, [1] * 10, SamplingParams(max_tokens=1)) for n in "ab")
     assert bm.allocate(a, 10)
-    assert not bm.allocate(b, 10) and b.block_ids == [] and b.seq_slot == -1
+    assert not bm.allocate(b, 10) and b.tracks[0].block_ids == [] and b.tracks[0].seq_slot == -1
     bm.free_request(a)
     assert bm.allocate(b, 10)
 

@@ -12,9 +12,10 @@ import torch
 from bastion.config import CacheConfig, Config, ModelConfig
 from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.models.arch import UnsupportedModelError
-from bastion.engine.models.loader import embedded_model_path, load_checkpoint, load_tokenizer
+from bastion.engine.models.loader import embedded_model_path, load_checkpoint
+from bastion.serving.tokenizer import load_tokenizer
 
-from ._util import tiny_llama_config
+from tests.support.engines import tiny_llama_config
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +41,11 @@ def _tiny_hf_dir(d, tok_dir, drop: str | None = None, cfg=None):
     return d
 
 
-def _engine_from(path) -> LLMEngine:
-    return LLMEngine.from_config(Config(model=ModelConfig(path=str(path), dtype="float32"),
-                                        cache=CacheConfig(num_blocks=4)), show_progress=False)
+def _engine_from(path) -> tuple[LLMEngine, object, str]:
+    from bastion.serving.tokenizer import load_engine
+
+    return load_engine(Config(model=ModelConfig(path=str(path), dtype="float32"), cache=CacheConfig(num_blocks=4)),
+                       show_progress=False)
 
 
 def test_valid_tiny_dir_loads(tmp_path, tok_dir):
@@ -162,7 +165,7 @@ def test_dir_without_tokenizer_says_tokenizer_is_missing(tmp_path):
     tokenizer is missing (transformers' own message talks about sentencepiece/tiktoken)."""
     d = _tiny_hf_dir(tmp_path / "notok", None)
     with pytest.raises(UnsupportedModelError, match="(?i)tokenizer"):
-        load_checkpoint(str(d), show_progress=False)
+        _engine_from(d)  # the tokenizer is the serving layer's; the weights alone load
 
 
 def _tiny_gguf(path, tensors: dict, arch="llama"):

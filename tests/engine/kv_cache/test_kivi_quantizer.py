@@ -23,7 +23,7 @@ from bastion.engine.kv_cache.quant import (
     quantize_values, split_context, unpack, unpack_float,
 )
 
-from ._kivi_util import _kv, _one_thread  # noqa: F401  (autouse fixture)
+from tests.support.kivi import kv_data, one_thread  # noqa: F401  (autouse fixture)
 
 BITS = (2, 4, 8)
 
@@ -70,7 +70,7 @@ def test_split_context():
                                          (2, 8, 8, None), (4, 2, 32, 64), (4, 2, 64, 16)])
 def test_bytes_per_token_matches_tensors(kb, vb, g, gv):
     spec, h, d, n = KVQuantSpec(kb, vb, g, 0, v_group_size=gv), 3, 64, 4
-    x = _kv(n * g, h, d, 0)
+    x = kv_data(n * g, h, d, 0)
     stored = sum(t.nbytes for t in (*quantize_keys(x, spec), *quantize_values(x, spec)))
     assert bytes_per_token(spec, 1, h, d) == stored / (n * g)
     assert bytes_per_token(spec, 30, h, d) == 30 * stored / (n * g)
@@ -137,7 +137,7 @@ def _check_roundtrip(x, x_hat, scale, zero, bits):
 @pytest.mark.parametrize("bits", BITS)
 def test_key_roundtrip_bound(bits):
     spec, g, h, d = KVQuantSpec(bits, 2, 32, 0), 32, 3, 64
-    k = _kv(5 * g, h, d, bits)
+    k = kv_data(5 * g, h, d, bits)
     k[:g, 0, 0] = 0.1  # a constant channel-group: scale 0 or tiny, still within bound
     kq = quantize_keys(k, spec)
     assert kq.codes.shape == (5, g, h, d * bits // 8) and kq.scale.shape == (5, h, d)
@@ -151,7 +151,7 @@ def test_key_roundtrip_bound(bits):
 def test_value_roundtrip_bound(bits, gv):
     spec, h, d, t = KVQuantSpec(2, bits, 16, 0, v_group_size=gv), 2, 64, 37  # T needs no group multiple
     g = spec.value_group
-    v = _kv(t, h, d, 10 + bits)
+    v = kv_data(t, h, d, 10 + bits)
     v[3] = 1.0  # constant tokens: exact
     vq = quantize_values(v, spec)
     assert vq.codes.shape == (t, h, d * bits // 8) and vq.scale.shape == (t, h, d // g)

@@ -17,8 +17,7 @@ from bastion.engine.kv_cache.native import load_kernel
 from bastion.engine.kv_cache.quant import KVQuantSpec
 from bastion.engine.kv_cache.quant_attention import quantized_decode_attention
 
-from .test_kivi_pool import drive
-from .test_kivi_quant import CASES, TOL, _batch, _to_pool
+from tests.support.kivi import CASES, TOL, batch_caches, drive, to_pool
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_native_matches_dequantized_oracle(kernel, kb, vb, g, r, lens, gq, threa
     torch.set_num_threads(threads)  # 2 threads: the context is split and the splits merged
     try:
         spec, h, d = KVQuantSpec(kb, vb, g, r), 3, 64
-        kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, lens, h, d, seed=kb * 10 + vb)
+        kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, lens, h, d, seed=kb * 10 + vb)
         q = torch.randn(len(lens), h * gq, d, generator=torch.Generator().manual_seed(1)) * 2
         oracle = decode_attention(q, ko, vo, mask, d ** -0.5)
         nat, ref = _both(q, kq, vq, k_fp, v_fp, spec, kernel, block_mask=bm, window_mask=wm)
@@ -54,7 +53,7 @@ def test_native_matches_dequantized_oracle(kernel, kb, vb, g, r, lens, gq, threa
 def test_native_value_groups_and_head_dims(kernel, g, gv, d, gq):
     """Value groups apart from G (one range per head at Gv = D), head_dim 128, M = 1..8."""
     spec, h = KVQuantSpec(4, 2, g, 16, v_group_size=gv), 2
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [200, 17, 96], h, d, seed=g + gv + d)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, [200, 17, 96], h, d, seed=g + gv + d)
     q = torch.randn(3, h * gq, d, generator=torch.Generator().manual_seed(2))
     oracle = decode_attention(q, ko, vo, mask, d ** -0.5)
     nat, ref = _both(q, kq, vq, k_fp, v_fp, spec, kernel, block_mask=bm, window_mask=wm)
@@ -66,8 +65,8 @@ def test_native_pool_form_masks_and_no_window(kernel):
     """Shuffled pool blocks with padding pointing at block 0, a masked-out block in the
     middle of a row, and no fp window at all."""
     spec, h, d, gq = KVQuantSpec(4, 2, 32, 0), 3, 64, 3
-    kq, vq, _, _, bm, _, ko, vo, mask = _batch(spec, [320, 64, 160], h, d, seed=7)
-    pool_k, pool_v, table = _to_pool(kq, vq, bm)
+    kq, vq, _, _, bm, _, ko, vo, mask = batch_caches(spec, [320, 64, 160], h, d, seed=7)
+    pool_k, pool_v, table = to_pool(kq, vq, bm)
     b = bm.shape[0]
     bm = bm.clone()
     bm[0, 3] = False  # a hole: its tokens get weight exactly 0
@@ -82,7 +81,7 @@ def test_native_pool_form_masks_and_no_window(kernel):
 
 def test_native_bf16_window_and_query(kernel):
     spec, h, d, gq = KVQuantSpec(4, 2, 32, 64), 3, 64, 3
-    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = _batch(spec, [400, 90], h, d, seed=6, dtype=torch.bfloat16)
+    kq, vq, k_fp, v_fp, bm, wm, ko, vo, mask = batch_caches(spec, [400, 90], h, d, seed=6, dtype=torch.bfloat16)
     q = torch.randn(2, h * gq, d).bfloat16()
     nat, ref = _both(q, kq, vq, k_fp, v_fp, spec, kernel, block_mask=bm, window_mask=wm)
     assert nat.dtype == torch.bfloat16
@@ -91,7 +90,7 @@ def test_native_bf16_window_and_query(kernel):
 
 def test_native_rejects_codes_of_other_widths(kernel):
     spec, h, d = KVQuantSpec(4, 2, 16, 0), 2, 64
-    kq, vq, *_ = _batch(spec, [32], h, d, seed=4)
+    kq, vq, *_ = batch_caches(spec, [32], h, d, seed=4)
     q = torch.randn(1, h * 3, d)
     with pytest.raises(ValueError, match="packed codes"):  # codes packed at other widths than the spec says
         quantized_decode_attention(q, kq, vq, None, None, KVQuantSpec(2, 4, 16, 0), kernel=kernel)
@@ -141,7 +140,7 @@ def test_cli_flag_reaches_the_cache():
     from bastion.engine.kv_cache.factory import build_kv_cache
     from bastion.engine.models.arch import ModelArch
 
-    from ._util import tiny_llama_config
+    from tests.support.engines import tiny_llama_config
 
     arch = ModelArch.from_hf_config(tiny_llama_config(num_hidden_layers=2, hidden_size=256, num_attention_heads=4,
                                                       num_key_value_heads=2))  # head_dim 64

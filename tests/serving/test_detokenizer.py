@@ -7,9 +7,9 @@ import random
 
 import pytest
 
-from bastion.engine.detokenizer import IncrementalDetokenizer
+from bastion.serving.detokenizer import IncrementalDetokenizer
 
-from ._util import gpl_text
+from tests.support.text import gpl_text
 
 MIXED = ("Hello 😀 world! 你好，世界。 Ünïcödé — “quotes” 🇫🇷 👩‍👩‍👧 and 日本語のテキスト, "
          "Ελληνικά, עברית, emoji at the end 🎉")

@@ -14,8 +14,11 @@ from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.request import Request
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import ScheduledBatch
+from bastion.serving.tokenizer import load_engine
 
-from ._util import assert_pool_clean, gpl_text, run_engine, tiny_model
+from tests.support.engines import assert_pool_clean, run_engine, tiny_model
+
+from tests.support.text import gpl_text
 
 
 def _kivi_engine(model, *, num_blocks, slots=4, spec=KVQuantSpec(4, 2, 8, 8), sink=0, budget=64):
@@ -61,7 +64,7 @@ def test_cancel_frees_quantized_blocks_and_windows(when):
 def test_budget_admits_proportionally_more_tokens():
     """Same --kv-memory: the block count follows the real bytes per token (fp windows charged)."""
     from bastion.engine.models.arch import ModelArch
-    from ._util import tiny_llama_config
+    from tests.support.engines import tiny_llama_config
 
     arch = ModelArch.from_hf_config(tiny_llama_config(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                                                       num_key_value_heads=2))  # head_dim 64
@@ -100,7 +103,7 @@ def engines():
     def make(kind):
         cfg = Config(model=ModelConfig(dtype="float32", max_model_len=1024),
                      cache=CacheConfig(kind=kind, num_blocks=48), scheduler=SchedulerConfig(max_num_seqs=2))
-        eng, tok, _ = LLMEngine.from_config(cfg, show_progress=False)
+        eng, tok, _ = load_engine(cfg, show_progress=False)
         return eng, tok
 
     return make("fp32"), make("kivi")
