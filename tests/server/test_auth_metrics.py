@@ -87,7 +87,7 @@ def test_metrics_exposes_engine_and_latency_series(api_server: ServerThread) -> 
     assert resp.headers["content-type"].startswith("text/plain")
     text = resp.text
     for name in ("bastion_queue_depth", "bastion_running_requests", "bastion_kv_blocks_used",
-                 "bastion_kv_blocks_free", "bastion_generation_tokens_per_second"):
+                 "bastion_kv_blocks_free", "bastion_generation_tokens_per_second", "bastion_model_weight_bytes"):
         _metric(text, name)
     assert _metric(text, "bastion_generation_tokens_total") - _metric(before, "bastion_generation_tokens_total") == 5
     assert _metric(text, "bastion_prompt_tokens_total") > _metric(before, "bastion_prompt_tokens_total")

@@ -82,6 +82,10 @@ def add_bench_parsers(subparsers: Any) -> None:
     o.add_argument("--out", default="bench_results/offline")
     o.set_defaults(func=run_offline_cmd)
 
+    from bastion.bench.weights import add_bench_parser as add_weights_parser
+
+    add_weights_parser(subparsers)
+
     lo = subparsers.add_parser("lora", help="batch of N requests on N adapters vs the base model")
     lo.add_argument("--batch", type=int, default=8)
     lo.add_argument("--rank", type=int, default=16)

@@ -17,6 +17,7 @@ import torch
 from bastion.config import AdapterConfig, Config
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.model_runner import ModelRunner, StepLogits
+from bastion.engine.models.quantized_model import resident_bytes
 from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
 from bastion.engine.request import Request, TokenFilter, Track
 from bastion.engine.sampler import Sampler, token_logprobs
@@ -43,6 +44,7 @@ class LLMEngine:
         self.adapters = None  # the adapter registry once enable_adapters() is called
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
+        self.weight_bytes = resident_bytes(model)  # what the weights hold in memory (/metrics)
 
     # ------------------------------------------------------------------ adapters
     def enable_adapters(self, config: AdapterConfig) -> None:
@@ -228,4 +230,5 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
+            weight_bytes=self.weight_bytes,
         )

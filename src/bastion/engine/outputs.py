@@ -35,6 +35,7 @@ class EngineStats:
     num_preemptions: int
     prompt_tokens_total: int
     generation_tokens_total: int
+    weight_bytes: int = 0  # the model's weights as held in memory (quantized codes + scales)
 
 
 class EngineError(Exception):

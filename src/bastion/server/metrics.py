@@ -66,6 +66,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("bastion_kv_blocks_free", "KV cache blocks free.",
                                 value=s.kv_blocks_total - s.kv_blocks_used)
         yield GaugeMetricFamily("bastion_kv_blocks_total", "KV cache blocks in the pool.", value=s.kv_blocks_total)
+        yield GaugeMetricFamily("bastion_model_weight_bytes", "Bytes the model's weights hold in memory.",
+                                value=s.weight_bytes)
         yield CounterMetricFamily("bastion_preemptions", "Requests preempted (recomputed) for lack of KV blocks.",
                                   value=s.num_preemptions)
 

@@ -295,25 +295,22 @@ def test_chunked_prefill_prefix_hit_and_decode_match_hf(smol_fp32, gpl_ids, hf_s
     assert bm.num_used_blocks == 0
 
 
-def test_served_bf16_decode_with_fp16_gemv_close_to_fp32(offline_llm, gpl_ids, hf_smol_logits):
-    """The bf16 served configuration (bf16 weights, fp16 shadow weights for 1-row GEMVs,
-    oneDNN-prepacked copies for the rest where the CPU runs them):
-    teacher-forced single-row decodes stay close to the fp32 oracle (bf16-level error).
-    On AVX2-only CPUs dtype auto serves fp32, so the bf16 model is loaded for this test."""
+def test_dense_bf16_decode_with_shadows_close_to_fp32(gpl_ids, hf_smol_logits):
+    """The dense bf16 configuration with both CPU shadows asked for (`--quantize none
+    --dtype bfloat16 --fp16-gemv on --packed-gemm on`: fp16 copies for 1-row GEMVs,
+    oneDNN-prepacked copies for the rest where the CPU runs them): teacher-forced
+    single-row decodes stay close to the fp32 oracle (bf16-level error)."""
     from bastion.config import Config, ModelConfig
     from bastion.engine.builder import build_engine
     from bastion.engine.models.linear import Linear
 
-    model = offline_llm.engine.runner.model
-    if next(model.parameters()).dtype != torch.bfloat16:
-        assert not packed_gemm_available()  # auto picks bf16 wherever the packed GEMM runs
-        model = build_engine(Config(model=ModelConfig(dtype="bfloat16", max_model_len=2048)), eos_token_id=None,
-                             show_progress=False)[0].runner.model
+    model = build_engine(Config(model=ModelConfig(dtype="bfloat16", quantize="none", fp16_gemv="on", packed_gemm="on",
+                                                  max_model_len=2048)), eos_token_id=None, show_progress=False)[0].runner.model
     assert next(model.parameters()).dtype == torch.bfloat16
     lins = [m for m in model.modules() if isinstance(m, Linear)]
-    assert lins and all(m.w16 is not None for m in lins), "fp16_gemv 'auto' no longer on for CPU bf16"
-    if packed_gemm_available():  # (AVX2-only CPUs cannot run it: auto leaves it off there)
-        assert all(m.packed is not None for m in lins), "packed_gemm 'auto' no longer on for CPU bf16"
+    assert lins and all(m.w16 is not None for m in lins), "fp16_gemv 'on' did not make the shadows"
+    if packed_gemm_available():  # (AVX2-only CPUs cannot run it: it stays off there)
+        assert all(m.packed is not None for m in lins), "packed_gemm 'on' did not prepack"
     else:
         assert all(m.packed is None for m in lins)
     eng = make_engine(model, num_blocks=8)

@@ -16,39 +16,23 @@ warning naming the reason, when the build fails; `"native"` raises instead.
 
 from __future__ import annotations
 
-import functools
 import logging
-import re
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
+from bastion.engine.native_build import build
+
 log = logging.getLogger(__name__)
 
 _SRC = Path(__file__).parent / "csrc" / "kivi_decode.cpp"
-# -march=native: the build runs on the machine that uses it (the cache is per machine).
-# Not -ffast-math: masked scores are -inf and must stay so.
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
-           "-fassociative-math", "-fno-signed-zeros"]
 KERNELS = ("auto", "native", "torch")
 HEAD_DIMS = (64, 128)  # instantiated in the kernel
 
 
-@functools.cache
 def _build() -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why). Cached per process: one build attempt."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        # torch's version in the name: the on-disk cache is keyed by name, sources and flags,
-        # not by the torch it was built against, and the module links against libtorch
-        name = "bastion_kivi_decode_" + re.sub(r"\W", "_", torch.__version__)
-        log.info("loading the native KIVI decode kernel (compiled on first use per machine, ~25 s)")
-        mod = load(name, [str(_SRC)], extra_cflags=_CFLAGS, verbose=False)
-        return mod, ""
-    except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch ops"
-        return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return build("bastion_kivi_decode", _SRC)
 
 
 def load_kernel(kernel: str, head_dim: int) -> ModuleType | None:

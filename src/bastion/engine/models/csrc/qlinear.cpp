@@ -1,0 +1,255 @@
+// Quantized-weight linear layers for CPU: y = x @ W^T with W kept as 4- or 8-bit codes.
+//
+// Layouts (see engine/models/qweights.py, which repacks GGUF blocks into them at load):
+//   q4: codes  uint8 [N, K/32, 16]: byte j of a 32-group holds element j (low nibble)
+//              and element j+16 (high nibble), GGUF's own Q4_0/Q4_1 order;
+//       scale  fp32 [N, K/G], minv fp32 [N, K/G] (empty: symmetric, min = -8 * scale);
+//       w[n, k] = scale[n, k/G] * code + min[n, k/G]        (G a multiple of 32)
+//   q8: codes  int8 [N, K]; scale fp32 [N, K/G];  w = scale * code  (G a multiple of 16)
+// x: [M, K] fp32, contiguous rows -> y: [M, N] fp32.
+//
+// Why dequantize in registers and multiply in fp32 (not int8 activations as llama.cpp):
+// the answers then equal an fp32 model on the dequantized weights up to summation order
+// (the project's oracle), and batch-1 decode is bound by the bytes of W read per token,
+// not by arithmetic. Rows of x are taken MB at a time so each dequantized weight vector
+// feeds MB FMAs (batched decode). Compiled with -march=native: the AVX-512 or AVX2 body
+// is chosen by the compiler's own macros, with a scalar body for anything else.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cstdint>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int MB = 4;  // rows of x per pass over a weight row
+
+struct Q4 {
+  const uint8_t* codes;
+  const float* scale;
+  const float* minv;  // nullptr: symmetric
+  int64_t K, G;
+};
+
+struct Q8 {
+  const int8_t* codes;
+  const float* scale;
+  int64_t K, G;
+};
+
+#if defined(__AVX512F__)
+inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+// One weight row n against rows x[0..mb) -> y[r * ldy]
+template <int R>
+inline void q4_row(const Q4& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const uint8_t* c = w.codes + n * (w.K / 2);
+  const float* s = w.scale + n * (w.K / w.G);
+  const float* m = w.minv ? w.minv + n * (w.K / w.G) : nullptr;
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t k = 0; k < w.K; k += 32) {
+    const int64_t g = k / w.G;
+    const __m512 d = _mm512_set1_ps(s[g]);
+    const __m512 mn = _mm512_set1_ps(m ? m[g] : -8.0f * s[g]);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k / 2));
+    const __m128i lo = _mm_and_si128(b, low);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    const __m512 w0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), d, mn);
+    const __m512 w1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), d, mn);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+template <int R>
+inline void q8_row(const Q8& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const int8_t* c = w.codes + n * w.K;
+  const float* s = w.scale + n * (w.K / w.G);
+  __m512 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < w.K; k += 32) {  // K is a multiple of 32 (checked)
+    const __m512 d0 = _mm512_set1_ps(s[k / w.G]);
+    const __m512 d1 = _mm512_set1_ps(s[(k + 16) / w.G]);
+    const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k)))), d0);
+    const __m512 w1 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k + 16)))), d1);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      acc0[r] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xr + 16), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+#elif defined(__AVX2__)
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 u8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+inline __m256 i8x8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+
+template <int R>
+inline void q4_row(const Q4& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const uint8_t* c = w.codes + n * (w.K / 2);
+  const float* s = w.scale + n * (w.K / w.G);
+  const float* m = w.minv ? w.minv + n * (w.K / w.G) : nullptr;
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  const __m128i low = _mm_set1_epi8(0x0f);
+  for (int64_t k = 0; k < w.K; k += 32) {
+    const int64_t g = k / w.G;
+    const __m256 d = _mm256_set1_ps(s[g]);
+    const __m256 mn = _mm256_set1_ps(m ? m[g] : -8.0f * s[g]);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k / 2));
+    const __m128i lo = _mm_and_si128(b, low);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    const __m256 w[4] = {_mm256_fmadd_ps(u8x8(lo), d, mn), _mm256_fmadd_ps(u8x8(_mm_srli_si128(lo, 8)), d, mn),
+                         _mm256_fmadd_ps(u8x8(hi), d, mn), _mm256_fmadd_ps(u8x8(_mm_srli_si128(hi, 8)), d, mn)};
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      acc0[r] = _mm256_fmadd_ps(w[0], _mm256_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xr + 8), acc1[r]);
+      acc0[r] = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xr + 16), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xr + 24), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+}
+
+template <int R>
+inline void q8_row(const Q8& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const int8_t* c = w.codes + n * w.K;
+  const float* s = w.scale + n * (w.K / w.G);
+  __m256 acc0[R], acc1[R];
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < w.K; k += 16) {
+    const __m256 d = _mm256_set1_ps(s[k / w.G]);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k));
+    const __m256 w0 = _mm256_mul_ps(i8x8(b), d);
+    const __m256 w1 = _mm256_mul_ps(i8x8(_mm_srli_si128(b, 8)), d);
+    for (int r = 0; r < R; ++r) {
+      const float* xr = x + r * ldx + k;
+      acc0[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc0[r]);
+      acc1[r] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc1[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+}
+
+#else
+template <int R>
+inline void q4_row(const Q4& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const uint8_t* c = w.codes + n * (w.K / 2);
+  const float* s = w.scale + n * (w.K / w.G);
+  const float* m = w.minv ? w.minv + n * (w.K / w.G) : nullptr;
+  float acc[R] = {};
+  for (int64_t k = 0; k < w.K; k += 32) {
+    const int64_t g = k / w.G;
+    const float d = s[g], mn = m ? m[g] : -8.0f * s[g];
+    for (int j = 0; j < 16; ++j) {
+      const float w0 = d * (c[k / 2 + j] & 0x0f) + mn, w1 = d * (c[k / 2 + j] >> 4) + mn;
+      for (int r = 0; r < R; ++r) acc[r] += w0 * x[r * ldx + k + j] + w1 * x[r * ldx + k + j + 16];
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = acc[r];
+}
+
+template <int R>
+inline void q8_row(const Q8& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
+  const int8_t* c = w.codes + n * w.K;
+  const float* s = w.scale + n * (w.K / w.G);
+  float acc[R] = {};
+  for (int64_t k = 0; k < w.K; ++k) {
+    const float wk = s[k / w.G] * c[k];
+    for (int r = 0; r < R; ++r) acc[r] += wk * x[r * ldx + k];
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = acc[r];
+}
+#endif
+
+// y[m, n] for all m, n in [n0, n1): each weight row is read once per MB rows of x
+template <typename W, void (*Row1)(const W&, int64_t, const float*, int64_t, float*, int64_t),
+          void (*RowMB)(const W&, int64_t, const float*, int64_t, float*, int64_t)>
+void rows(const W& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + MB <= M; m += MB) RowMB(w, n, x + m * w.K, w.K, y + m * N + n, N);
+    for (; m < M; ++m) Row1(w, n, x + m * w.K, w.K, y + m * N + n, N);
+  }
+}
+
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "x must be a contiguous fp32 [M, K] tensor");
+  TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
+}
+
+int64_t grain(int64_t M) { return std::max<int64_t>(1, 64 / std::max<int64_t>(1, M)); }
+
+}  // namespace
+
+torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(G % 32 == 0 && K % G == 0, "q4 group size must be a multiple of 32 dividing K");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * (K / G), "q4 scale: fp32 [N, K/G]");
+  const bool asym = minv.numel() > 0;
+  TORCH_CHECK(!asym || (minv.scalar_type() == torch::kFloat32 && minv.is_contiguous() && minv.numel() == N * (K / G)), "q4 min: fp32 [N, K/G]");
+  check_x(x, K);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const Q4 w{codes.data_ptr<uint8_t>(), scale.data_ptr<float>(), asym ? minv.data_ptr<float>() : nullptr, K, G};
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(M), [&](int64_t n0, int64_t n1) {
+    rows<Q4, q4_row<1>, q4_row<MB>>(w, xp, M, yp, N, n0, n1);
+  });
+  return y;
+}
+
+torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "q8 codes: int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(G % 16 == 0 && K % G == 0 && K % 32 == 0, "q8 group size must be a multiple of 16 dividing K (K a multiple of 32)");
+  TORCH_CHECK(scale.scalar_type() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == N * (K / G), "q8 scale: fp32 [N, K/G]");
+  check_x(x, K);
+  const int64_t M = x.size(0);
+  auto y = torch::empty({M, N}, x.options());
+  const Q8 w{codes.data_ptr<int8_t>(), scale.data_ptr<float>(), K, G};
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(M), [&](int64_t n0, int64_t n1) {
+    rows<Q8, q8_row<1>, q8_row<MB>>(w, xp, M, yp, N, n0, n1);
+  });
+  return y;
+}
+
+std::string isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
+  m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");
+  m.def("isa", &isa, "the instruction set this build uses");
+}

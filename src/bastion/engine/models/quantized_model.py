@@ -1,0 +1,77 @@
+"""Putting quantized weights into a model by module swap (gpt-fast style): the model is
+built on the meta device, every projection whose checkpoint tensors are QuantWeights
+becomes a QuantLinear (fused q/k/v and gate/up kept fused), the embedding a
+QuantEmbedding (a tied lm_head reads the same codes: one copy), and only what is left
+(norms, any fp projection) is materialised and loaded as usual. No step holds a
+full-precision copy of a quantized matrix."""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from bastion.engine.models.arch import ModelArch
+from bastion.engine.models.llama import LlamaForCausalLM, rope_tables
+from bastion.engine.models.quant_linear import QuantEmbedding, QuantLinear
+from bastion.engine.models.qweights import QuantWeight
+
+# fused module -> the HF tensors it is made of, in row order
+_FUSED = {"qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "o_proj": ("self_attn.o_proj",), "gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+          "down_proj": ("mlp.down_proj",)}
+
+
+def has_quantized(weights: dict) -> bool:
+    return any(isinstance(w, QuantWeight) for w in weights.values())
+
+
+def _swap(parts: list, bias: list | None, kernel: ModuleType | None) -> QuantLinear | None:
+    if not all(isinstance(p, QuantWeight) for p in parts):
+        return None
+    return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel)
+
+
+def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: ModuleType | None) -> LlamaForCausalLM:
+    """The model (fp32 everywhere but the swapped modules) with `weights` loaded.
+    NOTE: consumes `weights` (entries are popped as they are installed)."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, max_len)
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        for attr, names in _FUSED.items():
+            parts = [weights.get(p + n + ".weight") for n in names]
+            biases = [weights.get(p + n + ".bias") for n in names]
+            q = _swap(parts, biases if getattr(layer, attr).bias is not None else None, kernel)
+            if q is not None:
+                setattr(layer, attr, q)
+                for n in names:
+                    weights.pop(p + n + ".weight"), weights.pop(p + n + ".bias", None)
+    emb = weights.get("model.embed_tokens.weight")
+    if isinstance(emb, QuantWeight):
+        model.embed_tokens = QuantEmbedding(emb)
+    head = emb if arch.tie_word_embeddings else weights.get("lm_head.weight")
+    if isinstance(head, QuantWeight):
+        model.lm_head = QuantLinear([head], None, kernel)
+        weights.pop("lm_head.weight", None)
+    model.to_empty(device="cpu")
+    model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))
+    model.load_hf_state_dict(weights)
+    return model.eval()
+
+
+def resident_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights as held in memory: parameters, buffers (RoPE tables)
+    and quantized codes + scales (a tied head's codes counted once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        ws = m.parts if isinstance(m, QuantLinear) else [m.weight_q] if isinstance(m, QuantEmbedding) else []
+        for w in ws:
+            if w.codes.data_ptr() not in seen:
+                seen.add(w.codes.data_ptr())
+                total += w.nbytes
+    return total

@@ -1,0 +1,154 @@
+"""Quantized weights as the kernels read them, repacked once at load (never dequantized to
+a full-precision copy): GGUF blocks of Q4_0, Q4_1, Q4_K, Q8_0 and Q6_K, or fp weights
+quantized group-wise (`--quantize int8|int4`).
+
+Two layouts (csrc/qlinear.cpp reads them):
+- q4: codes uint8 [N, K/2], 32-groups of 16 bytes, byte j = element j (low nibble) |
+  element j+16 (high nibble) -- GGUF's own Q4_0/Q4_1 order; scale fp32 [N, K/G]; minv
+  fp32 [N, K/G] or None (symmetric: min = -8 * scale). w = scale * code + min.
+  Q4_0 (min = -8d), Q4_1 (d, m) and Q4_K (d*sc, -dmin*m per 32) map onto it exactly:
+  fp16 x 6-bit products are exact in fp32.
+- q8: codes int8 [N, K], scale fp32 [N, K/G]; w = scale * code. Q8_0 (G=32) and Q6_K
+  (G=16, d * int8 scale, exact in fp32) map onto it exactly.
+Resident bytes vs the file: Q4_0 1.11x, Q4_1 1.2x, Q8_0 1.06x, Q4_K 1.33x, Q6_K 1.5x
+(scales are kept as fp32 so every mapping is exact; the kernels read them once per group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+GROUP_CHOICES = (32, 128)
+# GGUF types kept quantized (others are dequantized to the compute dtype)
+GGUF_KEPT = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
+
+
+@dataclass
+class QuantWeight:
+    kind: str  # "q4" | "q8"
+    codes: torch.Tensor  # q4: uint8 [N, K/2]; q8: int8 [N, K]
+    scale: torch.Tensor  # fp32 [N, K/G]
+    minv: torch.Tensor | None  # q4 only: fp32 [N, K/G]; None = symmetric (-8 * scale)
+    group: int
+    source: str  # what it was made from: "Q4_1", "int4-g32", ...
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.codes.shape[0]
+        return n, self.codes.shape[1] * (2 if self.kind == "q4" else 1)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minv) if t is not None)
+
+    def take_rows(self, index: torch.Tensor | slice) -> "QuantWeight":
+        pick = (lambda t: None if t is None else t[index].contiguous())
+        return QuantWeight(self.kind, pick(self.codes), pick(self.scale), pick(self.minv), self.group, self.source)
+
+    def dequantize(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """fp32 [n, K] of the given rows (all by default): the reference the kernel is
+        held to, the tiles of large GEMMs, and the embedding lookup."""
+        w = self if rows is None else self.take_rows(rows)
+        n, k = w.shape
+        if self.kind == "q4":
+            c = w.codes.view(n, k // 32, 16)
+            vals = torch.cat((c & 0x0F, c >> 4), dim=-1).view(n, k // self.group, self.group).float()
+            mn = -8.0 * w.scale if w.minv is None else w.minv
+            return torch.addcmul(mn[..., None], vals, w.scale[..., None]).view(n, k)
+        return (w.codes.view(n, k // self.group, self.group).float() * w.scale[..., None]).view(n, k)
+
+    @staticmethod
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight | None":
+        """Row-wise concatenation (fused q/k/v, gate/up), or None where the parts differ in
+        layout (a Q4_K_M file's Q6_K v next to Q4_K q, k): the caller keeps them apart."""
+        a = parts[0]
+        if any(p.kind != a.kind or p.group != a.group or p.shape[1] != a.shape[1] for p in parts):
+            return None
+        minv = None
+        if a.kind == "q4" and any(p.minv is not None for p in parts):
+            minv = torch.cat([p.minv if p.minv is not None else -8.0 * p.scale for p in parts])
+        sources = sorted({p.source for p in parts})
+        return QuantWeight(a.kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                           minv, a.group, "+".join(sources))
+
+
+# ---------------------------------------------------------------- GGUF blocks -> layouts
+def _f16(b: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _pack_q4(vals: np.ndarray) -> np.ndarray:
+    """vals uint8 [..., 32] (0..15) -> bytes [..., 16]: element j | element j+16 << 4."""
+    return (vals[..., :16] | (vals[..., 16:] << 4)).astype(np.uint8)
+
+
+def from_gguf(type_name: str, data: np.ndarray, n: int, k: int) -> QuantWeight | None:
+    """Repack one GGUF tensor (`data`: its raw bytes, uint8) of logical shape [n, k]; None
+    for a type kept dense. Every value the kernel reads equals gguf's own dequantization."""
+    data = np.asarray(data, dtype=np.uint8).reshape(n, -1)
+    if type_name in ("Q4_0", "Q4_1"):
+        bs = 18 if type_name == "Q4_0" else 20
+        blocks = data.reshape(n, k // 32, bs)
+        scale = _f16(blocks[..., 0:2])[..., 0]
+        minv = None if type_name == "Q4_0" else torch.from_numpy(_f16(blocks[..., 2:4])[..., 0].copy())
+        codes = np.ascontiguousarray(blocks[..., bs - 16:]).reshape(n, k // 2)
+        return QuantWeight("q4", torch.from_numpy(codes), torch.from_numpy(scale.copy()), minv, 32, type_name)
+    if type_name == "Q8_0":
+        blocks = data.reshape(n, k // 32, 34)
+        scale = _f16(blocks[..., 0:2])[..., 0]
+        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
+        return QuantWeight("q8", torch.from_numpy(codes), torch.from_numpy(scale.copy()), None, 32, type_name)
+    if type_name == "Q4_K":
+        import gguf.quants as gq
+
+        blocks = data.reshape(n * (k // 256), 144)
+        d, dmin = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])  # [B, 1]
+        sc, mn = gq.Q4_K.get_scale_min(blocks[:, 4:16])  # [B, 8] each, 6-bit
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
+        vals = (qs & 0x0F).reshape(-1, 8, 32)  # sub-block s of a super-block: 32 codes
+        scale = (d * sc.astype(np.float32)).reshape(n, k // 32)
+        minv = (-(dmin * mn.astype(np.float32))).reshape(n, k // 32)
+        codes = _pack_q4(vals).reshape(n, k // 2)
+        return QuantWeight("q4", torch.from_numpy(codes), torch.from_numpy(scale), torch.from_numpy(minv), 32, type_name)
+    if type_name == "Q6_K":
+        blocks = data.reshape(n * (k // 256), 210)
+        ql, qh = blocks[:, :128], blocks[:, 128:192]
+        sc = np.ascontiguousarray(blocks[:, 192:208]).view(np.int8).astype(np.float32)  # [B, 16]
+        d = _f16(blocks[:, 208:210])  # [B, 1]
+        lo = (ql.reshape(-1, 2, 1, 64) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & 0x0F
+        hi = (qh.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)) & 0x03
+        q = (lo.reshape(-1, 2, 4, 32) | (hi.reshape(-1, 2, 4, 32) << 4)).astype(np.int8) - np.int8(32)
+        codes = q.reshape(n, k)
+        scale = (d * sc).reshape(n, k // 16)
+        return QuantWeight("q8", torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(scale), None, 16, type_name)
+    return None
+
+
+# ---------------------------------------------------------------- fp weights -> layouts
+def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
+    """Group-wise round-to-nearest: int8 symmetric (absmax / 127), int4 asymmetric
+    (min/max over 15 steps). w: [N, K] float, K a multiple of 32; where `group` does not
+    divide K (SmolLM2's 576 by 128) that tensor uses groups of 32."""
+    n, k = w.shape
+    if group not in GROUP_CHOICES:
+        raise ValueError(f"quantization group {group}: expected one of {GROUP_CHOICES}")
+    if k % 32:
+        raise ValueError(f"cannot quantize a [{n}, {k}] weight: K must be a multiple of 32")
+    group = group if k % group == 0 else 32
+    g = w.detach().float().reshape(n, k // group, group)
+    if bits == 8:
+        scale = g.abs().amax(-1) / 127.0
+        codes = torch.round(g / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8)
+        return QuantWeight("q8", codes.reshape(n, k), scale.contiguous(), None, group, f"int8-g{group}")
+    if bits == 4:
+        lo, hi = g.amin(-1), g.amax(-1)
+        scale = (hi - lo) / 15.0
+        codes = torch.round((g - lo[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(0, 15)
+        codes = codes.to(torch.uint8).reshape(n, k // 32, 32)
+        packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2)
+        return QuantWeight("q4", packed.contiguous(), scale.contiguous(), lo.contiguous(), group, f"int4-g{group}")
+    raise ValueError(f"bits must be 4 or 8, not {bits}")

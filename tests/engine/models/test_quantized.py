@@ -1,0 +1,147 @@
+"""Quantized weights: every layout against its oracle.
+- repacking: each GGUF type's repacked weight dequantizes to exactly gguf-py's own
+  dequantization of the same bytes;
+- the native kernel (each instruction-set body this CPU can run: native, AVX2, scalar)
+  and the dequantized-tile path equal x @ W^T on the dequantized weight;
+- the real model (SmolLM2's Q4_1/Q8_0 file, kept quantized) matches HF transformers' fp32
+  logits on the same GGUF, on the kernel path and the tile path, with one copy of the
+  tied embedding and resident bytes near the file's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bastion.engine.models.loader import embedded_model_path, load_checkpoint
+from bastion.engine.models.qweights import QuantWeight, from_gguf, quantize
+from bastion.engine.models.quant_linear import KERNEL_MAX_ROWS, QuantEmbedding, QuantLinear, load_qkernel
+from bastion.engine.models.quantized_model import build_quantized, resident_bytes
+
+from tests.support.engines import one_shot_logits
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag}" in open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+
+
+def _gguf_bytes(type_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Raw bytes of an [n, k] tensor of `type_name`: gguf-py's quantizer where it has one,
+    else random blocks with sane fp16 scales (any bytes are a valid K-quant block)."""
+    import gguf
+
+    qt = getattr(gguf.GGMLQuantizationType, type_name)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    try:
+        return gguf.quants.quantize(w, qt).reshape(n, -1)
+    except NotImplementedError:
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
+        d = rng.uniform(0.001, 0.05, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+        if type_name == "Q4_K":
+            raw[:, 0:4] = d.reshape(-1, 4)
+        else:  # Q6_K: d is the block's last 2 bytes
+            raw[:, 208:210] = d[:, :2]
+        return raw.reshape(n, -1)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
+def test_repacked_gguf_dequantizes_to_ggufs_own_values(type_name):
+    import gguf
+
+    rng = np.random.default_rng(0)
+    n, k = 8, 512
+    raw = _gguf_bytes(type_name, n, k, rng)
+    ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name)).reshape(n, k)
+    q = from_gguf(type_name, raw, n, k)
+    assert np.array_equal(q.dequantize().numpy(), ref.astype(np.float32))
+    rows = torch.tensor([5, 0, 3])
+    assert torch.equal(q.take_rows(rows).dequantize(), q.dequantize()[rows])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group", [32, 128])
+def test_groupwise_quantization_error_is_within_half_a_step(bits, group):
+    w = torch.randn(16, 256)
+    q = quantize(w, bits, group)
+    step = q.scale.repeat_interleave(q.group, dim=1)
+    assert ((q.dequantize() - w).abs() <= step / 2 + 1e-6).all()
+    assert q.group == group and q.source == f"int{bits}-g{group}"
+    assert quantize(torch.randn(4, 576), bits, 128).group == 32  # 576: 128 does not divide it
+
+
+def _layouts() -> list[QuantWeight]:
+    torch.manual_seed(0)
+    w = torch.randn(40, 256)
+    sym = quantize(w, 4, 32)
+    sym = QuantWeight("q4", sym.codes, sym.scale, None, 32, "Q4_0-like")
+    rng = np.random.default_rng(1)
+    q6 = from_gguf("Q6_K", _gguf_bytes("Q6_K", 40, 256, rng), 40, 256)
+    return [quantize(w, 4, 32), quantize(w, 4, 128), sym, quantize(w, 8, 32), quantize(w, 8, 128), q6]
+
+
+ISAS = ["native", "avx2", "scalar"]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_kernel_matches_the_dequantized_reference(isa):
+    if isa == "avx2" and not (_cpu_has("avx2") and _cpu_has("fma")):
+        pytest.skip("this CPU has no AVX2/FMA")
+    kernel = load_qkernel(isa)
+    assert kernel is not None, "the quantized-linear kernel did not build"
+    assert kernel.isa() == {"avx2": "avx2", "scalar": "scalar"}.get(isa, kernel.isa())
+    for w in _layouts():
+        ref_w = w.dequantize().double()
+        for m in (1, 3, 4, 9, KERNEL_MAX_ROWS):
+            x = torch.randn(m, 256)
+            y = QuantLinear([w], kernel=kernel)(x)
+            ref = x.double() @ ref_w.T
+            bound = 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-6  # fp32 summation error
+            assert ((y.double() - ref).abs() <= bound).all(), (w.source, m, float((y - ref).abs().max()))
+
+
+def test_tile_path_and_fused_parts_match_the_reference(monkeypatch):
+    import bastion.engine.models.quant_linear as ql
+
+    monkeypatch.setattr(ql, "TILE_BYTES", 16 * 256 * 4)  # force several tiles
+    ws = _layouts()
+    mixed = QuantLinear([ws[0], ws[5], ws[2]], bias=torch.arange(120.0), kernel=load_qkernel())
+    assert len(mixed.parts) == 2 or len(mixed.parts) == 3  # q4 parts merge only with their like
+    ref_w = torch.cat([ws[0].dequantize(), ws[5].dequantize(), ws[2].dequantize()])
+    for m in (1, KERNEL_MAX_ROWS + 1, 40):
+        x = torch.randn(m, 256, dtype=torch.bfloat16)
+        y = mixed(x)
+        assert y.dtype == torch.bfloat16 and y.shape == (m, 120)
+        ref = x.float() @ ref_w.T + torch.arange(120.0)
+        assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-1)
+        assert torch.allclose(QuantLinear([ws[3]])(x.float()), x.float() @ ws[3].dequantize().T, atol=1e-4)
+
+
+def test_embedding_rows_follow_the_dtype():
+    w = quantize(torch.randn(10, 64), 8, 32)
+    emb = QuantEmbedding(w)
+    ids = torch.tensor([3, 3, 9])
+    assert torch.equal(emb(ids), w.dequantize()[ids])
+    assert emb.to(torch.bfloat16)(ids).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ the real model
+@pytest.fixture(scope="module")
+def smol_quantized():
+    ckpt = load_checkpoint(None, show_progress=False, quantize="auto")
+    return build_quantized(ckpt.arch, 2048, ckpt.weights, load_qkernel())
+
+
+def test_smollm2_kept_quantized_matches_hf_fp32(smol_quantized, gpl_ids, hf_smol_logits):
+    m = smol_quantized
+    assert isinstance(m.layers[0].qkv_proj, QuantLinear) and isinstance(m.embed_tokens, QuantEmbedding)
+    assert m.lm_head.parts[0] is m.embed_tokens.weight_q  # tied: one copy of the codes
+    ours = one_shot_logits(m, gpl_ids)  # 64 rows: the tile path
+    assert float((ours - hf_smol_logits).abs().max()) <= 1e-3
+    short = one_shot_logits(m, gpl_ids[:KERNEL_MAX_ROWS])  # the kernel path
+    assert float((short - hf_smol_logits[:KERNEL_MAX_ROWS]).abs().max()) <= 1e-3
+    file_bytes = embedded_model_path().stat().st_size
+    assert resident_bytes(m) <= 1.25 * file_bytes
