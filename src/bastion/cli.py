@@ -29,6 +29,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-group", type=int, default=32, choices=[32, 128], help="group size of --quantize int8/int4")
     p.add_argument("--weight-kernel", default="auto", choices=["auto", "native", "torch"],
                    help="quantized matmuls: native C++ kernel (auto: when it builds) or torch ops")
+    p.add_argument("--activations", default="fp32", choices=["fp32", "int8"],
+                   help="quantized matmuls: fp32 activations (default, exact to the dequantized model) or int8 "
+                        "per 32-block with VNNI (llama.cpp's way; faster decode, slightly different answers)")
     p.add_argument("--fp16-gemv", default="auto", choices=["auto", "on", "off"],
                    help="dense bf16 on CPU: fp16 weight copies for batch-1 decode (one more copy; auto = off)")
     p.add_argument("--packed-gemm", default="auto", choices=["auto", "on", "off"],
@@ -83,7 +86,7 @@ def _config(args: argparse.Namespace) -> Config:
     return Config(
         model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
                           max_model_len=args.max_model_len, threads=args.threads, quantize=args.quantize,
-                          quant_group=args.quant_group, weight_kernel=args.weight_kernel,
+                          quant_group=args.quant_group, weight_kernel=args.weight_kernel, activations=args.activations,
                           fp16_gemv=args.fp16_gemv, packed_gemm=args.packed_gemm),
         cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
                           prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,

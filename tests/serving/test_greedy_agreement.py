@@ -1,7 +1,9 @@
 """Quality is measured, not assumed: greedy answers of the served default path (SmolLM2's
-GGUF kept quantized, fp32 activations) against HF transformers fp32 on the same file,
-over the project's chat prompt set. Required: >= 90% of the answers equal token for
-token, and "Paris" for the capital of France (bf16 activations flip that near-tie)."""
+GGUF kept quantized, fp32 activations) and of the opt-in int8-activation path against HF
+transformers fp32 on the same file, over the project's chat prompt set. Required: >= 90%
+of the answers equal token for token on the default path (measured: 100%), and "Paris"
+for the capital of France (bf16 activations flip that near-tie). The int8 path measured
+69%, so it stays opt-in; its test holds a floor."""
 
 from __future__ import annotations
 
@@ -38,8 +40,28 @@ def test_default_path_answers_as_hf_fp32(offline_llm, hf_answers):
     llm = offline_llm
     # the default keeps the file's quantized weights (98 MB file), reported in stats (/metrics)
     assert 0.05 * 2**30 < llm.engine.stats().weight_bytes < 0.15 * 2**30
+    agree, differ, paris = _agreement(llm, hf_answers)
+    print(f"default path: {agree:.0%} of the answers equal HF fp32's")
+    assert agree >= 0.9, differ
+    assert "Paris" in paris, paris
+
+
+def _agreement(llm, hf_answers) -> tuple[float, list, str]:
     prompts = [encode_chat(llm.tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     same = [o.token_ids == ref for o, ref in zip(outs, hf_answers)]
-    assert sum(same) / len(same) >= 0.9, [CHAT_PROMPTS[i] for i, s in enumerate(same) if not s]
-    assert "Paris" in outs[0].text, outs[0].text
+    return sum(same) / len(same), [CHAT_PROMPTS[i] for i, s in enumerate(same) if not s], outs[0].text
+
+
+def test_int8_activation_path_answers_as_hf_fp32(hf_answers):
+    from bastion.config import CacheConfig, Config, ModelConfig
+    from bastion.serving.llm import LLM
+
+    llm = LLM(Config(model=ModelConfig(max_model_len=1024, activations="int8"), cache=CacheConfig(num_blocks=128)),
+              show_progress=False)
+    agree, differ, paris = _agreement(llm, hf_answers)
+    print(f"int8 activations: {agree:.0%} of the answers equal HF fp32's")
+    # NOTE: measured 69% (16 prompts x 16 tokens): below the 90% bar, which is why int8
+    # activations are opt-in; this floor catches a broken kernel, not rounding.
+    assert agree >= 0.6, differ
+    assert "Paris" in paris, paris

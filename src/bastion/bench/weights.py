@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("bastion", "llamacpp")
+ENGINES = ("bastion", "bastion-int8", "llamacpp")  # bastion-int8: --activations int8 (opt-in)
+_EXTRA = {"bastion-int8": {"activations": "int8"}}
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def _llamacpp(model: str, cfg: WeightsBenchConfig, extra: dict[str, Any]) -> dic
 
 
 def worker(engine: str, model: str, cfg: WeightsBenchConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    return (_bastion if engine == "bastion" else _llamacpp)(model, cfg, extra)
+    return (_llamacpp if engine == "llamacpp" else _bastion)(model, cfg, extra)
 
 
 def _child(engine: str, model: str, cfg: WeightsBenchConfig, extra: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -145,7 +146,7 @@ def run_weights(models: list[str], cfg: WeightsBenchConfig, engines: tuple[str, 
         runs: dict[str, list[dict[str, Any]]] = {e: [] for e in engines}
         for _ in range(cfg.runs):
             for e in engines:
-                runs[e].append(_child(e, model, cfg, {}, timeout))
+                runs[e].append(_child(e, model, cfg, _EXTRA.get(e, {}), timeout))
         size = Path(model).stat().st_size
         for e in engines:
             ok = [r for r in runs[e] if "error" not in r]
@@ -163,7 +164,7 @@ def run_weights(models: list[str], cfg: WeightsBenchConfig, engines: tuple[str, 
                 row[f"{key}_vs_llamacpp"] = row[key] / ref[key]
             row[f"decode_b{cfg.batch}_vs_llamacpp_b1"] = row.get(f"decode_b{cfg.batch}_tok_s", 0) / ref["decode_b1_tok_s"]
             row["peak_rss_vs_llamacpp"] = row["peak_rss_bytes"] / ref["peak_rss_bytes"]
-        if row["engine"] == "bastion" and "error" not in row:  # the memory goal
+        if row["engine"].startswith("bastion") and "error" not in row:  # the memory goal
             row["rss_budget_bytes"] = 1.3 * row["file_bytes"] + row["kv_bytes"] + 300 * 2**20
     return {"config": asdict(cfg), "engines": list(engines), "machine": _machine(), "rows": rows}
 
@@ -207,7 +208,7 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     for ax, key, title in zip(axes, ("peak_rss_bytes", "decode_b1_tok_s", "prefill_tok_s"),
                               ("peak RSS (GB)", "decode batch 1 (tok/s)", "prefill (tok/s)")):
         vals = [r[key] / (2**30 if key == "peak_rss_bytes" else 1) for r in rows]
-        ax.bar(range(len(rows)), vals, color=["C0" if r["engine"] == "bastion" else "C1" for r in rows])
+        ax.bar(range(len(rows)), vals, color=[{"bastion": "C0", "llamacpp": "C1"}.get(r["engine"], "C2") for r in rows])
         ax.set_xticks(range(len(rows)), labels, fontsize=7)
         ax.set_title(title)
     fig.tight_layout()

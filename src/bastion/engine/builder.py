@@ -69,7 +69,8 @@ def build_engine(config: Config, *, eos_token_id: int | None, show_progress: boo
     dtype = resolve_dtype(mc.dtype, device, quantized)
     max_len = min(mc.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
     if quantized:
-        model = build_quantized(ckpt.arch, max_len, ckpt.weights, _weight_kernel(mc.weight_kernel))
+        model = build_quantized(ckpt.arch, max_len, ckpt.weights, _weight_kernel(mc.weight_kernel),
+                                int8_activations=mc.activations == "int8")
     else:
         model = LlamaForCausalLM(ckpt.arch, max_len)
         model.load_hf_state_dict(ckpt.weights)

@@ -27,7 +27,7 @@ ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-mavx2", "-mfma", "-mf16c")
 
 
 @functools.cache
-def build(name: str, source: Path, isa: str = "native") -> tuple[ModuleType | None, str]:
+def build(name: str, source: Path | tuple[Path, ...], isa: str = "native") -> tuple[ModuleType | None, str]:
     """(module, "") or (None, why). Cached per process: one build attempt per (name, isa)."""
     if isa not in ISA_FLAGS:
         raise ValueError(f"isa {isa!r}: expected one of {tuple(ISA_FLAGS)}")
@@ -38,7 +38,8 @@ def build(name: str, source: Path, isa: str = "native") -> tuple[ModuleType | No
         # not by the torch it was built against, and the module links against libtorch
         full = f"{name}_{isa}_" + re.sub(r"\W", "_", torch.__version__)
         log.info("loading native kernel %s (compiled on first use per machine, ~25 s)", full)
-        mod = load(full, [str(source)], extra_cflags=[*BASE_CFLAGS, *ISA_FLAGS[isa]], verbose=False)
+        sources = [str(s) for s in (source if isinstance(source, tuple) else (source,))]
+        mod = load(full, sources, extra_cflags=[*BASE_CFLAGS, *ISA_FLAGS[isa]], verbose=False)
         return mod, ""
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch ops"
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

@@ -145,3 +145,29 @@ def test_smollm2_kept_quantized_matches_hf_fp32(smol_quantized, gpl_ids, hf_smol
     assert float((short - hf_smol_logits[:KERNEL_MAX_ROWS]).abs().max()) <= 1e-3
     file_bytes = embedded_model_path().stat().st_size
     assert resident_bytes(m) <= 1.25 * file_bytes
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the int8 path sees it: per 32-block, absmax/127 scale, round to nearest."""
+    b = x.view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(b / torch.where(d > 0, d, 1.0)).clamp(-127, 127) * d).view_as(x)
+
+
+def test_int8_activation_kernel_matches_its_oracle():
+    kernel = load_qkernel()
+    if not kernel.q4_linear_i8_supported():
+        pytest.skip("this CPU has no AVX512-VNNI: the int8 path is not built (fp32 serves)")
+    torch.manual_seed(0)
+    w = torch.randn(48, 512)
+    q = quantize(w, 4, 32)
+    rng = np.random.default_rng(2)
+    for qq in (q, QuantWeight("q4", q.codes, q.scale, None, 32, "sym"),
+               from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, rng), 48, 512)):
+        lin = QuantLinear([qq], kernel=kernel, int8_activations=True)
+        assert lin.int8
+        for m in (1, 5, KERNEL_MAX_ROWS):
+            x = torch.randn(m, 512)
+            ref = _int8_rows(x).double() @ qq.dequantize().double().T
+            bound = 1e-5 * (x.double().abs() @ qq.dequantize().double().abs().T) + 1e-5
+            assert ((lin(x).double() - ref).abs() <= bound).all(), (qq.source, m)

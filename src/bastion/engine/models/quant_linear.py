@@ -23,7 +23,7 @@ from bastion.engine.native_build import build
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).parent / "csrc" / "qlinear.cpp"
+_SRC = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parent / "csrc" / "qlinear_int8.cpp")
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)
 TILE_BYTES = 8 * 2**20  # fp32 bytes of one dequantized tile of W
 
@@ -40,8 +40,12 @@ class QuantLinear(nn.Module):
     """A Linear whose weight is a QuantWeight (or several side by side: a fused projection
     whose parts came in different layouts). Output rows follow the parts' order."""
 
-    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, kernel: ModuleType | None = None):
+    def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, kernel: ModuleType | None = None,
+                 int8_activations: bool = False):
         super().__init__()
+        # opt-in (--activations int8): x quantized per 32-block for the VNNI kernel where it
+        # applies (q4 codes, group 32, K % 64 == 0, <= KERNEL_MAX_ROWS rows); fp32 elsewhere
+        self.int8 = bool(int8_activations and kernel is not None and kernel.q4_linear_i8_supported())
         merged = QuantWeight.cat(parts) if len(parts) > 1 else parts[0]
         # NOTE: plain attributes, not buffers: module.to(dtype) must not cast codes or scales.
         self.parts = [merged] if merged is not None else list(parts)
@@ -56,6 +60,8 @@ class QuantLinear(nn.Module):
 
     def _one(self, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
         if self.kernel is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+            if self.int8 and w.kind == "q4" and w.group == 32 and w.shape[1] % 64 == 0:
+                return self.kernel.q4_linear_i8(x, w.codes, w.scale, w.scale.new_empty(0) if w.minv is None else w.minv)
             if w.kind == "q4":
                 empty = w.scale.new_empty(0)
                 return self.kernel.q4_linear(x, w.codes, w.scale, empty if w.minv is None else w.minv, w.group)

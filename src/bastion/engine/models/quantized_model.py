@@ -26,15 +26,15 @@ def has_quantized(weights: dict) -> bool:
     return any(isinstance(w, QuantWeight) for w in weights.values())
 
 
-def _swap(parts: list, bias: list | None, kernel: ModuleType | None) -> QuantLinear | None:
-    if not all(isinstance(p, QuantWeight) for p in parts):
-        return None
-    return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel)
-
-
-def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: ModuleType | None) -> LlamaForCausalLM:
+def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: ModuleType | None,
+                    int8_activations: bool = False) -> LlamaForCausalLM:
     """The model (fp32 everywhere but the swapped modules) with `weights` loaded.
     NOTE: consumes `weights` (entries are popped as they are installed)."""
+    def swap(parts: list, bias: list | None) -> QuantLinear | None:
+        if not all(isinstance(p, QuantWeight) for p in parts):
+            return None
+        return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel, int8_activations)
+
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_len)
     for i, layer in enumerate(model.layers):
@@ -42,7 +42,7 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
         for attr, names in _FUSED.items():
             parts = [weights.get(p + n + ".weight") for n in names]
             biases = [weights.get(p + n + ".bias") for n in names]
-            q = _swap(parts, biases if getattr(layer, attr).bias is not None else None, kernel)
+            q = swap(parts, biases if getattr(layer, attr).bias is not None else None)
             if q is not None:
                 setattr(layer, attr, q)
                 for n in names:
@@ -52,7 +52,7 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
         model.embed_tokens = QuantEmbedding(emb)
     head = emb if arch.tie_word_embeddings else weights.get("lm_head.weight")
     if isinstance(head, QuantWeight):
-        model.lm_head = QuantLinear([head], None, kernel)
+        model.lm_head = QuantLinear([head], None, kernel, int8_activations)
         weights.pop("lm_head.weight", None)
     model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))

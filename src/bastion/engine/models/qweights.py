@@ -4,14 +4,15 @@ quantized group-wise (`--quantize int8|int4`).
 
 Two layouts (csrc/qlinear.cpp reads them):
 - q4: codes uint8 [N, K/2], 32-groups of 16 bytes, byte j = element j (low nibble) |
-  element j+16 (high nibble) -- GGUF's own Q4_0/Q4_1 order; scale fp32 [N, K/G]; minv
-  fp32 [N, K/G] or None (symmetric: min = -8 * scale). w = scale * code + min.
-  Q4_0 (min = -8d), Q4_1 (d, m) and Q4_K (d*sc, -dmin*m per 32) map onto it exactly:
-  fp16 x 6-bit products are exact in fp32.
-- q8: codes int8 [N, K], scale fp32 [N, K/G]; w = scale * code. Q8_0 (G=32) and Q6_K
-  (G=16, d * int8 scale, exact in fp32) map onto it exactly.
-Resident bytes vs the file: Q4_0 1.11x, Q4_1 1.2x, Q8_0 1.06x, Q4_K 1.33x, Q6_K 1.5x
-(scales are kept as fp32 so every mapping is exact; the kernels read them once per group).
+  element j+16 (high nibble) -- GGUF's own Q4_0/Q4_1 order; scale [N, K/G]; minv
+  [N, K/G] or None (symmetric: min = -8 * scale). w = scale * code + min.
+  Q4_0 (min = -8d), Q4_1 (d, m) map onto it exactly with their fp16 scales; Q4_K
+  (d*sc, -dmin*m per 32) exactly with fp32 ones (fp16 x 6-bit products are exact in fp32).
+- q8: codes int8 [N, K], scale [N, K/G]; w = scale * code. Q8_0 (G=32, fp16 scales)
+  and Q6_K (G=16, d * int8 scale in fp32) map onto it exactly.
+Resident bytes vs the file: Q4_0, Q4_1, Q8_0 1.0x (the same bytes, split into arrays),
+Q4_K 1.33x, Q6_K 1.5x (fp32 scales, so the mapping stays exact). --quantize int8/int4
+use fp16 scales (codes computed against the rounded scale).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ GGUF_KEPT = ("Q4_0", "Q4_1", "Q4_K", "Q8_0", "Q6_K")
 class QuantWeight:
     kind: str  # "q4" | "q8"
     codes: torch.Tensor  # q4: uint8 [N, K/2]; q8: int8 [N, K]
-    scale: torch.Tensor  # fp32 [N, K/G]
-    minv: torch.Tensor | None  # q4 only: fp32 [N, K/G]; None = symmetric (-8 * scale)
+    scale: torch.Tensor  # fp16 or fp32 [N, K/G]
+    minv: torch.Tensor | None  # q4 only: [N, K/G], scale's dtype; None = symmetric (-8 * scale)
     group: int
     source: str  # what it was made from: "Q4_1", "int4-g32", ...
 
@@ -57,9 +58,10 @@ class QuantWeight:
         if self.kind == "q4":
             c = w.codes.view(n, k // 32, 16)
             vals = torch.cat((c & 0x0F, c >> 4), dim=-1).view(n, k // self.group, self.group).float()
-            mn = -8.0 * w.scale if w.minv is None else w.minv
-            return torch.addcmul(mn[..., None], vals, w.scale[..., None]).view(n, k)
-        return (w.codes.view(n, k // self.group, self.group).float() * w.scale[..., None]).view(n, k)
+            scale = w.scale.float()
+            mn = -8.0 * scale if w.minv is None else w.minv.float()
+            return torch.addcmul(mn[..., None], vals, scale[..., None]).view(n, k)
+        return (w.codes.view(n, k // self.group, self.group).float() * w.scale.float()[..., None]).view(n, k)
 
     @staticmethod
     def cat(parts: list["QuantWeight"]) -> "QuantWeight | None":
@@ -68,17 +70,23 @@ class QuantWeight:
         a = parts[0]
         if any(p.kind != a.kind or p.group != a.group or p.shape[1] != a.shape[1] for p in parts):
             return None
+        dt = torch.float16 if all(p.scale.dtype == torch.float16 for p in parts) else torch.float32
         minv = None
         if a.kind == "q4" and any(p.minv is not None for p in parts):
-            minv = torch.cat([p.minv if p.minv is not None else -8.0 * p.scale for p in parts])
+            minv = torch.cat([(p.minv if p.minv is not None else -8.0 * p.scale.float()).to(dt) for p in parts])
         sources = sorted({p.source for p in parts})
-        return QuantWeight(a.kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+        return QuantWeight(a.kind, torch.cat([p.codes for p in parts]), torch.cat([p.scale.to(dt) for p in parts]),
                            minv, a.group, "+".join(sources))
 
 
 # ---------------------------------------------------------------- GGUF blocks -> layouts
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
+
+
+def _half(b: np.ndarray) -> torch.Tensor:
+    """[..., 2] bytes -> fp16 [...] (kept as the file has them)."""
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].copy())
 
 
 def _pack_q4(vals: np.ndarray) -> np.ndarray:
@@ -93,15 +101,13 @@ def from_gguf(type_name: str, data: np.ndarray, n: int, k: int) -> QuantWeight |
     if type_name in ("Q4_0", "Q4_1"):
         bs = 18 if type_name == "Q4_0" else 20
         blocks = data.reshape(n, k // 32, bs)
-        scale = _f16(blocks[..., 0:2])[..., 0]
-        minv = None if type_name == "Q4_0" else torch.from_numpy(_f16(blocks[..., 2:4])[..., 0].copy())
+        minv = None if type_name == "Q4_0" else _half(blocks[..., 2:4])
         codes = np.ascontiguousarray(blocks[..., bs - 16:]).reshape(n, k // 2)
-        return QuantWeight("q4", torch.from_numpy(codes), torch.from_numpy(scale.copy()), minv, 32, type_name)
+        return QuantWeight("q4", torch.from_numpy(codes), _half(blocks[..., 0:2]), minv, 32, type_name)
     if type_name == "Q8_0":
         blocks = data.reshape(n, k // 32, 34)
-        scale = _f16(blocks[..., 0:2])[..., 0]
         codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
-        return QuantWeight("q8", torch.from_numpy(codes), torch.from_numpy(scale.copy()), None, 32, type_name)
+        return QuantWeight("q8", torch.from_numpy(codes), _half(blocks[..., 0:2]), None, 32, type_name)
     if type_name == "Q4_K":
         import gguf.quants as gq
 
@@ -140,15 +146,17 @@ def quantize(w: torch.Tensor, bits: int, group: int) -> QuantWeight:
         raise ValueError(f"cannot quantize a [{n}, {k}] weight: K must be a multiple of 32")
     group = group if k % group == 0 else 32
     g = w.detach().float().reshape(n, k // group, group)
+    half = (lambda t: t.to(torch.float16).float())  # NOTE: codes are computed against the stored fp16 scale
     if bits == 8:
-        scale = g.abs().amax(-1) / 127.0
+        scale = half(g.abs().amax(-1) / 127.0)
         codes = torch.round(g / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-127, 127).to(torch.int8)
-        return QuantWeight("q8", codes.reshape(n, k), scale.contiguous(), None, group, f"int8-g{group}")
+        return QuantWeight("q8", codes.reshape(n, k), scale.half().contiguous(), None, group, f"int8-g{group}")
     if bits == 4:
-        lo, hi = g.amin(-1), g.amax(-1)
-        scale = (hi - lo) / 15.0
+        lo, hi = half(g.amin(-1)), g.amax(-1)
+        scale = half((hi - lo) / 15.0)
         codes = torch.round((g - lo[..., None]) / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(0, 15)
         codes = codes.to(torch.uint8).reshape(n, k // 32, 32)
         packed = (codes[..., :16] | (codes[..., 16:] << 4)).reshape(n, k // 2)
-        return QuantWeight("q4", packed.contiguous(), scale.contiguous(), lo.contiguous(), group, f"int4-g{group}")
+        return QuantWeight("q4", packed.contiguous(), scale.half().contiguous(), lo.half().contiguous(), group,
+                           f"int4-g{group}")
     raise ValueError(f"bits must be 4 or 8, not {bits}")

@@ -1,0 +1,164 @@
+// The int8-activation path for q4 weights (opt-in: --activations int8), llama.cpp's way:
+// each row of x is quantized per 32-block to int8 (scale = absmax / 127), and a 32-group
+// of weight codes (u8, 0..15) meets its x block in one VNNI instruction (vpdpbusd: 64
+// u8 x s8 products per instruction, 4x the MACs of an fp32 FMA), so batch-1 decode is
+// bound by the bytes of W, not by arithmetic. The answers differ from fp32 activations
+// by the activation rounding (measured in docs/BENCHMARKS.md), hence opt-in.
+//
+// Needs AVX512-VNNI + AVX512-BW (compile-time macros, as -march=native sets them) and
+// G == 32, K a multiple of 64; q4_linear_i8_supported() says whether this build has it.
+//
+// Per pair of 32-groups (A, B) the 32 code bytes unpack to a zmm [A0-15 B0-15 A16-31
+// B16-31] (low nibbles, then high ones), so x is quantized into that order; dpbusd's
+// int32 lanes 0-3, 8-11 then belong to A and 4-7, 12-15 to B.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define BASTION_VNNI 1
+#endif
+
+bool q4_linear_i8_supported() {
+#ifdef BASTION_VNNI
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef BASTION_VNNI
+namespace {
+
+constexpr int RB = 4;  // rows of x per pass over a weight row
+
+// One row of x, quantized and laid out for the kernel (per pair p of 32-groups)
+struct QRow {
+  std::vector<int8_t> q;      // [K] in pair order
+  std::vector<float> dlane;   // [K/64][16]: the x scale of each dpbusd lane
+  std::vector<int32_t> corr;  // [K/64][16]: 8 * (sum of the lane's 4 codes): Q4_0's -8 offset
+  std::vector<float> slane;   // [K/64][16]: x scale * (sum of the lane's 4 codes): the min term
+};
+
+inline float tof(float v) { return v; }
+inline float tof(at::Half v) { return _cvtsh_ss(v.x); }
+
+void quantize_row(const float* x, int64_t K, QRow& r) {
+  const int64_t np = K / 64;
+  r.q.resize(K), r.dlane.resize(np * 16), r.corr.resize(np * 16), r.slane.resize(np * 16);
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t p = 0; p < np; ++p) {
+    float d[2];
+    __m512i qv[4];  // A0-15, A16-31, B0-15, B16-31 as int32
+    for (int h = 0; h < 2; ++h) {
+      const float* xb = x + p * 64 + h * 32;
+      const __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, v0), _mm512_andnot_ps(sign, v1)));
+      d[h] = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      qv[2 * h] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      qv[2 * h + 1] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    int8_t* q = r.q.data() + p * 64;  // pair order: A0-15, B0-15, A16-31, B16-31
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtsepi32_epi8(qv[0]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtsepi32_epi8(qv[2]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 32), _mm512_cvtsepi32_epi8(qv[1]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 48), _mm512_cvtsepi32_epi8(qv[3]));
+    const __m512i xq = _mm512_loadu_si512(q);
+    const __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), xq);  // per-lane sums
+    const __m512 dl = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
+                                            _mm512_castps128_ps512(_mm_setr_ps(d[0], d[1], 0.0f, 0.0f)));
+    _mm512_storeu_ps(r.dlane.data() + p * 16, dl);
+    _mm512_storeu_si512(r.corr.data() + p * 16, _mm512_slli_epi32(sums, 3));
+    _mm512_storeu_ps(r.slane.data() + p * 16, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(sums)));
+  }
+}
+
+// two adjacent group values (scale or min) of one weight row, spread over the lanes
+template <typename S>
+inline __m512 pair_lanes(const S* v) {
+  __m128 two;
+  if constexpr (std::is_same_v<S, float>) {
+    two = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(v)));
+  } else {
+    int32_t bits;
+    std::memcpy(&bits, v, 4);
+    two = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+  }
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(two));
+}
+
+template <int R, typename S>
+void row_i8(const uint8_t* codes, const S* scale, const S* minv, int64_t K, const QRow* xr, float* y, int64_t ldy) {
+  const int64_t np = K / 64;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  for (int64_t p = 0; p < np; ++p) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
+    const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                         _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+    const __m512 wd = pair_lanes(scale + 2 * p);
+    const __m512 wm = minv ? pair_lanes(minv + 2 * p) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z, _mm512_loadu_si512(xr[r].q.data() + p * 64));
+      if (!minv) dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xr[r].corr.data() + p * 16));
+      const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), wd);
+      acc[r] = _mm512_fmadd_ps(t, _mm512_loadu_ps(xr[r].dlane.data() + p * 16), acc[r]);
+      if (minv) acc[r] = _mm512_fmadd_ps(wm, _mm512_loadu_ps(xr[r].slane.data() + p * 16), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <typename S>
+void run_i8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& minv,
+            torch::Tensor& y) {
+  const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0), ng = K / 32;
+  std::vector<QRow> xr(M);
+  for (int64_t m = 0; m < M; ++m) quantize_row(x.data_ptr<float>() + m * K, K, xr[m]);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const S* s = scale.data_ptr<S>();
+  const S* mn = minv.numel() ? minv.data_ptr<S>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(16, 64 / M), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* cn = c + n * (K / 2);
+      const S* sn = s + n * ng;
+      const S* mnn = mn ? mn + n * ng : nullptr;
+      int64_t m = 0;
+      for (; m + RB <= M; m += RB) row_i8<RB, S>(cn, sn, mnn, K, xr.data() + m, yp + m * N + n, N);
+      for (; m < M; ++m) row_i8<1, S>(cn, sn, mnn, K, xr.data() + m, yp + m * N + n, N);
+    }
+  });
+}
+
+}  // namespace
+#endif
+
+torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv) {
+#ifdef BASTION_VNNI
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
+  const int64_t N = codes.size(0), K = codes.size(1) * 2;
+  TORCH_CHECK(K % 64 == 0, "the int8 path needs K a multiple of 64");
+  TORCH_CHECK((scale.scalar_type() == torch::kHalf || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous() &&
+              scale.numel() == N * (K / 32), "q4 scale: fp16/fp32 [N, K/32] (group 32)");
+  TORCH_CHECK(!minv.numel() || (minv.scalar_type() == scale.scalar_type() && minv.is_contiguous() &&
+              minv.numel() == scale.numel()), "q4 min: like scale");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+              "x must be a contiguous fp32 [M, K] tensor");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  if (scale.scalar_type() == torch::kHalf) run_i8<at::Half>(x, codes, scale, minv, y);
+  else run_i8<float>(x, codes, scale, minv, y);
+  return y;
+#else
+  TORCH_CHECK(false, "this build has no AVX512-VNNI int8 path");
+  return x;
+#endif
+}
