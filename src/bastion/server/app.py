@@ -36,6 +36,7 @@ from bastion.config import ServerConfig
 from bastion.engine.outputs import EngineDeadError
 from bastion.server import routes_admin, routes_chat, routes_completions
 from bastion.server.auth import ApiKeyMiddleware, resolve_api_key
+from bastion.server.bind import bind_socket
 from bastion.server.errors import CatchAllMiddleware, install_error_handlers
 from bastion.server.limits import BodyLimitMiddleware
 from bastion.server.metrics import ServerMetrics
@@ -177,21 +178,41 @@ async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs
     await make_server(engine, server_config, **kwargs).serve()
 
 
-def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs: Any) -> None:
+def run_server(engine: Any, server_config: ServerConfig | None = None, *,
+               sockets: list[socket.socket] | None = None, **kwargs: Any) -> None:
     """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return.
+
+    `sockets`: already bound listening sockets (`bastion serve` binds before loading the
+    model, see bind.py); without them the configured host/port is bound here, so a taken
+    port raises BindError in the caller's thread instead of ending uvicorn's.
 
     An engine with `run_loop` that is not yet running (AsyncEngine(background=False))
     gets the main thread and uvicorn a secondary one (see async_engine's NOTE on why);
-    the main thread turns SIGINT/SIGTERM into uvicorn's graceful exit."""
-    server = make_server(engine, server_config, **kwargs)
+    the main thread turns SIGINT/SIGTERM into uvicorn's graceful exit. If the HTTP
+    server stops without having started, the engine loop is stopped too (nothing else
+    would stop it) and ServerStartError is raised."""
+    config = server_config or ServerConfig()
+    if sockets is None:
+        sockets = [bind_socket(config.host, config.port)]
+    server = make_server(engine, config, **kwargs)
     if not hasattr(engine, "run_loop") or engine.is_running and engine._thread.is_alive():
-        server.run()
+        server.run(sockets=sockets)
         _raise_if_failed(engine)
         return
     import signal
     import threading
 
-    http = threading.Thread(target=server.run, name="bastion-http", daemon=True)
+    def _serve_http() -> None:
+        try:
+            server.run(sockets=sockets)
+        except BaseException:  # noqa: BLE001 - e.g. uvicorn's sys.exit(1) on a failed startup
+            logger.exception("the HTTP server failed")
+        finally:  # after a graceful shutdown the loop is stopped already; else stop it now
+            stop = getattr(engine, "stop", None)
+            if stop is not None:
+                stop()
+
+    http = threading.Thread(target=_serve_http, name="bastion-http", daemon=True)
 
     def _exit(signum, frame):  # the server's shutdown drains and stops the engine loop
         server.should_exit = True
@@ -199,13 +220,19 @@ def run_server(engine: Any, server_config: ServerConfig | None = None, **kwargs:
     previous = {s: signal.signal(s, _exit) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         http.start()
-        engine.run_loop()  # returns once the server's shutdown stopped the engine
+        engine.run_loop()  # returns once the server's shutdown (or its failure) stopped the engine
     finally:
         server.should_exit = True
         http.join(timeout=engine_grace(server_config) + 10)
         for s, h in previous.items():
             signal.signal(s, h)
     _raise_if_failed(engine)
+    if not server.started:
+        raise ServerStartError(f"the HTTP server did not start on {config.host}:{config.port} (see the log above)")
+
+
+class ServerStartError(OSError):
+    """uvicorn stopped before it served (the log says why)."""
 
 
 def _raise_if_failed(engine: Any) -> None:
