@@ -26,6 +26,7 @@ from bastion.config import ADAPTER_NAME_PATTERN
 from bastion.server.errors import APIError
 from bastion.server.served_models import ServedModel
 from bastion.server.state import get_state
+from bastion.serving.adapter_rank import rank_too_large
 
 router = APIRouter()
 ADMIN_KEY_ENV = "BASTION_ADMIN_KEY"
@@ -78,6 +79,9 @@ async def load_adapter(request: Request) -> JSONResponse:
     try:
         # vetting reads and hashes files: off the event loop
         report = await asyncio.to_thread(state.policy.vet, body.lora_name, body.lora_path)
+        too_large = await asyncio.to_thread(rank_too_large, body.lora_path, getattr(engine, "lora_slot_rank", None))
+        if too_large:
+            raise ValueError(too_large)
         await engine.load_adapter(body.lora_name, body.lora_path)
     except ValueError as e:  # AdapterError, vetting refusal, LoRA not enabled
         raise APIError(400, str(e), param="lora_path", code="adapter_refused") from None

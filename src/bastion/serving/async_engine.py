@@ -159,6 +159,11 @@ class AsyncEngine:
     async def unload_adapter(self, name: str) -> None:
         await self.call_in_engine(lambda eng: eng.unload_adapter(name))
 
+    @property
+    def lora_slot_rank(self) -> int | None:
+        """The rank of the adapter slots (fixed at start), None without adapters."""
+        return self.engine.adapters.config.max_lora_rank if self.engine.adapters else None
+
     def adapter_names(self) -> list[str]:
         return list(self.engine.adapters.slot_of) if self.engine.adapters else []
 
@@ -260,6 +265,13 @@ class AsyncEngine:
             self._dead = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"engine failed: {e}"))
+
+    def stop(self) -> None:
+        """Stop the loop now, from any thread, without draining (for a server that never
+        started: its graceful `shutdown` did not run). Idempotent."""
+        self._accepting = False
+        self._stopped = True
+        self._wake.set()
 
     async def shutdown(self, grace_s: float = 10.0) -> None:
         """Stop admitting; let in-flight requests finish for up to grace_s; abort the rest."""
