@@ -7,7 +7,9 @@
   the prompt gives its log-likelihood, which is how perplexity is measured via the API.
 * prompt_logprobs (vLLM): per prompt position ``{token_id: {logprob, rank, decoded_token}}``.
 
-Token strings are the single-token decode, as OpenAI shows them.
+Token strings are the single-token decode, as OpenAI shows them (U+FFFD for a piece of
+a multi-byte character); chat's `bytes` are the token's raw bytes (token_bytes.py), so
+concatenated over a response they are its exact UTF-8.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import math
 from typing import Any
 
 from bastion.engine.sampling_params import TokenLogprob
+from bastion.server.token_bytes import TokenBytes
 from bastion.server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -42,6 +45,7 @@ class TokenTexts:
         # Special tokens (BOS, ...) have a token string but no text in an echoed
         # prompt; text offsets count them as zero-width.
         self.special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()) or ())
+        self.bytes = TokenBytes(tokenizer)  # token id -> its raw bytes (not its decode's)
 
     def __call__(self, token_id: int) -> str:
         s = self._cache.get(token_id)
@@ -55,9 +59,8 @@ def chat_logprobs(items: list[TokenLogprob], texts: TokenTexts, top_n: int) -> C
     content = []
     for lp in items:
         tok = texts(lp.token_id)
-        top = [TopLogprob(token=texts(t), logprob=_finite(v), bytes=list(texts(t).encode()))
-               for t, v in lp.top[:top_n]]
-        content.append(ChatTokenLogprob(token=tok, logprob=_finite(lp.logprob), bytes=list(tok.encode()),
+        top = [TopLogprob(token=texts(t), logprob=_finite(v), bytes=texts.bytes(t)) for t, v in lp.top[:top_n]]
+        content.append(ChatTokenLogprob(token=tok, logprob=_finite(lp.logprob), bytes=texts.bytes(lp.token_id),
                                         top_logprobs=top))
     return ChatLogprobs(content=content)
 
