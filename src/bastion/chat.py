@@ -1,21 +1,38 @@
 """`bastion chat`: an interactive terminal chat that streams tokens as they come.
 
-Commands at the prompt: /reset (forget the conversation), /exit (or Ctrl-D).
+Lines that are a slash command (/help, /reset, /exit, /quit; one word) are handled here
+and never reach the model; an unknown one says so. Anything else, including text that
+merely starts with a slash ("/usr/bin is ..."), is a message. Ctrl-C stops a reply and
+keeps the session; Ctrl-D leaves.
 """
 
 from __future__ import annotations
 
+import re
 import sys
+from typing import Any
 
-from bastion.config import Config
-from bastion.serving.chat_template import encode_chat
-from bastion.serving.llm import LLM
 from bastion.engine.sampling_params import SamplingParams
+from bastion.serving.chat_template import encode_chat
+
+COMMANDS = {
+    "/help": "list these commands",
+    "/reset": "forget the conversation (the --system prompt stays)",
+    "/exit": "leave (also /quit or Ctrl-D)",
+}
+_COMMAND = re.compile(r"^/[A-Za-z?]+$")
 
 
-def _stream_reply(llm: LLM, prompt_ids: list[int], params: SamplingParams, request_id: str, out=sys.stdout) -> str:
+def help_text() -> str:
+    width = max(map(len, COMMANDS))
+    return "".join(f"  {name:<{width}}  {what}\n" for name, what in COMMANDS.items()) + \
+        "  Ctrl-C stops a reply; anything else is sent to the model.\n"
+
+
+def _stream_reply(llm: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
+                  adapter: str | None, out) -> str:
     engine, proc = llm.engine, llm.processor
-    engine.add_request(request_id, prompt_ids, params)
+    engine.add_request(request_id, prompt_ids, params, adapter=adapter)
     proc.register(request_id, params)
     text = []
     try:
@@ -33,13 +50,14 @@ def _stream_reply(llm: LLM, prompt_ids: list[int], params: SamplingParams, reque
     return "".join(text)
 
 
-def run_chat(config: Config, system: str | None = None, max_tokens: int = 512, temperature: float = 0.7,
-             inp=None, out=sys.stdout) -> int:
-    inp = inp or sys.stdin
-    llm = LLM(config)
+def run_chat(llm: Any, *, adapter: str | None = None, system: str | None = None, max_tokens: int = 512,
+             temperature: float = 0.7, inp=None, out=None) -> int:
+    """Chat with `llm` (serving.llm.LLM) on `adapter` (None: the base) until /exit or EOF."""
+    inp, out = inp or sys.stdin, out or sys.stdout
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
     history: list[dict] = [{"role": "system", "content": system}] if system else []
-    out.write(f"bastion chat: {llm.model_name} (/reset, /exit)\n")
+    on = f" + adapter {adapter}" if adapter else ""
+    out.write(f"bastion chat: {llm.model_name}{on} (/help for commands)\n")
     turn = 0
     while True:
         out.write(">>> ")
@@ -49,12 +67,19 @@ def run_chat(config: Config, system: str | None = None, max_tokens: int = 512, t
             out.write("\n")
             return 0
         line = line.strip()
-        if line in ("/exit", "/quit"):
-            return 0
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
         if not line:
+            continue
+        if _COMMAND.match(line):
+            command = line.lower()
+            if command in ("/exit", "/quit"):
+                return 0
+            if command in ("/help", "/?"):
+                out.write(help_text())
+            elif command == "/reset":
+                history = history[:1] if system else []
+                out.write("(conversation reset)\n")
+            else:
+                out.write(f"unknown command {line}; /help lists the commands\n")
             continue
         history.append({"role": "user", "content": line})
         ids = encode_chat(llm.tokenizer, history)
@@ -63,5 +88,5 @@ def run_chat(config: Config, system: str | None = None, max_tokens: int = 512, t
             history.pop()
             continue
         turn += 1
-        reply = _stream_reply(llm, ids, params, f"chat-{turn}", out)
+        reply = _stream_reply(llm, ids, params, f"chat-{turn}", adapter, out)
         history.append({"role": "assistant", "content": reply})

@@ -12,145 +12,85 @@ import logging
 import os
 import sys
 
-from bastion.config import AdapterConfig, CacheConfig, Config, GuardConfig, ModelConfig, SchedulerConfig, ServerConfig
+from bastion.cli_args import Parser, add_engine_args, add_local_adapter_args, add_serve_args, config_from_args
+from bastion.config import Config
 
 EXIT_USAGE = 2
 
 
-def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", default=None,
-                   help="GGUF file or HF model directory (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="compute dtype; auto = float32 over quantized weights; for dense weights bfloat16 on "
-                        "GPUs and AVX-512 CPUs, float32 on AVX2-only CPUs")
-    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
-                   help="auto: a GGUF's Q4_0/Q4_1/Q4_K/Q8_0/Q6_K weights stay quantized in memory; none: "
-                        "dequantize everything to --dtype; int8/int4: quantize fp weights group-wise too")
-    p.add_argument("--quant-group", type=int, default=32, choices=[32, 128], help="group size of --quantize int8/int4")
-    p.add_argument("--weight-kernel", default="auto", choices=["auto", "native", "torch"],
-                   help="quantized matmuls: native C++ kernel (auto: when it builds) or torch ops")
-    p.add_argument("--activations", default="fp32", choices=["fp32", "int8"],
-                   help="quantized matmuls: fp32 activations (default, exact to the dequantized model) or int8 "
-                        "per 32-block with VNNI (llama.cpp's way; faster decode, slightly different answers)")
-    p.add_argument("--fp16-gemv", default="auto", choices=["auto", "on", "off"],
-                   help="dense bf16 on CPU: fp16 weight copies for batch-1 decode (one more copy; auto = off)")
-    p.add_argument("--packed-gemm", default="auto", choices=["auto", "on", "off"],
-                   help="dense bf16 on CPU: oneDNN-prepacked weight copies (one more copy; auto = off)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
-    p.add_argument("--kv-memory", type=float, default=1.0, metavar="GB", help="KV cache budget in GiB")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (fp caches)")
-    p.add_argument("--kv-cache", default="auto", metavar="KIND",
-                   help="auto (model dtype), fp32, bf16, fp16, or a KIVI-quantized cache: kivi (the measured "
-                        "default), int8, kivi4, kivi2, kXvY (X, Y in 2/4/8, e.g. k4v2)")
-    p.add_argument("--kv-group-size", type=int, default=None, metavar="G",
-                   help="KIVI group size (tokens per key group and per block; channels per value group "
-                        "unless --kv-value-group)")
-    p.add_argument("--kv-value-group", type=int, default=None, metavar="GV",
-                   help="KIVI: channels per value scale/min (default G; 64 = one range per head on SmolLM2)")
-    p.add_argument("--kv-residual", type=int, default=None, metavar="R", help="KIVI full-precision window")
-    p.add_argument("--kv-sink", type=int, default=None, metavar="S",
-                   help="KIVI: first S tokens kept in full precision (multiple of G)")
-    p.add_argument("--kv-hadamard", action=argparse.BooleanOptionalAction, default=None,
-                   help="KIVI: rotate K and V by a Hadamard matrix before quantizing")
-    p.add_argument("--kv-clip", action=argparse.BooleanOptionalAction, default=None,
-                   help="KIVI: per-group range by least squared error instead of min-max")
-    p.add_argument("--kv-kernel", default="auto", choices=["auto", "native", "torch"],
-                   help="KIVI decode attention: fused C++ kernel (built on first use; auto falls back to "
-                        "torch ops if it cannot build) or torch ops")
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="max concurrently running requests")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
-    p.add_argument("--max-waiting", type=int, default=256, help="queue bound (HTTP 429 beyond it)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--served-model-name", default=None, help="model id in /v1/models")
-
-
 def _config(args: argparse.Namespace) -> Config:
-    """The whole Config from flags (commands without a flag get its default)."""
-    from bastion.guard.cleangen import parse_cleangen
-
-    def flag(name: str, default=None):
-        return getattr(args, name, default)
-
-    server = ServerConfig(
-        host=flag("host", "127.0.0.1"), port=flag("port", 8000),
-        api_key=flag("api_key") or os.environ.get("BASTION_API_KEY") or None,
-        log_requests=flag("log_requests", False),
-        admin_key=flag("admin_key") or os.environ.get("BASTION_ADMIN_KEY") or None,
-        max_body_bytes=int(flag("max_body_mb", 4.0) * 2**20),
-        openapi=flag("openapi", False),
-        engine_stall_s=flag("engine_stall_s", 120.0),
-    )
-    loras = tuple(_parse_lora(spec) for spec in flag("lora", None) or ())
-    return Config(
-        model=ModelConfig(path=args.model, dtype=args.dtype, device=args.device, served_name=args.served_model_name,
-                          max_model_len=args.max_model_len, threads=args.threads, quantize=args.quantize,
-                          quant_group=args.quant_group, weight_kernel=args.weight_kernel, activations=args.activations,
-                          fp16_gemv=args.fp16_gemv, packed_gemm=args.packed_gemm),
-        cache=CacheConfig(block_size=args.block_size, kv_memory_gb=args.kv_memory,
-                          prefix_caching=not args.no_prefix_caching, kind=args.kv_cache,
-                          kv_group_size=args.kv_group_size, kv_residual=args.kv_residual, kv_sink=args.kv_sink,
-                          kv_hadamard=args.kv_hadamard, kv_clip=args.kv_clip,
-                          kv_value_group=args.kv_value_group, kv_kernel=args.kv_kernel),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_waiting=args.max_waiting),
-        server=server,
-        adapters=AdapterConfig(
-            # the admin key is for loading adapters at run time: it needs the slots
-            enabled=bool(flag("enable_lora", False) or server.admin_key), loras=loras,
-            max_loras=flag("max_loras", 8), max_lora_rank=flag("max_lora_rank", 16),
-            allow_unvetted=flag("allow_unvetted", False),
-            cleangen=tuple(parse_cleangen(spec) for spec in flag("cleangen", None) or ())),
-        guard=GuardConfig(leak_guard=flag("leak_guard", False), leak_min_words=flag("leak_guard_words", 8),
-                          canaries=tuple(flag("canary", None) or ())),
-    )
+    """The whole Config from flags (see cli_args.py)."""
+    return config_from_args(args)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.server import run_server
+    from bastion.server.bind import bind_socket
     from bastion.serving.async_engine import AsyncEngine
     from bastion.serving.policy import ServingPolicy
 
     config = _config(args)  # every flag is checked before the model loads
-    engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
-    gate = None
-    if config.adapters.enabled:
-        from bastion.adapters.gate import VettingGate
-
-        gate = VettingGate.for_model(config.model.path, served_name=engine.model_name,
-                                     allow_unvetted=config.adapters.allow_unvetted)
-        engine.engine.enable_adapters(config.adapters)
-    policy = ServingPolicy.from_config(config, gate)
-    for name, path in config.adapters.loras:
-        policy.vet(name, path)
-        engine.load_adapter_before_start(name, path)
-    print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
+    # the address too: a taken port fails now, in one line, not after the model loaded
+    sock = bind_socket(config.server.host, config.server.port)
+    try:
+        engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
+        gate = _gate(config, engine.model_name)
+        if gate is not None:
+            engine.engine.enable_adapters(config.adapters)
+        policy = ServingPolicy.from_config(config, gate)
+        for name, path in config.adapters.loras:
+            policy.vet(name, path)
+            engine.load_adapter_before_start(name, path)
+    except BaseException:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
-    run_server(engine, config.server, policy=policy)
+    run_server(engine, config.server, policy=policy, sockets=[sock])
     return 0
 
 
-def _parse_lora(spec: str) -> tuple[str, str]:
-    name, sep, path = spec.partition("=")
-    if not sep or not name or not path:
-        raise ValueError(f"--lora expects NAME=PATH, got {spec!r}")
-    return name, path
+def _gate(config: Config, served_name: str | None):
+    """The vetting gate every adapter passes before it loads (None: adapters are off)."""
+    if not config.adapters.enabled:
+        return None
+    from bastion.adapters.gate import VettingGate
+
+    return VettingGate.for_model(config.model.path, served_name=served_name,
+                                 allow_unvetted=config.adapters.allow_unvetted)
+
+
+def _local_llm(config: Config):
+    """(LLM, adapter name or None) for chat and generate: the --lora adapter is vetted by
+    the same gate as serve's (before the model loads, so a refusal is quick)."""
+    from dataclasses import replace
+
+    from bastion.serving.llm import LLM
+    from bastion.serving.policy import ServingPolicy
+
+    if not config.adapters.loras:
+        return LLM(config), None
+    (name, path), = config.adapters.loras
+    ServingPolicy.from_config(config, _gate(config, config.model.served_name)).vet(name, path)
+    llm = LLM(config)
+    llm.engine.enable_adapters(replace(config.adapters, max_loras=1))  # one slot: the one adapter
+    llm.engine.adapters.load(name, path)
+    return llm, name
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from bastion.engine.sampling_params import SamplingParams
     from bastion.serving.chat_template import encode_chat
-    from bastion.serving.llm import LLM
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=tuple(args.stop or ()))
-    llm = LLM(_config(args))
+    llm, adapter = _local_llm(_config(args))
     if args.chat:
         prompt = encode_chat(llm.tokenizer, [{"role": "user", "content": args.prompt}])
     else:
         prompt = llm.tokenizer.encode(args.prompt)
-    out = llm.generate([prompt], params)[0]
+    out = llm.generate([prompt], params, adapter=adapter)[0]
     print(out.text)
     return 0
 
@@ -158,62 +98,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from bastion.chat import run_chat
 
-    return run_chat(_config(args), system=args.system, max_tokens=args.max_tokens, temperature=args.temperature)
+    llm, adapter = _local_llm(_config(args))
+    return run_chat(llm, adapter=adapter, system=args.system, max_tokens=args.max_tokens,
+                    temperature=args.temperature)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bastion")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bastion", description="Run open LLMs privately on your own hardware.")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = Parser(prog="bastion", description="Run open LLMs privately on your own hardware.")
+    parser.add_argument("--version", action="version", version=f"bastion {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    _add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require this Bearer key (or set BASTION_API_KEY)")
-    p.add_argument("--log-requests", action="store_true", help="log prompts and outputs (off: privacy)")
-    p.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
-                   help="serve a PEFT LoRA adapter under model id NAME (repeatable)")
-    p.add_argument("--enable-lora", action="store_true", help="allow adapters (also implied by --lora)")
-    p.add_argument("--max-loras", type=int, default=8, help="adapter slots")
-    p.add_argument("--max-lora-rank", type=int, default=16)
-    p.add_argument("--cleangen", action="append", default=[], metavar="NAME[=ALPHA]",
-                   help="CleanGen defended decoding by default for adapter NAME (requests may still send "
-                        "\"cleangen\": false); ALPHA = probability-ratio threshold (default 20)")
-    p.add_argument("--allow-unvetted", action="store_true",
-                   help="load adapters that fail the vetting gate (logged as an override)")
-    p.add_argument("--leak-guard", action="store_true",
-                   help="cut chat answers that copy a run of their request's system prompt (finish_reason "
-                        "\"content_filter\"); see docs/SECURITY.md")
-    p.add_argument("--leak-guard-words", type=int, default=8, metavar="N",
-                   help="consecutive system-prompt words that count as a leak (default 8)")
-    p.add_argument("--canary", action="append", default=[], metavar="STRING",
-                   help="a marker planted in confidential text: no answer may contain it (repeatable)")
-    p.add_argument("--max-body-mb", type=float, default=4.0, metavar="MB",
-                   help="refuse request bodies larger than this with HTTP 413 (default 4)")
-    p.add_argument("--openapi", action="store_true",
-                   help="publish the API schema at /openapi.json (for fuzzers and client generators)")
-    p.add_argument("--engine-stall-s", type=float, default=120.0, metavar="S",
-                   help="/health answers 503 while one engine step has run longer than this (default 120)")
-    p.add_argument("--admin-key", default=None,
-                   help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
+    add_engine_args(p)
+    add_serve_args(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("chat", help="interactive terminal chat with streaming")
-    _add_engine_args(p)
+    p = sub.add_parser("chat", help="interactive terminal chat with streaming (/help at the prompt)")
+    add_engine_args(p)
+    add_local_adapter_args(p)
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--max-tokens", type=int, default=512)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate a completion for one prompt")
-    _add_engine_args(p)
-    p.add_argument("--prompt", "-p", required=True)
+    add_engine_args(p)
+    add_local_adapter_args(p)
+    p.add_argument("--prompt", "-p", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-tokens", type=int, default=64, help="stop after this many new tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.set_defaults(func=cmd_generate)
 

@@ -29,14 +29,16 @@ class LLM:
         self.processor = OutputProcessor(self.engine, self.tokenizer)
         self._ids = itertools.count()
 
-    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+    def generate(self, prompts: list[list[int]] | list[str], params: SamplingParams | list[SamplingParams],
+                 adapter: str | None = None) -> list[Completion]:
+        """Every prompt to completion, on `adapter` (loaded in self.engine; None: the base)."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         results: dict[str, Completion] = {}
         order = []
         for prompt, p in zip(prompts, plist):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
             rid = f"offline-{next(self._ids)}"
-            self.engine.add_request(rid, ids, p)
+            self.engine.add_request(rid, ids, p, adapter=adapter)
             self.processor.register(rid, p)
             results[rid] = Completion(rid, ids)
             order.append(rid)
