@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from bastion.engine.kv_cache import kivi_presets
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+ACTIVATIONS = ("auto", "fp32", "int16", "int8")  # of quantized matmuls: ModelConfig.activations
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -37,10 +38,11 @@ class ModelConfig:
     # quantized matmuls: auto = the native kernel when it builds, else torch ops (same
     # numbers, slower); native = refuse to start without it; torch = never build it.
     weight_kernel: str = "auto"
-    # activations of quantized matmuls: fp32 (the default: answers as an fp32 model on the
-    # dequantized weights) or int8 (opt-in, llama.cpp's way: x quantized per 32-block for
-    # the VNNI kernel, ~1.6x faster batch-1 decode, answers differ by that rounding)
-    activations: str = "fp32"
+    # activations of quantized decode matmuls (engine/models/quant_linear.py): auto = int16
+    # where the CPU has AVX512-VNNI (x per 32-block to 16-bit codes: ~1e-5 relative to
+    # fp32, faster batch-1 decode), else fp32; fp32 = the exact oracle path; int16; int8
+    # (opt-in, llama.cpp's way: fastest, answers measurably differ: docs/BENCHMARKS.md)
+    activations: str = "auto"
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     served_name: str | None = None  # id in /v1/models; default: derived from the path
     max_model_len: int | None = None  # default: the model's context length
@@ -65,8 +67,8 @@ class ModelConfig:
             raise ValueError(f"quantize must be auto, none, int8 or int4, got {self.quantize!r}")
         if self.quant_group not in (32, 128):
             raise ValueError(f"quant_group must be 32 or 128, got {self.quant_group!r}")
-        if self.activations not in ("fp32", "int8"):
-            raise ValueError(f"activations must be fp32 or int8, got {self.activations!r}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
         if self.weight_kernel not in ("auto", "native", "torch"):
             raise ValueError(f"weight_kernel must be auto, native or torch, got {self.weight_kernel!r}")
         for name in ("fp16_gemv", "packed_gemm"):

@@ -1,9 +1,11 @@
 """Quality is measured, not assumed: greedy answers of the served default path (SmolLM2's
-GGUF kept quantized, fp32 activations) and of the opt-in int8-activation path against HF
-transformers fp32 on the same file, over the project's chat prompt set. Required: >= 90%
-of the answers equal token for token on the default path (measured: 100%), and "Paris"
-for the capital of France (bf16 activations flip that near-tie). The int8 path measured
-69%, so it stays opt-in; its test holds a floor."""
+GGUF kept quantized; batch-1 decode with int16 activations where the CPU has VNNI, fp32
+otherwise), of the exact fp32-activation path and of the opt-in int8-activation path,
+against HF transformers fp32 on the same file, over the project's chat prompt set. Each
+prompt is answered alone, so decode takes the batch-1 kernels. Required: >= 90% of the
+answers equal token for token (measured: 100% default and fp32), and "Paris" for the
+capital of France (bf16 activations flip that near-tie). The int8 path measured 69%
+(batched), so it stays opt-in; its test holds a floor."""
 
 from __future__ import annotations
 
@@ -48,20 +50,30 @@ def test_default_path_answers_as_hf_fp32(offline_llm, hf_answers):
 
 def _agreement(llm, hf_answers) -> tuple[float, list, str]:
     prompts = [encode_chat(llm.tokenizer, [{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
-    outs = llm.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    outs = [llm.generate([p], params)[0] for p in prompts]  # alone: batch-1 decode rows
     same = [o.token_ids == ref for o, ref in zip(outs, hf_answers)]
     return sum(same) / len(same), [CHAT_PROMPTS[i] for i, s in enumerate(same) if not s], outs[0].text
 
 
-def test_int8_activation_path_answers_as_hf_fp32(hf_answers):
+def _llm(activations: str):
     from bastion.config import CacheConfig, Config, ModelConfig
     from bastion.serving.llm import LLM
 
-    llm = LLM(Config(model=ModelConfig(max_model_len=1024, activations="int8"), cache=CacheConfig(num_blocks=128)),
-              show_progress=False)
-    agree, differ, paris = _agreement(llm, hf_answers)
-    print(f"int8 activations: {agree:.0%} of the answers equal HF fp32's")
-    # NOTE: measured 69% (16 prompts x 16 tokens): below the 90% bar, which is why int8
-    # activations are opt-in; this floor catches a broken kernel, not rounding.
-    assert agree >= 0.6, differ
+    return LLM(Config(model=ModelConfig(max_model_len=1024, activations=activations), cache=CacheConfig(num_blocks=128)),
+               show_progress=False)
+
+
+def test_fp32_activation_path_answers_as_hf_fp32(hf_answers):
+    agree, differ, paris = _agreement(_llm("fp32"), hf_answers)
+    print(f"fp32 activations: {agree:.0%} of the answers equal HF fp32's")
+    assert agree >= 0.9, differ
     assert "Paris" in paris, paris
+
+
+def test_int8_activation_path_answers_as_hf_fp32(hf_answers):
+    agree, differ, paris = _agreement(_llm("int8"), hf_answers)
+    print(f"int8 activations: {agree:.0%} of the answers equal HF fp32's")
+    # NOTE: measured 75% (16 prompts x 16 tokens, alone): below the 90% bar, which is why int8
+    # activations are opt-in; this floor catches a broken kernel, not rounding.
+    assert agree >= 0.5, differ

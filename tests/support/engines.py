@@ -64,6 +64,17 @@ def one_shot_logits(model: LlamaForCausalLM, ids: list[int], block_size: int = 1
     return model.compute_logits(hidden)
 
 
+def decode_one_by_one(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits [T, V] fp32 of a prompt fed one token per forward (the batch-1 decode rows)."""
+    t = len(ids)
+    kv = make_kv(model, -(-t // block_size), block_size)
+    rows = []
+    for i in range(t):
+        meta = AttentionMetadata(slot_mapping=torch.tensor([i]), prefills=[PrefillSegment(0, 1, torch.arange(i + 1))])
+        rows.append(model.compute_logits(model(torch.tensor([ids[i]]), torch.tensor([i]), meta, kv)))
+    return torch.cat(rows)
+
+
 def make_engine(model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, prefix_caching: bool = True,
                 eos_token_id: int | None = None, max_model_len: int | None = None) -> LLMEngine:

@@ -15,6 +15,7 @@ from bastion.engine.models.linear import packed_gemm_available
 from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.quant_linear import load_qkernel
+from bastion.engine.models.host_memory import loading_memory
 from bastion.engine.models.quantized_model import build_quantized, has_quantized
 
 log = logging.getLogger("bastion.engine")
@@ -64,18 +65,19 @@ def build_engine(config: Config, *, eos_token_id: int | None, show_progress: boo
     device = resolve_device(config.model.device)
     mc = config.model
     quantize = mc.quantize if device.type == "cpu" else "none"  # NOTE: the kernels are CPU-only so far
-    ckpt = load_checkpoint(mc.path, show_progress=show_progress, quantize=quantize, group=mc.quant_group)
-    quantized = has_quantized(ckpt.weights)
-    dtype = resolve_dtype(mc.dtype, device, quantized)
-    max_len = min(mc.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
-    if quantized:
-        model = build_quantized(ckpt.arch, max_len, ckpt.weights, _weight_kernel(mc.weight_kernel),
-                                int8_activations=mc.activations == "int8")
-    else:
-        model = LlamaForCausalLM(ckpt.arch, max_len)
-        model.load_hf_state_dict(ckpt.weights)
-    del ckpt.weights
-    model = model.to(device=device, dtype=dtype).eval()
+    with loading_memory():  # freed load buffers go back to the OS: resident = the model
+        ckpt = load_checkpoint(mc.path, show_progress=show_progress, quantize=quantize, group=mc.quant_group)
+        quantized = has_quantized(ckpt.weights)
+        dtype = resolve_dtype(mc.dtype, device, quantized)
+        max_len = min(mc.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
+        if quantized:
+            model = build_quantized(ckpt.arch, max_len, ckpt.weights, _weight_kernel(mc.weight_kernel),
+                                    activations=mc.activations)
+        else:
+            model = LlamaForCausalLM(ckpt.arch, max_len)
+            model.load_hf_state_dict(ckpt.weights)
+        del ckpt.weights
+        model = model.to(device=device, dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
     if _want_shadow(mc.fp16_gemv, dtype, device):
         model.enable_fp16_gemv()

@@ -15,10 +15,10 @@ import torch
 
 from bastion.engine.models.loader import embedded_model_path, load_checkpoint
 from bastion.engine.models.qweights import QuantWeight, from_gguf, quantize
-from bastion.engine.models.quant_linear import KERNEL_MAX_ROWS, QuantEmbedding, QuantLinear, load_qkernel
+from bastion.engine.models.quant_linear import INT_MAX_ROWS, KERNEL_MAX_ROWS, QuantEmbedding, QuantLinear, load_qkernel
 from bastion.engine.models.quantized_model import build_quantized, resident_bytes
 
-from tests.support.engines import one_shot_logits
+from tests.support.engines import decode_one_by_one, one_shot_logits
 
 
 def _cpu_has(flag: str) -> bool:
@@ -147,27 +147,56 @@ def test_smollm2_kept_quantized_matches_hf_fp32(smol_quantized, gpl_ids, hf_smol
     assert resident_bytes(m) <= 1.25 * file_bytes
 
 
-def _int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as the int8 path sees it: per 32-block, absmax/127 scale, round to nearest."""
-    b = x.view(x.shape[0], -1, 32)
-    d = b.abs().amax(-1, keepdim=True) / 127
-    return (torch.round(b / torch.where(d > 0, d, 1.0)).clamp(-127, 127) * d).view_as(x)
+def _int_rows(x: torch.Tensor, levels: float) -> torch.Tensor:
+    """x as an integer path sees it: per 32-block, absmax/levels scale, round to nearest
+    (int8: 127 levels; int16: 127 * 256, the two-byte code)."""
+    b = x.double().view(x.shape[0], -1, 32)
+    d = b.abs().amax(-1, keepdim=True) / levels
+    return (torch.round(b / torch.where(d > 0, d, 1.0)).clamp(-levels, levels) * d).view_as(x)
 
 
-def test_int8_activation_kernel_matches_its_oracle():
+@pytest.mark.parametrize("activations,levels", [("int8", 127.0), ("int16", 127.0 * 256)])
+def test_integer_activation_kernels_match_their_oracle(activations, levels):
     kernel = load_qkernel()
     if not kernel.q4_linear_i8_supported():
-        pytest.skip("this CPU has no AVX512-VNNI: the int8 path is not built (fp32 serves)")
+        pytest.skip("this CPU has no AVX512-VNNI: the integer paths are not built (fp32 serves)")
     torch.manual_seed(0)
     w = torch.randn(48, 512)
     q = quantize(w, 4, 32)
     rng = np.random.default_rng(2)
     for qq in (q, QuantWeight("q4", q.codes, q.scale, None, 32, "sym"),
                from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, rng), 48, 512)):
-        lin = QuantLinear([qq], kernel=kernel, int8_activations=True)
-        assert lin.int8
-        for m in (1, 5, KERNEL_MAX_ROWS):
-            x = torch.randn(m, 512)
-            ref = _int8_rows(x).double() @ qq.dequantize().double().T
-            bound = 1e-5 * (x.double().abs() @ qq.dequantize().double().abs().T) + 1e-5
-            assert ((lin(x).double() - ref).abs() <= bound).all(), (qq.source, m)
+        lin = QuantLinear([qq], kernel=kernel, activations=activations)
+        assert lin.activations == [activations] and lin.int8 == (activations == "int8")
+        x = torch.randn(INT_MAX_ROWS, 512) * torch.linspace(0.01, 30, 512)  # blocks of very different scales
+        ref = _int_rows(x, levels) @ qq.dequantize().double().T
+        bound = 1e-5 * (x.double().abs() @ qq.dequantize().double().abs().T) + 1e-5
+        assert ((lin(x).double() - ref).abs() <= bound).all(), qq.source
+        # more rows than INT_MAX_ROWS: the fp32 kernel, exact to the dequantized weights
+        x = torch.randn(INT_MAX_ROWS + 3, 512)
+        exact = x.double() @ qq.dequantize().double().T
+        assert ((lin(x).double() - exact).abs() <= 1e-5 * (x.double().abs() @ qq.dequantize().double().abs().T) + 1e-6).all()
+
+
+def test_fp32_activations_never_take_the_integer_kernel():
+    kernel = load_qkernel()
+    lin = QuantLinear([quantize(torch.randn(8, 128), 4, 32)], kernel=kernel, activations="fp32")
+    assert lin.activations == ["fp32"] and lin._calls[0][1] is None
+    q8 = QuantLinear([quantize(torch.randn(8, 128), 8, 32)], kernel=kernel, activations="auto")
+    assert q8.activations == ["fp32"]  # only q4 group-32 layouts have integer kernels
+    with pytest.raises(ValueError, match="activations"):
+        QuantLinear([quantize(torch.randn(8, 128), 4, 32)], kernel=kernel, activations="int4")
+
+
+def test_smollm2_int16_batch1_decode_tracks_hf_fp32(smol_quantized, gpl_ids, hf_smol_logits):
+    """The default batch-1 path (int16 activations where VNNI is): one row at a time
+    through a paged cache, against HF fp32 on the same file."""
+    m = smol_quantized
+    if not any("int16" in mod.activations for mod in m.modules() if isinstance(mod, QuantLinear)):
+        pytest.skip("no int16 path on this CPU (no AVX512-VNNI): batch-1 decode is the fp32 kernel")
+    rows = decode_one_by_one(m, gpl_ids[:24])
+    diff = float((rows - hf_smol_logits[:24]).abs().max())
+    # NOTE: measured 0.01 (int8 activations: ~2.9); fp32 activations <= 1e-3
+    print(f"int16 batch-1 max |logit - HF fp32|: {diff:.4f}")
+    assert diff <= 0.05, diff
+    assert torch.equal(rows.argmax(-1), hf_smol_logits[:24].argmax(-1))

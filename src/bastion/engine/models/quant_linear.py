@@ -1,11 +1,19 @@
 """Linear and Embedding layers over quantized weights (qweights.py), swapped in for the
 model's own modules at load so the model code never branches on quantization.
 
-y = x @ W^T in fp32 with W dequantized in registers (csrc/qlinear.cpp) for up to
-KERNEL_MAX_ROWS rows (decode batches); larger inputs (prefill chunks) dequantize W a
-tile of rows at a time into a small fp32 buffer and multiply with torch's GEMM, so no
-full-precision copy of W ever exists. Without the compiled kernel (no compiler), every
-size takes the tile path: the same numbers, slower decode.
+Up to KERNEL_MAX_ROWS rows (decode batches) go to the native kernel; up to INT_MAX_ROWS
+of them (batch-1 decode) take integer activations (`activations`):
+- int16 (auto's choice where the CPU has AVX512-VNNI, for q4 weights of group 32): x
+  quantized per 32-block to 16-bit codes taken as two bytes through VNNI dot products
+  (csrc/qlinear_int8.cpp); answers as fp32 activations' to ~1e-5 relative per matmul;
+- fp32: W dequantized in registers, fp32 FMAs (csrc/qlinear.cpp): the exact oracle path,
+  and auto's choice for other layouts (q8, Q6_K, group 128) and CPUs without VNNI;
+- int8 (opt-in): llama.cpp's per-block int8 through the same kernel, fastest, answers
+  measurably different.
+Larger inputs (prefill chunks) dequantize W a tile of rows at a time into a small fp32
+buffer and multiply with torch's GEMM, so no full-precision copy of W ever exists.
+Without the compiled kernel (no compiler), every size takes the tile path: the fp32
+numbers, slower decode.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from bastion.config import ACTIVATIONS
 from bastion.engine.models.qweights import QuantWeight
 from bastion.engine.native_build import build
 
@@ -25,6 +34,10 @@ log = logging.getLogger(__name__)
 
 _SRC = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parent / "csrc" / "qlinear_int8.cpp")
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)
+# integer activations for batch-1 rows only: from 2 rows the fp32 kernel's multi-row bodies
+# read W once for all rows and catch up (measured, 2 threads, [4096, 11008] Q4_0, ms:
+# 1 row int16 0.76 / fp32 1.53; 2 rows 1.77 / 1.91; 3 rows 3.06 / 2.02)
+INT_MAX_ROWS = 1
 TILE_BYTES = 8 * 2**20  # fp32 bytes of one dequantized tile of W
 
 
@@ -41,11 +54,10 @@ class QuantLinear(nn.Module):
     whose parts came in different layouts). Output rows follow the parts' order."""
 
     def __init__(self, parts: list[QuantWeight], bias: torch.Tensor | None = None, kernel: ModuleType | None = None,
-                 int8_activations: bool = False):
+                 activations: str = "auto"):
         super().__init__()
-        # opt-in (--activations int8): x quantized per 32-block for the VNNI kernel where it
-        # applies (q4 codes, group 32, K % 64 == 0, <= KERNEL_MAX_ROWS rows); fp32 elsewhere
-        self.int8 = bool(int8_activations and kernel is not None and kernel.q4_linear_i8_supported())
+        if activations not in ACTIVATIONS:
+            raise ValueError(f"activations must be one of {ACTIVATIONS}, got {activations!r}")
         merged = QuantWeight.cat(parts) if len(parts) > 1 else parts[0]
         # NOTE: plain attributes, not buffers: module.to(dtype) must not cast codes or scales.
         self.parts = [merged] if merged is not None else list(parts)
@@ -53,19 +65,25 @@ class QuantLinear(nn.Module):
         self.kernel = kernel
         self.in_features = parts[0].shape[1]
         self.out_features = sum(p.shape[0] for p in parts)
+        # per part: (fp32 kernel call, integer-activation call, its name); None: not here
+        self._calls = [_kernel_calls(w, kernel, activations) for w in self.parts]
+        self.activations = sorted({a for *_, a in self._calls})
+
+    @property
+    def int8(self) -> bool:
+        return "int8" in self.activations
 
     @property
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.parts)
 
-    def _one(self, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
-        if self.kernel is not None and x.shape[0] <= KERNEL_MAX_ROWS:
-            if self.int8 and w.kind == "q4" and w.group == 32 and w.shape[1] % 64 == 0:
-                return self.kernel.q4_linear_i8(x, w.codes, w.scale, w.scale.new_empty(0) if w.minv is None else w.minv)
-            if w.kind == "q4":
-                empty = w.scale.new_empty(0)
-                return self.kernel.q4_linear(x, w.codes, w.scale, empty if w.minv is None else w.minv, w.group)
-            return self.kernel.q8_linear(x, w.codes, w.scale, w.group)
+    def _one(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        fp32, integer, _ = self._calls[i]
+        if integer is not None and x.shape[0] <= INT_MAX_ROWS:
+            return integer(x)
+        if fp32 is not None and x.shape[0] <= KERNEL_MAX_ROWS:
+            return fp32(x)
+        w = self.parts[i]
         n, k = w.shape
         tile = max(16, TILE_BYTES // (4 * k))
         if tile >= n:
@@ -76,16 +94,34 @@ class QuantLinear(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [T, K] any float dtype -> [T, N] in x's dtype (the arithmetic is fp32)
-        xf = x.float().contiguous()
-        ys = [self._one(xf, w) for w in self.parts]
-        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+        # x: [T, K] any float dtype -> [T, N] in x's dtype (the arithmetic is fp32 or finer)
+        xf = x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
+        y = self._one(xf, 0) if len(self.parts) == 1 else torch.cat([self._one(xf, i) for i in range(len(self.parts))], -1)
         if self.bias is not None:
             y = y + self.bias
-        return y.to(x.dtype)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, {'+'.join(p.source for p in self.parts)}"
+        return (f"in={self.in_features}, out={self.out_features}, {'+'.join(p.source for p in self.parts)}, "
+                f"activations={'+'.join(self.activations)}")
+
+
+def _kernel_calls(w: QuantWeight, kernel: ModuleType | None, activations: str):
+    """(fp32 kernel call or None, integer-activation call or None, its name): callables x -> y."""
+    if kernel is None:
+        return None, None, "fp32"
+    k, c, s, g = w.shape[1], w.codes, w.scale, w.group
+    m = s.new_empty(0) if w.minv is None else w.minv  # empty: symmetric (Q4_0-like)
+    if w.kind == "q4":
+        f = kernel.q4_linear
+        fp32 = lambda x: f(x, c, s, m, g)  # noqa: E731
+    else:
+        f8 = kernel.q8_linear
+        fp32 = lambda x: f8(x, c, s, g)  # noqa: E731
+    if activations != "fp32" and w.kind == "q4" and g == 32 and k % 64 == 0 and kernel.q4_linear_i8_supported():
+        fi, int16 = kernel.q4_linear_i8, activations != "int8"
+        return fp32, (lambda x: fi(x, c, s, m, int16)), "int16" if int16 else "int8"
+    return fp32, None, "fp32"
 
 
 class QuantEmbedding(nn.Module):

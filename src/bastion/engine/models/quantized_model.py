@@ -27,13 +27,13 @@ def has_quantized(weights: dict) -> bool:
 
 
 def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: ModuleType | None,
-                    int8_activations: bool = False) -> LlamaForCausalLM:
+                    activations: str = "auto") -> LlamaForCausalLM:
     """The model (fp32 everywhere but the swapped modules) with `weights` loaded.
     NOTE: consumes `weights` (entries are popped as they are installed)."""
     def swap(parts: list, bias: list | None) -> QuantLinear | None:
         if not all(isinstance(p, QuantWeight) for p in parts):
             return None
-        return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel, int8_activations)
+        return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel, activations)
 
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_len)
@@ -52,7 +52,7 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
         model.embed_tokens = QuantEmbedding(emb)
     head = emb if arch.tie_word_embeddings else weights.get("lm_head.weight")
     if isinstance(head, QuantWeight):
-        model.lm_head = QuantLinear([head], None, kernel, int8_activations)
+        model.lm_head = QuantLinear([head], None, kernel, activations)
         weights.pop("lm_head.weight", None)
     model.to_empty(device="cpu")
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))

@@ -246,8 +246,11 @@ inline void q8_rows_x1(const Q8<S>& w, int64_t n, const float* x, float* y) {
 constexpr int NW = 4;  // weight rows per pass at batch 1 (AVX-512 body)
 constexpr int64_t NW_GRAIN = 16;  // rows per parallel chunk at least (a multiple of NW)
 
-// y[m, n] for all m, n in [n0, n1): each weight row is read once per MB rows of x
+// y[m, n] for all m, n in [n0, n1): each weight row is read once per MB rows of x (and
+// once for the 1-3 rows left over: Row1/Row2/Row3)
 template <typename W, void (*Row1)(const W&, int64_t, const float*, int64_t, float*, int64_t),
+          void (*Row2)(const W&, int64_t, const float*, int64_t, float*, int64_t),
+          void (*Row3)(const W&, int64_t, const float*, int64_t, float*, int64_t),
           void (*RowMB)(const W&, int64_t, const float*, int64_t, float*, int64_t),
           void (*RowsX1)(const W&, int64_t, const float*, float*)>
 void rows(const W& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -260,7 +263,11 @@ void rows(const W& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0
   for (; n < n1; ++n) {
     int64_t m = 0;
     for (; m + MB <= M; m += MB) RowMB(w, n, x + m * w.K, w.K, y + m * N + n, N);
-    for (; m < M; ++m) Row1(w, n, x + m * w.K, w.K, y + m * N + n, N);
+    static_assert(MB == 4, "the tail below takes 1-3 rows");
+    const int64_t tail = M - m;
+    if (tail == 3) Row3(w, n, x + m * w.K, w.K, y + m * N + n, N);
+    else if (tail == 2) Row2(w, n, x + m * w.K, w.K, y + m * N + n, N);
+    else if (tail == 1) Row1(w, n, x + m * w.K, w.K, y + m * N + n, N);
   }
 }
 
@@ -290,7 +297,7 @@ void q4_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   constexpr void (*x1)(const Q4<S>&, int64_t, const float*, float*) = nullptr;
 #endif
   at::parallel_for(0, N, grain(M), [&](int64_t n0, int64_t n1) {
-    rows<Q4<S>, q4_row<1, S>, q4_row<MB, S>, x1>(w, xp, M, yp, N, n0, n1);
+    rows<Q4<S>, q4_row<1, S>, q4_row<2, S>, q4_row<3, S>, q4_row<MB, S>, x1>(w, xp, M, yp, N, n0, n1);
   });
 }
 
@@ -307,7 +314,7 @@ void q8_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   constexpr void (*x1)(const Q8<S>&, int64_t, const float*, float*) = nullptr;
 #endif
   at::parallel_for(0, N, grain(M), [&](int64_t n0, int64_t n1) {
-    rows<Q8<S>, q8_row<1, S>, q8_row<MB, S>, x1>(w, xp, M, yp, N, n0, n1);
+    rows<Q8<S>, q8_row<1, S>, q8_row<2, S>, q8_row<3, S>, q8_row<MB, S>, x1>(w, xp, M, yp, N, n0, n1);
   });
 }
 
@@ -353,11 +360,11 @@ std::string isa() {
 
 // qlinear_int8.cpp
 bool q4_linear_i8_supported();
-torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv);
+torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, bool int16);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized to int8 per 32-block (VNNI)");
-  m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8 path");
+  m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
+  m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8/int16 paths");
   m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
   m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");
   m.def("isa", &isa, "the instruction set this build uses");
