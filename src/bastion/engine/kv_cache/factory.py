@@ -40,7 +40,7 @@ def build_kv_cache(config: Config, arch, model_dtype: torch.dtype, device: torch
         if num_blocks < 1:
             raise ValueError("kv_memory_gb is too small for a single KV block")
         return FPKVCache(num_layers=L, num_kv_heads=H, head_dim=D, num_blocks=num_blocks,
-                         block_size=c.block_size, dtype=fp_dtype, device=device)
+                         block_size=c.block_size, dtype=fp_dtype, device=device, kernel=c.kv_kernel)
     opts = c.quant_options()
     spec = quant_spec(c)
     spec.check_head_dim(D)

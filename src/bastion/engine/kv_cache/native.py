@@ -1,5 +1,7 @@
-"""The fused CPU decode-attention kernel for the KIVI cache (csrc/kivi_decode.cpp),
-compiled on first use with torch's JIT extension builder and cached on disk.
+"""The fused CPU decode-attention kernels: the KIVI cache's (csrc/kivi_decode.cpp) and
+the fp32 cache's (csrc/fp_decode.cpp: reads the pool through the block table, no gathered
+copy, one op instead of ~12), one module compiled on first use with torch's JIT extension
+builder and cached on disk.
 
 Why a native kernel: in torch ops a quantized decode step unpacks codes into an fp32
 tile, scales it and multiplies in separate passes over memory (~55% of the time went to
@@ -26,7 +28,7 @@ from bastion.engine.native_build import build
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).parent / "csrc" / "kivi_decode.cpp"
+_SRC = (Path(__file__).parent / "csrc" / "kivi_decode.cpp", Path(__file__).parent / "csrc" / "fp_decode.cpp")
 KERNELS = ("auto", "native", "torch")
 HEAD_DIMS = (64, 128)  # instantiated in the kernel
 
@@ -50,6 +52,20 @@ def load_kernel(kernel: str, head_dim: int) -> ModuleType | None:
         if kernel == "native":
             raise RuntimeError(f"the native KIVI decode kernel did not build ({why})")
         log.warning("native KIVI decode kernel unavailable (%s); using the torch path", why)
+    return mod
+
+
+def load_fp_kernel(kernel: str) -> ModuleType | None:
+    """The module for the fp32 cache's decode attention (any head_dim), or None."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kv kernel {kernel!r}: expected one of {KERNELS}")
+    if kernel == "torch":
+        return None
+    mod, why = _build()
+    if mod is None:
+        if kernel == "native":
+            raise RuntimeError(f"the native decode-attention kernel did not build ({why})")
+        log.warning("native decode-attention kernel unavailable (%s); using the torch path", why)
     return mod
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
 from bastion.engine.models.arch import ModelArch
+from bastion.engine.models.layer_ops import LayerOps
 from bastion.engine.models.linear import Linear
 
 
@@ -38,13 +39,6 @@ def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[to
     return (emb.cos() * scale).float().to(device), (emb.sin() * scale).float().to(device)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [T, heads, D]; cos/sin: [T, 1, D] already in x's dtype
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, layer_idx: int):
         super().__init__()
@@ -61,23 +55,17 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
         self.down_proj = Linear(arch.intermediate_size, h, bias=False)
 
-    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache) -> torch.Tensor:
-        # x: [T, hidden]
+    def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache, ops: LayerOps) -> torch.Tensor:
+        # x: [T, hidden], the residual stream (updated in place); cos/sin: [T, D]
         t = x.shape[0]
-        h = F.rms_norm(x, (x.shape[-1],), self.input_layernorm, self.eps)
-        qkv = self.qkv_proj(h)
-        # q and k rotate together: [T, heads + kv_heads, D]
-        qk = apply_rope(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), cos, sin)
-        q = qk[:, : self.num_heads]
-        k = qk[:, self.num_heads :]
-        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        h = ops.rms_norm(x, self.input_layernorm, self.eps)
+        q, k, v = ops.rope_qk(self.qkv_proj(h), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         kv.write(self.layer_idx, k, v, meta)
         attn = kv.attend(self.layer_idx, q, meta)  # [T, heads, D]
-        attn = attn.reshape(t, self.q_size)
-        x = x + self.o_proj(attn)
-        h = F.rms_norm(x, (x.shape[-1],), self.post_attention_layernorm, self.eps)
-        gate, up = self.gate_up_proj(h).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        h = ops.add_rms_norm_(x, self.o_proj(attn.reshape(t, self.q_size)), self.post_attention_layernorm, self.eps)
+        gate_up = self.gate_up_proj(h)
+        i = gate_up.shape[-1] // 2
+        return x.add_(self.down_proj(F.silu(gate_up[:, :i]) * gate_up[:, i:]))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,16 +80,17 @@ class LlamaForCausalLM(nn.Module):
         cos, sin = rope_tables(arch, max_len, torch.device("cpu"))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.ops = LayerOps()  # torch ops; the builder hands in the native module where it runs
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache):
         # input_ids, positions: [T]  ->  hidden: [T, hidden] (final-normed)
-        x = self.embed_tokens(input_ids)
-        cos = self.rope_cos[positions].to(x.dtype).unsqueeze(1)  # [T, 1, D]
-        sin = self.rope_sin[positions].to(x.dtype).unsqueeze(1)
+        x = self.embed_tokens(input_ids)  # NOTE: a fresh tensor: the layers update it in place
+        cos = self.rope_cos[positions].to(x.dtype)  # [T, D]
+        sin = self.rope_sin[positions].to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv)
-        return F.rms_norm(x, (x.shape[-1],), self.norm, self.arch.rms_norm_eps)
+            x = layer(x, cos, sin, meta, kv, self.ops)
+        return self.ops.rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     def enable_fp16_gemv(self) -> None:
         """Keep fp16 copies of every projection for single-row GEMVs (see linear.py)."""

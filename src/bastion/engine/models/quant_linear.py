@@ -32,7 +32,8 @@ from bastion.engine.native_build import build
 
 log = logging.getLogger(__name__)
 
-_SRC = (Path(__file__).parent / "csrc" / "qlinear.cpp", Path(__file__).parent / "csrc" / "qlinear_int8.cpp")
+# the model's CPU kernels, one module: quantized linears and the fused layer ops (layer_ops.py)
+_SRC = tuple(Path(__file__).parent / "csrc" / f for f in ("qlinear.cpp", "qlinear_int8.cpp", "decode_ops.cpp"))
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)
 # integer activations for batch-1 rows only: from 2 rows the fp32 kernel's multi-row bodies
 # read W once for all rows and catch up (measured, 2 threads, [4096, 11008] Q4_0, ms:
@@ -114,10 +115,10 @@ def _kernel_calls(w: QuantWeight, kernel: ModuleType | None, activations: str):
     m = s.new_empty(0) if w.minv is None else w.minv  # empty: symmetric (Q4_0-like)
     if w.kind == "q4":
         f = kernel.q4_linear
-        fp32 = lambda x: f(x, c, s, m, g)  # noqa: E731
+        fp32 = lambda x: f(x, c, s, m, g)
     else:
         f8 = kernel.q8_linear
-        fp32 = lambda x: f8(x, c, s, g)  # noqa: E731
+        fp32 = lambda x: f8(x, c, s, g)
     if activations != "fp32" and w.kind == "q4" and g == 32 and k % 64 == 0 and kernel.q4_linear_i8_supported():
         fi, int16 = kernel.q4_linear_i8, activations != "int8"
         return fp32, (lambda x: fi(x, c, s, m, int16)), "int16" if int16 else "int8"

@@ -263,6 +263,11 @@ torch::Tensor kivi_decode_attention(torch::Tensor q, torch::Tensor k_codes, torc
   return out;
 }
 
+// fp_decode.cpp
+torch::Tensor fp_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
+                                  torch::Tensor lens, int64_t block, double scale);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kivi_decode_attention", &kivi_decode_attention, "fused KIVI decode attention (CPU)");
+  m.def("fp_decode_attention", &fp_decode_attention, "decode attention over the fp32 paged cache (CPU)");
 }

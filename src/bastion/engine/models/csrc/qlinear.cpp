@@ -362,7 +362,15 @@ std::string isa() {
 bool q4_linear_i8_supported();
 torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, bool int16);
 
+// decode_ops.cpp
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
+torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps);
+void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows");
+  m.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm(x)");
+  m.def("rope_", &rope_, "rotate the first n heads of [T, *, D] rows in place (HF rotate-half)");
   m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
   m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8/int16 paths");
   m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
