@@ -165,7 +165,8 @@ def test_integer_activation_kernels_match_their_oracle(activations, levels):
     q = quantize(w, 4, 32)
     rng = np.random.default_rng(2)
     for qq in (q, QuantWeight("q4", q.codes, q.scale, None, 32, "sym"),
-               from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, rng), 48, 512)):
+               from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, rng), 48, 512),
+               from_gguf("Q8_0", _gguf_bytes("Q8_0", 48, 512, rng), 48, 512), quantize(w, 8, 32)):
         lin = QuantLinear([qq], kernel=kernel, activations=activations)
         assert lin.activations == [activations] and lin.int8 == (activations == "int8")
         x = torch.randn(INT_MAX_ROWS, 512) * torch.linspace(0.01, 30, 512)  # blocks of very different scales
@@ -182,8 +183,8 @@ def test_fp32_activations_never_take_the_integer_kernel():
     kernel = load_qkernel()
     lin = QuantLinear([quantize(torch.randn(8, 128), 4, 32)], kernel=kernel, activations="fp32")
     assert lin.activations == ["fp32"] and lin._calls[0][1] is None
-    q8 = QuantLinear([quantize(torch.randn(8, 128), 8, 32)], kernel=kernel, activations="auto")
-    assert q8.activations == ["fp32"]  # only q4 group-32 layouts have integer kernels
+    g128 = QuantLinear([quantize(torch.randn(8, 256), 8, 128)], kernel=kernel, activations="auto")
+    assert g128.activations == ["fp32"]  # only group-32 layouts have integer kernels
     with pytest.raises(ValueError, match="activations"):
         QuantLinear([quantize(torch.randn(8, 128), 4, 32)], kernel=kernel, activations="int4")
 

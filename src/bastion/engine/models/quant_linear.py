@@ -3,11 +3,11 @@ model's own modules at load so the model code never branches on quantization.
 
 Up to KERNEL_MAX_ROWS rows (decode batches) go to the native kernel; up to INT_MAX_ROWS
 of them (batch-1 decode) take integer activations (`activations`):
-- int16 (auto's choice where the CPU has AVX512-VNNI, for q4 weights of group 32): x
+- int16 (auto's choice where the CPU has AVX512-VNNI, for q4/q8 weights of group 32): x
   quantized per 32-block to 16-bit codes taken as two bytes through VNNI dot products
   (csrc/qlinear_int8.cpp); answers as fp32 activations' to ~1e-5 relative per matmul;
 - fp32: W dequantized in registers, fp32 FMAs (csrc/qlinear.cpp): the exact oracle path,
-  and auto's choice for other layouts (q8, Q6_K, group 128) and CPUs without VNNI;
+  and auto's choice for other layouts (Q6_K, group 128) and CPUs without VNNI;
 - int8 (opt-in): llama.cpp's per-block int8 through the same kernel, fastest, answers
   measurably different.
 Larger inputs (prefill chunks) dequantize W a tile of rows at a time into a small fp32
@@ -119,9 +119,13 @@ def _kernel_calls(w: QuantWeight, kernel: ModuleType | None, activations: str):
     else:
         f8 = kernel.q8_linear
         fp32 = lambda x: f8(x, c, s, g)
-    if activations != "fp32" and w.kind == "q4" and g == 32 and k % 64 == 0 and kernel.q4_linear_i8_supported():
-        fi, int16 = kernel.q4_linear_i8, activations != "int8"
-        return fp32, (lambda x: fi(x, c, s, m, int16)), "int16" if int16 else "int8"
+    if activations != "fp32" and g == 32 and k % 64 == 0 and kernel.q4_linear_i8_supported():
+        int16, name = activations != "int8", "int8" if activations == "int8" else "int16"
+        if w.kind == "q4":
+            fi = kernel.q4_linear_i8
+            return fp32, (lambda x: fi(x, c, s, m, int16)), name
+        fq = kernel.q8_linear_i8
+        return fp32, (lambda x: fq(x, c, s, int16)), name
     return fp32, None, "fp32"
 
 

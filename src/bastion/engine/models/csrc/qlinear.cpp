@@ -361,6 +361,7 @@ std::string isa() {
 // qlinear_int8.cpp
 bool q4_linear_i8_supported();
 torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, bool int16);
+torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, bool int16);
 
 // decode_ops.cpp
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
@@ -372,6 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm(x)");
   m.def("rope_", &rope_, "rotate the first n heads of [T, *, D] rows in place (HF rotate-half)");
   m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
+  m.def("q8_linear_i8", &q8_linear_i8, "y = x @ W^T, W int8 codes (group 32), x as for q4_linear_i8");
   m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8/int16 paths");
   m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
   m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");

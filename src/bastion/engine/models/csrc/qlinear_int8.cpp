@@ -12,6 +12,8 @@
 //
 // Needs AVX512-VNNI + AVX512-BW (compile-time macros, as -march=native sets them) and
 // G == 32, K a multiple of 64; q4_linear_i8_supported() says whether this build has it.
+// q8 codes (Q8_0, int8 group 32) take the same path (q8_linear_i8) in natural order, made
+// unsigned by flipping the sign bit (+128) and corrected by 128 * sum(x codes).
 //
 // Per pair of 32-groups (A, B) the 32 code bytes unpack to a zmm [A0-15 B0-15 A16-31
 // B16-31] (low nibbles, then high ones), so x is quantized into that order; dpbusd's
@@ -47,14 +49,21 @@ struct QRow {
   std::vector<int8_t> q;      // [K] in pair order (int16 path: the high bytes)
   std::vector<int8_t> lo;     // int16 path only: [K] the low bytes
   std::vector<float> dlane;   // [K/64][16]: the x scale of each dpbusd lane
-  std::vector<int32_t> corr;  // [K/64][16]: 8 * (sum of the lane's 4 codes): Q4_0's -8 offset
+  std::vector<int32_t> corr;  // [K/64][16]: the lane's code sum * 8 (Q4_0's -8) or * 128 (q8's +128)
   std::vector<float> slane;   // [K/64][16]: x scale * (sum of the lane's 4 codes): the min term
 };
 
 inline float tof(float v) { return v; }
 inline float tof(at::Half v) { return _cvtsh_ss(v.x); }
 
-template <bool HL>
+// lanes of a dpbusd over 64 bytes -> which of the pair's two 32-groups they sum
+inline __m512i lane_groups(bool natural) {
+  return natural ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0)   // [A0-31 B0-31]
+                 : _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);  // [A0-15 B0-15 A16-31 B16-31]
+}
+
+// NAT: x in natural order (q8 codes) rather than q4's pair order
+template <bool HL, bool NAT>
 void quantize_row(const float* x, int64_t K, QRow& r) {
   const int64_t np = K / 64;
   r.q.resize(K), r.dlane.resize(np * 16), r.corr.resize(np * 16), r.slane.resize(np * 16);
@@ -73,8 +82,8 @@ void quantize_row(const float* x, int64_t K, QRow& r) {
       qv[2 * h] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v0, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       qv[2 * h + 1] = _mm512_cvt_roundps_epi32(_mm512_mul_ps(v1, inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     }
-    int8_t* q = r.q.data() + p * 64;  // pair order: A0-15, B0-15, A16-31, B16-31
-    const int order[4] = {0, 2, 1, 3};
+    int8_t* q = r.q.data() + p * 64;  // pair order: A0-15, B0-15, A16-31, B16-31 (or natural)
+    const int order[4] = {0, NAT ? 1 : 2, NAT ? 2 : 1, 3};
     __m512i sums = _mm512_setzero_si512();
     for (int i = 0; i < 4; ++i) {
       __m512i c = qv[order[i]];
@@ -91,16 +100,15 @@ void quantize_row(const float* x, int64_t K, QRow& r) {
       sums = _mm512_slli_epi32(sums, 8);
       sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi8(1), _mm512_loadu_si512(r.lo.data() + p * 64));
     }
-    const __m512 dl = _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
-                                            _mm512_castps128_ps512(_mm_setr_ps(d[0], d[1], 0.0f, 0.0f)));
+    const __m512 dl = _mm512_permutexvar_ps(lane_groups(NAT), _mm512_castps128_ps512(_mm_setr_ps(d[0], d[1], 0.0f, 0.0f)));
     _mm512_storeu_ps(r.dlane.data() + p * 16, dl);
-    _mm512_storeu_si512(r.corr.data() + p * 16, _mm512_slli_epi32(sums, 3));
+    _mm512_storeu_si512(r.corr.data() + p * 16, _mm512_slli_epi32(sums, NAT ? 7 : 3));
     _mm512_storeu_ps(r.slane.data() + p * 16, _mm512_mul_ps(dl, _mm512_cvtepi32_ps(sums)));
   }
 }
 
 // two adjacent group values (scale or min) of one weight row, spread over the lanes
-template <typename S>
+template <typename S, bool NAT = false>
 inline __m512 pair_lanes(const S* v) {
   __m128 two;
   if constexpr (std::is_same_v<S, float>) {
@@ -110,8 +118,7 @@ inline __m512 pair_lanes(const S* v) {
     std::memcpy(&bits, v, 4);
     two = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
   }
-  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0),
-                               _mm512_castps128_ps512(two));
+  return _mm512_permutexvar_ps(lane_groups(NAT), _mm512_castps128_ps512(two));
 }
 
 template <int R, bool HL, typename S>
@@ -143,7 +150,7 @@ void run_i8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
             torch::Tensor& y) {
   const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0), ng = K / 32;
   std::vector<QRow> xr(M);
-  for (int64_t m = 0; m < M; ++m) quantize_row<HL>(x.data_ptr<float>() + m * K, K, xr[m]);
+  for (int64_t m = 0; m < M; ++m) quantize_row<HL, false>(x.data_ptr<float>() + m * K, K, xr[m]);
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const S* s = scale.data_ptr<S>();
   const S* mn = minv.numel() ? minv.data_ptr<S>() : nullptr;
@@ -160,8 +167,66 @@ void run_i8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
   });
 }
 
+// q8 codes (int8, group 32) as u8 by flipping the sign bit (code + 128), undone by corr
+template <int R, bool HL, typename S>
+void row_q8(const int8_t* codes, const S* scale, int64_t K, const QRow* xr, float* y, int64_t ldy) {
+  const int64_t np = K / 64;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512i z = _mm512_xor_si512(_mm512_loadu_si512(codes + p * 64), flip);
+    const __m512 wd = pair_lanes<S, true>(scale + 2 * p);
+    for (int r = 0; r < R; ++r) {
+      __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), z, _mm512_loadu_si512(xr[r].q.data() + p * 64));
+      if (HL) dot = _mm512_dpbusd_epi32(_mm512_slli_epi32(dot, 8), z, _mm512_loadu_si512(xr[r].lo.data() + p * 64));
+      dot = _mm512_sub_epi32(dot, _mm512_loadu_si512(xr[r].corr.data() + p * 16));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), wd), _mm512_loadu_ps(xr[r].dlane.data() + p * 16),
+                               acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) y[r * ldy] = _mm512_reduce_add_ps(acc[r]);
+}
+
+template <bool HL, typename S>
+void run_q8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, torch::Tensor& y) {
+  const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0), ng = K / 32;
+  std::vector<QRow> xr(M);
+  for (int64_t m = 0; m < M; ++m) quantize_row<HL, true>(x.data_ptr<float>() + m * K, K, xr[m]);
+  const int8_t* c = codes.data_ptr<int8_t>();
+  const S* s = scale.data_ptr<S>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, std::max<int64_t>(16, 64 / M), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      int64_t m = 0;
+      for (; m + RB <= M; m += RB) row_q8<RB, HL, S>(c + n * K, s + n * ng, K, xr.data() + m, yp + m * N + n, N);
+      for (; m < M; ++m) row_q8<1, HL, S>(c + n * K, s + n * ng, K, xr.data() + m, yp + m * N + n, N);
+    }
+  });
+}
+
 }  // namespace
 #endif
+
+torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, bool int16) {
+#ifdef BASTION_VNNI
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "q8 codes: int8 [N, K]");
+  const int64_t N = codes.size(0), K = codes.size(1);
+  TORCH_CHECK(K % 64 == 0, "the integer q8 path needs K a multiple of 64");
+  TORCH_CHECK((scale.scalar_type() == torch::kHalf || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous() &&
+              scale.numel() == N * (K / 32), "q8 scale: fp16/fp32 [N, K/32] (group 32)");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+              "x must be a contiguous fp32 [M, K] tensor");
+  auto y = torch::empty({x.size(0), N}, x.options());
+  const bool half = scale.scalar_type() == torch::kHalf;
+  if (int16) half ? run_q8<true, at::Half>(x, codes, scale, y) : run_q8<true, float>(x, codes, scale, y);
+  else half ? run_q8<false, at::Half>(x, codes, scale, y) : run_q8<false, float>(x, codes, scale, y);
+  return y;
+#else
+  TORCH_CHECK(false, "this build has no AVX512-VNNI integer path");
+  return x;
+#endif
+}
 
 torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv,
                            bool int16) {
