@@ -23,8 +23,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ENGINES = ("bastion", "bastion-int8", "llamacpp")  # bastion-int8: --activations int8 (opt-in)
-_EXTRA = {"bastion-int8": {"activations": "int8"}}
+# bastion: the defaults; bastion-fp32 / bastion-int8: --activations fp32 (exact) / int8 (opt-in)
+ENGINES = ("bastion", "bastion-fp32", "bastion-int8", "llamacpp")
+_EXTRA = {"bastion-int8": {"activations": "int8"}, "bastion-fp32": {"activations": "fp32"}}
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,12 @@ def add_bench_parser(subparsers: Any) -> None:
     w = subparsers.add_parser("weights", help="quantized weights: peak RSS, prefill and decode vs llama.cpp on the same GGUFs")
     w.add_argument("--models", default="", help="comma list of GGUF files (default: the embedded SmolLM2 Q4_1); "
                    "make large random ones with `python -m bastion.bench.gguf_gen --shape 1b --out F`")
-    w.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {ENGINES}")
+    w.add_argument("--engines", default="", help=f"comma list of {ENGINES} (default: all); with --quality of "
+                   "QUALITY_ENGINES (hf-fp32, hf-bf16 and these)")
+    w.add_argument("--quality", action="store_true", help="instead of speed: perplexity (vs llama.cpp), top-1 and "
+                   "greedy chat agreement (vs HF transformers) of each engine on the same file")
+    w.add_argument("--windows", type=int, default=4, help="--quality: text windows scored")
+    w.add_argument("--window", type=int, default=512, help="--quality: tokens per window")
     w.add_argument("--prompt-len", type=int, default=256)
     w.add_argument("--new-tokens", type=int, default=64)
     w.add_argument("--batch", type=int, default=8)
@@ -234,21 +240,40 @@ def run_weights_cmd(args: Any) -> int:
     from bastion.bench.report import write_report
     from bastion.engine.models.loader import embedded_model_path
 
-    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    from bastion.bench.weights_quality import QUALITY_ENGINES
+
+    known = QUALITY_ENGINES if args.quality else ENGINES
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip()) or known
     models = [m.strip() for m in args.models.split(",") if m.strip()] or [str(embedded_model_path())]
-    bad = [e for e in engines if e not in ENGINES] + [m for m in models if not Path(m).is_file()]
+    bad = [e for e in engines if e not in known] + [m for m in models if not Path(m).is_file()]
+    if args.quality and not bad:
+        return _quality_cmd(args, models, engines)
     try:
         cfg = WeightsBenchConfig(args.prompt_len, args.new_tokens, args.batch, args.runs, args.threads)
     except ValueError as exc:
         bad.append(str(exc))
     if bad or not engines:
-        print(f"error: not usable: {bad or 'no engines'} (engines: {ENGINES}; models: existing GGUF files)", file=sys.stderr)
+        print(f"error: not usable: {bad or 'no engines'} (engines: {known}; models: existing GGUF files)", file=sys.stderr)
         return 2
     if "llamacpp" in engines and not llamacpp_available():
         print("note: llama-cpp-python is not installed; measuring Bastion alone (docs/BENCHMARKS.md says how to "
               "install it)", file=sys.stderr)
     result = run_weights(models, cfg, engines)
     write_report(Path(args.out), "weights", result, table(result), plot)
+    return 0
+
+
+def _quality_cmd(args: Any, models: list[str], engines: tuple[str, ...]) -> int:
+    from bastion.bench.report import write_report
+    from bastion.bench.weights_quality import QualityConfig, quality_plot, quality_table, run_quality
+
+    try:
+        cfg = QualityConfig(windows=args.windows, window=args.window, threads=args.threads)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = run_quality(models, cfg, engines)
+    write_report(Path(args.out), "weights_quality", result, quality_table(result), quality_plot)
     return 0
 
 
