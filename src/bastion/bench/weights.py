@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion.bench.weights_quality import llamacpp_available
+
 # bastion: the defaults; bastion-fp32 / bastion-int8: --activations fp32 (exact) / int8 (opt-in)
 ENGINES = ("bastion", "bastion-fp32", "bastion-int8", "llamacpp")
 _EXTRA = {"bastion-int8": {"activations": "int8"}, "bastion-fp32": {"activations": "fp32"}}
@@ -130,12 +132,6 @@ def _child(engine: str, model: str, cfg: WeightsBenchConfig, extra: dict[str, An
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
-
-
-def llamacpp_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
 
 
 # ---------------------------------------------------------------- the benchmark

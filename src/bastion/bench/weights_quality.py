@@ -179,11 +179,15 @@ def _child(engine: str, model: str, cfg: QualityConfig, timeout: float) -> dict[
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def llamacpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
 # ---------------------------------------------------------------- the comparison
 def run_quality(models: list[str], cfg: QualityConfig, engines: tuple[str, ...] = QUALITY_ENGINES,
                 timeout: float = 3600.0) -> dict[str, Any]:
-    from bastion.bench.weights import llamacpp_available
-
     engines = tuple(e for e in engines if e != "llamacpp" or llamacpp_available())
     rows = []
     for model in models:
