@@ -103,6 +103,19 @@ def test_kernel_matches_the_dequantized_reference(isa):
             assert ((y.double() - ref).abs() <= bound).all(), (w.source, m, float((y - ref).abs().max()))
 
 
+def test_native_dequantization_equals_the_reference():
+    kernel = load_qkernel()
+    for w in _layouts():
+        rows = slice(3, 29)
+        ref = w.dequantize(rows)
+        if w.kind == "q4":
+            minv = w.scale.new_empty(0) if w.minv is None else w.minv[rows]
+            ours = kernel.q4_dequant(w.codes[rows], w.scale[rows], minv, w.group)
+        else:
+            ours = kernel.q8_dequant(w.codes[rows], w.scale[rows], w.group)
+        assert torch.equal(ours, ref), w.source  # bit for bit: the products are exact in fp32
+
+
 def test_tile_path_and_fused_parts_match_the_reference(monkeypatch):
     import bastion.engine.models.quant_linear as ql
 

@@ -88,11 +88,20 @@ class QuantLinear(nn.Module):
         n, k = w.shape
         tile = max(16, TILE_BYTES // (4 * k))
         if tile >= n:
-            return x @ w.dequantize().T
+            return x @ self._dequant(w, slice(0, n)).T
         y = x.new_empty(x.shape[0], n)
         for n0 in range(0, n, tile):
-            torch.matmul(x, w.dequantize(slice(n0, n0 + tile)).T, out=y[:, n0:n0 + tile])
+            torch.matmul(x, self._dequant(w, slice(n0, n0 + tile)).T, out=y[:, n0:n0 + tile])
         return y
+
+    def _dequant(self, w: QuantWeight, rows: slice) -> torch.Tensor:
+        # fp32 [rows, K]: the native loop where built (same values; the torch ops are ~4x the GEMM)
+        if self.kernel is None:
+            return w.dequantize(rows)
+        if w.kind == "q4":
+            minv = w.scale.new_empty(0) if w.minv is None else w.minv[rows]
+            return self.kernel.q4_dequant(w.codes[rows], w.scale[rows], minv, w.group)
+        return self.kernel.q8_dequant(w.codes[rows], w.scale[rows], w.group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, K] any float dtype -> [T, N] in x's dtype (the arithmetic is fp32 or finer)
