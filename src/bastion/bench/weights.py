@@ -16,14 +16,13 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.bench.weights_quality import llamacpp_available
+from bastion.bench.weights_quality import llamacpp_available, run_json_child
 
 # bastion: the defaults; bastion-fp32 / bastion-int8: --activations fp32 (exact) / int8 (opt-in)
 ENGINES = ("bastion", "bastion-fp32", "bastion-int8", "llamacpp")
@@ -123,15 +122,8 @@ def worker(engine: str, model: str, cfg: WeightsBenchConfig, extra: dict[str, An
 
 
 def _child(engine: str, model: str, cfg: WeightsBenchConfig, extra: dict[str, Any], timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bastion.bench.weights", "worker", engine, model, json.dumps(asdict(cfg)), json.dumps(extra)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(cfg.threads)}
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    args = ["bastion.bench.weights", "worker", engine, model, json.dumps(asdict(cfg)), json.dumps(extra)]
+    return run_json_child(args, cfg.threads, timeout)
 
 
 # ---------------------------------------------------------------- the benchmark

@@ -167,16 +167,22 @@ def worker(engine: str, model: str, cfg: QualityConfig) -> dict[str, Any]:
     return _bastion(model, cfg, _BASTION_EXTRA[engine])
 
 
-def _child(engine: str, model: str, cfg: QualityConfig, timeout: float) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bastion.bench.weights_quality", engine, model, json.dumps(asdict(cfg))]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(cfg.threads)}
+def run_json_child(args: list[str], threads: int, timeout: float) -> dict[str, Any]:
+    """`python -m <args>` in a fresh process (its own memory and threads); its last stdout
+    line is the JSON result, or {"error": why}. Shared with the speed benchmark."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        p = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env,
+                           check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}
     if p.returncode != 0:
-        return {"error": (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1]}
+        return {"error": (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def _child(engine: str, model: str, cfg: QualityConfig, timeout: float) -> dict[str, Any]:
+    return run_json_child(["bastion.bench.weights_quality", engine, model, json.dumps(asdict(cfg))], cfg.threads, timeout)
 
 
 def llamacpp_available() -> bool:
