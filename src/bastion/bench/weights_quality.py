@@ -200,6 +200,7 @@ def run_quality(models: list[str], cfg: QualityConfig, engines: tuple[str, ...] 
         res = {e: _child(e, model, cfg, timeout) for e in engines}
         ok = {e: r for e, r in res.items() if "error" not in r}
         ref = next((e for e in ("hf-fp32", "bastion-fp32") if e in ok), None)  # top-1 reference
+        tok = _tokenizer(model) if ok else None  # once per file, for the answers' text
         for e in engines:
             row: dict[str, Any] = {"model": Path(model).name, "engine": e}
             if e not in ok:
@@ -212,7 +213,7 @@ def run_quality(models: list[str], cfg: QualityConfig, engines: tuple[str, ...] 
             for h in ("hf-fp32", "hf-bf16"):
                 if h in ok:
                     row["greedy_vs_" + h] = sum(a == b for a, b in zip(r["answers"], ok[h]["answers"])) / len(r["answers"])
-            row["paris"] = "Paris" in _tokenizer(model).decode(r["answers"][0])
+            row["paris"] = "Paris" in tok.decode(r["answers"][0])
             rows.append(row)
         lc = next((r for r in rows if r["model"] == Path(model).name and r["engine"] == "llamacpp" and "ppl" in r), None)
         for row in rows:

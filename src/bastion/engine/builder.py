@@ -13,10 +13,10 @@ from bastion.engine.kv_cache.factory import build_kv_cache
 from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.models.linear import packed_gemm_available
 from bastion.engine.models.llama import LlamaForCausalLM
-from bastion.engine.models.loader import load_checkpoint
-from bastion.engine.models.quant_linear import load_qkernel
 from bastion.engine.models.host_memory import loading_memory
 from bastion.engine.models.layer_ops import LayerOps
+from bastion.engine.models.loader import load_checkpoint
+from bastion.engine.models.quant_linear import load_qkernel
 from bastion.engine.models.quantized_model import build_quantized, has_quantized
 
 log = logging.getLogger("bastion.engine")

@@ -39,8 +39,8 @@ class FPKVCache(KVCache):
         spans = meta.spans[: meta.num_decodes]
         lens = [s.num_cached + 1 for s in spans]
         nblk = -(-max(lens) // self.block_size)
-        table = torch.tensor([s.block_ids[:nblk] + [0] * (nblk - len(s.block_ids[:nblk])) for s in spans],
-                             dtype=torch.long)
+        rows = [s.block_ids[:nblk] for s in spans]
+        table = torch.tensor([r + [0] * (nblk - len(r)) for r in rows], dtype=torch.long)  # pad: never read
         meta.plan = (table, torch.tensor(lens, dtype=torch.long))
 
     def _decode(self, layer, q, meta: AttentionMetadata) -> torch.Tensor:

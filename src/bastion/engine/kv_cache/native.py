@@ -47,12 +47,7 @@ def load_kernel(kernel: str, head_dim: int) -> ModuleType | None:
         if kernel == "native":
             raise ValueError(f"the native KIVI kernel supports head_dim {HEAD_DIMS}, not {head_dim}")
         return None
-    mod, why = _build()
-    if mod is None:
-        if kernel == "native":
-            raise RuntimeError(f"the native KIVI decode kernel did not build ({why})")
-        log.warning("native KIVI decode kernel unavailable (%s); using the torch path", why)
-    return mod
+    return _built(kernel, "KIVI decode")
 
 
 def load_fp_kernel(kernel: str) -> ModuleType | None:
@@ -61,11 +56,16 @@ def load_fp_kernel(kernel: str) -> ModuleType | None:
         raise ValueError(f"kv kernel {kernel!r}: expected one of {KERNELS}")
     if kernel == "torch":
         return None
+    return _built(kernel, "decode-attention")
+
+
+def _built(kernel: str, what: str) -> ModuleType | None:
+    """The built module; a failed build raises under "native", warns and gives None under "auto"."""
     mod, why = _build()
     if mod is None:
         if kernel == "native":
-            raise RuntimeError(f"the native decode-attention kernel did not build ({why})")
-        log.warning("native decode-attention kernel unavailable (%s); using the torch path", why)
+            raise RuntimeError(f"the native {what} kernel did not build ({why})")
+        log.warning("native %s kernel unavailable (%s); using the torch path", what, why)
     return mod
 
 
