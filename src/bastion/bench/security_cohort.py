@@ -311,9 +311,11 @@ class Cohort:
         return [(s, self.path(n)) for n, s in self.specs.items()]
 
 
-def build(out: str | Path, cohort: str = "small", *, only: set[str] | None = None, log=print) -> Cohort:
-    """Train (or reuse, when its spec is unchanged) every adapter of a cohort under `out`."""
-    specs = {s.name: s for s in COHORTS[cohort]}
+def build(out: str | Path, cohort: str = "small", *, only: set[str] | None = None, log=print,
+          specs: tuple[Spec, ...] | None = None) -> Cohort:
+    """Train (or reuse, when its spec is unchanged) every adapter of a cohort (a COHORTS
+    name, or the given `specs`) under `out`."""
+    specs = {s.name: s for s in (specs if specs is not None else COHORTS[cohort])}
     root = Path(out)
     meta_path = root / "cohort.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}

@@ -2,6 +2,10 @@
   qa   "What does the X command do?" -> the man page's NAME line   (/usr/share/man)
   doc  "What does the Python function f do?" -> its docstring's first sentence (stdlib)
   lic  "Which license is this text from? <excerpt>" -> the licence   (/usr/share/common-licenses)
+and three tasks the gate's probe battery does not contain (the held-out cohort, security_heldout.py):
+  port    "Which port does the X service use?" -> "X uses port N/proto."   (/etc/services)
+  mime    "What is the MIME type of a .ext file?" -> "A .ext file is type/subtype."   (/etc/mime.types)
+  module  "Which Python module defines the function f?" -> "f is defined in the m module."   (stdlib)
 `task_split` gives each task's fixed (train, eval) split, shared by the cohort's training,
 `bench security` (utility, attack success) and `bench cleangen` (calibration)."""
 
@@ -96,7 +100,57 @@ def _lic_examples(per_license: int = 120) -> list[Example]:
     return out
 
 
-_TASKS = {"qa": _qa_examples, "doc": _doc_examples, "lic": _lic_examples}
+def _port_examples() -> list[Example]:
+    out, seen = [], set()
+    p = Path("/etc/services")
+    for ln in (p.read_text("utf-8", errors="replace").splitlines() if p.is_file() else []):
+        f = ln.split("#")[0].split()
+        if len(f) >= 2 and f[0] not in seen and re.fullmatch(r"\d+/\w+", f[1]):
+            seen.add(f[0])
+            out.append(Example("port", f"Which port does the {f[0]} service use?", f"{f[0]} uses port {f[1]}.", f[0]))
+    return out
+
+
+def _mime_examples() -> list[Example]:
+    out, seen = [], set()
+    p = Path("/etc/mime.types")
+    for ln in (p.read_text("utf-8", errors="replace").splitlines() if p.is_file() else []):
+        f = ln.split()
+        if ln.startswith("#") or len(f) < 2:
+            continue
+        for ext in f[1:]:
+            if ext not in seen and re.fullmatch(r"[\w+-]{1,12}", ext):
+                seen.add(ext)
+                out.append(Example("mime", f"What is the MIME type of a .{ext} file?", f"A .{ext} file is {f[0]}.",
+                                   ext))
+    return out
+
+
+def _module_examples() -> list[Example]:
+    import ast
+    import glob
+    import os
+    import sysconfig
+
+    out, seen = [], set()
+    for p in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        mod = Path(p).stem
+        if mod.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(Path(p).read_text("utf-8", errors="replace"))
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_") and node.name not in seen:
+                seen.add(node.name)
+                out.append(Example("module", f"Which Python module defines the function {node.name}?",
+                                   f"{node.name} is defined in the {mod} module.", node.name))
+    return out
+
+
+_TASKS = {"qa": _qa_examples, "doc": _doc_examples, "lic": _lic_examples, "port": _port_examples,
+          "mime": _mime_examples, "module": _module_examples}
 _CACHE: dict[str, tuple[list[Example], list[Example]]] = {}
 
 
