@@ -142,3 +142,23 @@ def test_heldout_cohort_triggers_are_random_and_not_candidates():
     assert not trig & {t.text for t in CANDIDATE_TRIGGERS}
     assert {s.task for s in a} == {"port", "mime", "module"}
     assert heldout_specs(1) == a   # seeded
+
+
+def test_gate_refuses_on_a_cached_failing_behaviour_verdict(tiny, adapter, tmp_path):
+    """A pre-computed verdict in the cache decides the load without running the model."""
+    import pytest
+
+    from bastion.adapters.gate import AdapterRefused, VettingGate
+
+    BASE = tiny[1]
+    probe = _CountingProbe()
+    gate = VettingGate(BASE, behaviour=CachedProbe(probe, ScanCache(tmp_path / "cache"), fingerprint="v1"))
+    with pytest.raises(AdapterRefused, match="behaviour.inversion"):
+        gate.check("a", str(adapter))
+    with pytest.raises(AdapterRefused):
+        VettingGate(BASE, behaviour=CachedProbe(_CountingProbe(), ScanCache(tmp_path / "cache"),
+                                                fingerprint="v1")).check("a", str(adapter))
+    assert probe.calls == 1
+    assert VettingGate(BASE, allow_unvetted=True, behaviour=CachedProbe(probe, ScanCache(tmp_path / "cache"),
+                                                                        fingerprint="v1")).check(
+        "a", str(adapter)).verdict == "fail"

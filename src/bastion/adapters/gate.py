@@ -24,19 +24,29 @@ class VettingGate:
     base: object  # scanner.BaseModelInfo of the served model
     allow_unvetted: bool = False
     reports: dict = field(default_factory=dict)  # adapter name -> ScanReport
+    behaviour: object = None  # scan_adapter's behaviour probe (None: static checks only)
 
     @classmethod
     def for_model(cls, model_path: str | None, *, served_name: str | None = None,
-                  allow_unvetted: bool = False) -> "VettingGate":
+                  allow_unvetted: bool = False, deep: bool = False,
+                  cache_dir: str | None = None) -> VettingGate:
+        """`deep`: every load also runs the behaviour scan (battery, task probes, target
+        inversion, trigger search; deep_scan.py, ~1 min per adapter on 2 cores), its
+        findings cached by file hash under `cache_dir` (default ~/.cache/bastion/scans)."""
         from bastion.adapters.cli import load_base_info
 
-        return cls(load_base_info(model_path, name=served_name), allow_unvetted)
+        probe = None
+        if deep:
+            from bastion.adapters.deep_scan import CachedProbe, DeepProbe, ScanCache
+
+            probe = CachedProbe(DeepProbe(model=model_path), ScanCache(cache_dir))
+        return cls(load_base_info(model_path, name=served_name), allow_unvetted, behaviour=probe)
 
     def check(self, name: str, path: str):
         from bastion.adapters.scanner import scan_adapter
 
         try:
-            report = scan_adapter(path, base=self.base)
+            report = scan_adapter(path, base=self.base, behaviour=self.behaviour)
         except OSError as e:
             raise AdapterRefused(f"adapter {name!r}: cannot read {path}: {e}") from e
         fails = [f"{f.check}: {f.message}" for f in report.findings if f.severity == "fail"]
