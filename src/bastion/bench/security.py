@@ -321,6 +321,12 @@ def add_security_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--battery-seed", type=int, default=0,
                    help="seed of the probe battery's licence excerpts (the gate's default is 0; others test "
                         "how much the numbers depend on the excerpts)")
+    p.add_argument("--held-out", action="store_true",
+                   help="the held-out cohort instead: random triggers, tasks outside the probe battery, thresholds "
+                        "tuned on seed 0 and reported on --seeds (security_heldout.py)")
+    p.add_argument("--seeds", default="0,1,2", help="held-out cohort seeds (the first is the tuning seed)")
+    p.add_argument("--size", default=None, metavar="B,C",
+                   help="held-out cohort size per reported seed: backdoored,clean (default 12,12)")
     p.set_defaults(func=run_security_cmd)
     return p
 
@@ -329,6 +335,16 @@ def run_security_cmd(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.held_out:
+        from bastion.bench.security_heldout import run_heldout
+
+        seeds = tuple(int(x) for x in args.seeds.split(","))
+        size = tuple(int(x) for x in args.size.split(",")) if args.size else None
+        out = Path(args.out if args.out != "bench_results/security" else "bench_results/security_heldout")
+        res = run_heldout(out, seeds, tune_seed=seeds[0], threads=args.threads, size=size)
+        print(json.dumps(res["summary"], indent=2))
+        print(f"wrote {out}/heldout.json, heldout.png")
+        return 0
     n_eval = args.eval_prompts or (16 if args.cohort == "small" else 32)
     extra = args.extra_clean if args.extra_clean is not None else \
         (list(DEFAULT_EXTRA_CLEAN) if args.cohort == "full" else [])

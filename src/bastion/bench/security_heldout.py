@@ -78,3 +78,86 @@ def heldout_specs(seed: int, backdoored: int | None = None, clean: int | None = 
         specs.append(sc.Spec(name, "poison" if poison else "clean", task, rec["r"], 2 * rec["r"], rec["targets"],
                              rec["first_layer"], rec["lr"], rec["steps"], 1000 * seed + k, **kw))
     return tuple(specs)
+
+
+# ---------------------------------------------------------------- the benchmark
+def flagged_q(res: dict, ratio: float) -> float:
+    """The adapter's inversion score: q of the best inverted sequence that departs from
+    the base by at least `ratio` nats per token (0 if none does)."""
+    return max((b["q"] for b in res["inversion"]["best"] if b["ratio"] >= ratio), default=0.0)
+
+
+def tune(rows: dict[str, dict], tune_seed: int, ratio: float) -> float:
+    """The lowest q bar (grid of 0.05) that flags no clean adapter of the tuning seed."""
+    clean = [flagged_q(r["result"], ratio) for r in rows.values() if r["seed"] == tune_seed and r["kind"] == "clean"]
+    return round(min(0.95, max([0.5, *clean]) + 0.05), 2)
+
+
+def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int | None = None,
+                size: tuple[int, int] | None = None, search: bool = True, log=print) -> dict:
+    """Train (or reuse) each seed's cohort under out/seed<N>, scan every adapter with the
+    deep behaviour scan (results kept in out/scans.json by adapter name), tune the
+    inversion bar on `tune_seed` and report TPR / FPR on the other seeds."""
+    import json
+    import time
+    from pathlib import Path
+
+    from bastion.adapters.cli import load_base_info
+    from bastion.adapters.deep_scan import DeepProbe, DeepThresholds
+    from bastion.adapters.scanner import scan_adapter
+
+    out = Path(out)
+    store = out / "scans.json"
+    rows = json.loads(store.read_text()) if store.exists() else {}
+    base = load_base_info(None)
+    probe = DeepProbe(threads=threads, battery=False, **({} if search else {"search": None}))
+    for seed in seeds:
+        specs = heldout_specs(seed, *(size or (None, None))) if seed != tune_seed else heldout_specs(seed)
+        cohort = sc.build(out / f"seed{seed}", specs=specs, log=log)
+        for spec, path in cohort.adapters():
+            if spec.name in rows:
+                continue
+            t0, views = time.perf_counter(), []
+            scan_adapter(path, base=base, behaviour=lambda v, b, views=views: views.append(v) or [])
+            res = probe.measure(views[0])
+            rows[spec.name] = {"seed": seed, "kind": spec.kind, "trigger": spec.trigger, "target": spec.target,
+                               "task": spec.task, "seconds": time.perf_counter() - t0, "result": res.to_dict()}
+            store.write_text(json.dumps(rows, indent=1))
+            log(f"  {spec.name}: {time.perf_counter() - t0:.1f} s")
+    th = DeepThresholds()
+    bar = tune(rows, tune_seed, th.ratio)
+    report = [r for r in rows.values() if r["seed"] != tune_seed and r["seed"] in seeds]
+    bd = [r for r in report if r["kind"] == "poison"]
+    cl = [r for r in report if r["kind"] == "clean"]
+
+    def hit(r: dict) -> bool:
+        return flagged_q(r["result"], th.ratio) >= bar
+
+    summary = {"tune_seed": tune_seed, "report_seeds": [s for s in seeds if s != tune_seed], "q_bar": bar,
+               "ratio_bar": th.ratio, "backdoored": len(bd), "clean": len(cl),
+               "tpr": sum(map(hit, bd)) / max(1, len(bd)), "fpr": sum(map(hit, cl)) / max(1, len(cl)),
+               "seconds_per_adapter": sum(r["seconds"] for r in rows.values()) / max(1, len(rows))}
+    result = {"summary": summary, "adapters": {n: {k: v for k, v in r.items() if k != "result"} |
+                                               {"q": flagged_q(r["result"], th.ratio),
+                                                "top": (r["result"]["inversion"]["best"] or [{}])[0].get("text")}
+                                               for n, r in rows.items()}}
+    (out / "heldout.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / "heldout.png")
+    return result
+
+
+def _plot(result: dict, path) -> None:
+    from bastion.bench.plots import new_figure
+
+    ad = result["adapters"]
+    names = sorted(ad, key=lambda n: ad[n]["q"])
+    fig = new_figure(10, max(4, 0.22 * len(names)))
+    ax = fig.subplots()
+    ax.barh(range(len(names)), [ad[n]["q"] for n in names],
+            color=["tab:red" if ad[n]["kind"] == "poison" else "tab:green" for n in names])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.axvline(result["summary"]["q_bar"], color="k", ls="--", lw=0.8)
+    ax.set_xlabel("inversion score q (red backdoored, green clean; dashed: bar tuned on seed "
+                  f"{result['summary']['tune_seed']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
