@@ -43,6 +43,11 @@ def add_scan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--probe-triggers", metavar="LIST", default=None,
                    help="comma-separated candidate triggers (default: rare tokens, punctuation, entities, years)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the behaviour probes")
+    p.add_argument("--deep", action="store_true",
+                   help="trigger-agnostic behaviour scan: candidate battery plus task-aware probes, backdoor target "
+                        "inversion and a trigger search that is not a list (~1 min on 2 cores; docs/SECURITY.md)")
+    p.add_argument("--scan-cache", metavar="DIR", default=None,
+                   help="with --deep: cache of behaviour verdicts by file hash (default ~/.cache/bastion/scans)")
     p.set_defaults(func=cmd_scan)
     return p
 
@@ -81,6 +86,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
             print("bastion scan: error: empty --probe-prompts or --probe-triggers", file=sys.stderr)
             return EXIT_USAGE
         probe = _SafeProbe(BehaviourProbe(model=args.base, threads=args.threads, prompts=prompts, triggers=triggers))
+        if getattr(args, "deep", False):
+            from bastion.adapters.deep_scan import CachedProbe, DeepProbe, ScanCache
+
+            probe = _SafeProbe(CachedProbe(DeepProbe(model=args.base, threads=args.threads),
+                                           ScanCache(args.scan_cache)))
     try:
         report = scan_adapter(path, base=base, behaviour=probe)
     except OSError as e:
