@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bastion-installed
 
-.PHONY: install serve test clean
+.PHONY: install serve test clean browser
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,14 @@ install: $(STAMP)
 serve: install
 	$(VENV)/bin/bastion serve $(ARGS)
 
-test: install
+# The web page's tests drive Debian's Chromium (tests/support/browser.py); as root it is
+# installed here, elsewhere those tests skip and say how to get it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 || \
+	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
+	    >/tmp/bastion-chromium-install.log 2>&1 || echo "chromium not installed: see /tmp/bastion-chromium-install.log"; }
+
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 clean:

@@ -227,6 +227,7 @@ class ServerConfig:
     openapi: bool = False  # publish /openapi.json (for fuzzers and client generators); off: private
     # /health answers 503 when one engine step has run this long (a wedged engine).
     engine_stall_s: float = 120.0
+    web: bool = True  # the chat page at GET / (server/web_page.py); its API calls still need api_key
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -34,8 +34,8 @@ from starlette.responses import JSONResponse, Response
 
 from bastion.config import ServerConfig
 from bastion.engine.outputs import EngineDeadError
-from bastion.server import routes_admin, routes_chat, routes_completions
-from bastion.server.auth import ApiKeyMiddleware, resolve_api_key
+from bastion.server import routes_admin, routes_chat, routes_completions, web_page
+from bastion.server.auth import OPEN_PATHS, ApiKeyMiddleware, resolve_api_key
 from bastion.server.bind import bind_socket
 from bastion.server.errors import CatchAllMiddleware, install_error_handlers
 from bastion.server.limits import BodyLimitMiddleware
@@ -55,12 +55,15 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy:
     unless a request asks). The app drives the engine but does not own it: shutting the
     engine down is the job of whoever runs the server (`run_server` does)."""
     config = server_config or ServerConfig()
+    policy = policy or ServingPolicy()
     models = ServedModels(ServedModel(id=engine.model_name, engine=engine))
     for extra in extra_models:
         models.add(extra)
+    reports = getattr(policy.gate, "reports", {})  # the gate keeps the report of every adapter it vetted
     for name in getattr(engine, "adapter_names", lambda: [])():  # adapters loaded at start-up
-        models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name))
-    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy or ServingPolicy())
+        models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name,
+                               vetting=getattr(reports.get(name), "verdict", None)))
+    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy)
 
     # No /docs; /openapi.json only with --openapi (fuzzers, client generators): a private
     # inference server has no reason to publish its schema to whoever can reach the port.
@@ -72,13 +75,16 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy:
     app.include_router(routes_completions.router)
     app.include_router(routes_admin.router)
     _add_info_routes(app)
+    if config.web:
+        app.include_router(web_page.router)
 
     # add_middleware wraps: the last added runs first. Order on the way in:
     # catch-all (so even auth failures of ours become JSON) -> API key -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
     api_key = resolve_api_key(config.api_key)
-    if api_key:
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+    if api_key:  # the page itself is public (it holds no data); the API calls it makes need the key
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+                           open_paths=OPEN_PATHS | (web_page.PATHS if config.web else frozenset()))
     app.add_middleware(CatchAllMiddleware, log_requests=config.log_requests)
     return app
 

@@ -3,7 +3,8 @@
 A pure ASGI middleware rather than a FastAPI dependency: dependencies run after
 FastAPI has parsed the body, so an unauthenticated client would learn about JSON
 errors (400) before being told it is not allowed in (401). Here the key is checked
-first, for every path except the open ones (/health, for load balancers and probes).
+first, for every path except the open ones (/health, for load balancers and probes;
+the web page's static files, which hold no data and ask for the key themselves).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def resolve_api_key(configured: str | None) -> str | None:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, *, api_key: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self._expected = api_key.encode()
+        self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS or scope.get("method") == "OPTIONS":
+        if scope["type"] != "http" or scope.get("path") in self._open or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
         given = b""

@@ -308,6 +308,7 @@ class ModelCard(BaseModel):
     owned_by: str = "bastion"
     max_model_len: int | None = None
     parent: str | None = None  # base model id when this entry is an adapter
+    vetting: str | None = None  # an adapter's gate verdict (pass/warn/fail); None: base model or no gate
 
 
 class ModelList(BaseModel):

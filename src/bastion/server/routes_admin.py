@@ -85,9 +85,10 @@ async def load_adapter(request: Request) -> JSONResponse:
         await engine.load_adapter(body.lora_name, body.lora_path)
     except ValueError as e:  # AdapterError, vetting refusal, LoRA not enabled
         raise APIError(400, str(e), param="lora_path", code="adapter_refused") from None
-    state.models.add(ServedModel(id=body.lora_name, engine=engine.with_adapter(body.lora_name), parent=base.id))
-    return JSONResponse({"status": "loaded", "lora_name": body.lora_name,
-                         "vetting": getattr(report, "verdict", None)})
+    verdict = getattr(report, "verdict", None)
+    state.models.add(ServedModel(id=body.lora_name, engine=engine.with_adapter(body.lora_name), parent=base.id,
+                                 vetting=verdict))
+    return JSONResponse({"status": "loaded", "lora_name": body.lora_name, "vetting": verdict})
 
 
 @router.post("/v1/unload_lora_adapter", openapi_extra=_schema(UnloadAdapterRequest))

@@ -20,6 +20,7 @@ class ServedModel:
     id: str
     engine: Any  # an AsyncEngine (or something with the same interface)
     parent: str | None = None
+    vetting: str | None = None  # the gate's verdict on the adapter (None: base model, or no gate)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -29,7 +30,7 @@ class ServedModel:
 
     def card(self) -> ModelCard:
         return ModelCard(id=self.id, created=self.created, max_model_len=self.engine.max_model_len,
-                         parent=self.parent)
+                         parent=self.parent, vetting=self.vetting)
 
 
 class ServedModels:
