@@ -1,4 +1,4 @@
-"""`bastion` command line: serve, chat, generate, bench, finetune.
+"""`bastion` command line: serve, chat, generate, models, scan, bench, finetune.
 
 Sub-commands of other subsystems (bench, finetune) register their own parsers; this
 file only composes them. Every user error ends as one line naming the problem and a
@@ -12,7 +12,13 @@ import logging
 import os
 import sys
 
-from bastion.cli_args import Parser, add_engine_args, add_local_adapter_args, add_serve_args, config_from_args
+from bastion.cli_args import (
+    add_engine_args,
+    add_local_adapter_args,
+    add_serve_args,
+    config_from_args,
+)
+from bastion.cli_config import ConfigFileParser, add_config_arg
 from bastion.config import Config
 
 EXIT_USAGE = 2
@@ -113,7 +119,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="bastion", description="Run open LLMs privately on your own hardware.")
+    parser = ConfigFileParser(prog="bastion", description="Run open LLMs privately on your own hardware.")
     parser.add_argument("--version", action="version", version=f"bastion {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_engine_args(p)
     add_serve_args(p)
+    add_config_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("chat", help="interactive terminal chat with streaming (/help at the prompt)")
@@ -129,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-tokens", type=int, default=512, help="longest reply, in tokens")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    add_config_arg(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate a completion for one prompt")
@@ -141,7 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    add_config_arg(p)
     p.set_defaults(func=cmd_generate)
+
+    from bastion.cli_models import add_models_parser
+
+    add_models_parser(sub)
 
     from bastion.adapters.cli import add_scan_parser
 
