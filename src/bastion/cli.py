@@ -53,6 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     port = sock.getsockname()[1]
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
+    if config.server.web:
+        print(f"bastion: chat in a browser at http://{config.server.host}:{port}/", file=sys.stderr)
     run_server(engine, config.server, policy=policy, sockets=[sock])
     return 0
 

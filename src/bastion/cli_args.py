@@ -128,6 +128,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="publish the API schema at /openapi.json (for fuzzers and client generators)")
     p.add_argument("--engine-stall-s", type=float, default=120.0, metavar="S",
                    help="/health answers 503 while one engine step has run longer than this")
+    p.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API is unchanged)")
     p.add_argument("--admin-key", default=None,
                    help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
 
@@ -174,6 +175,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_body_bytes=int(flag("max_body_mb", 4.0) * 2**20),
         openapi=flag("openapi", False),
         engine_stall_s=flag("engine_stall_s", 120.0),
+        web=not flag("no_web", False),
     )
     loras = lora_specs(args)
     return Config(
