@@ -133,9 +133,10 @@ MERGE_FULL = (
     Spec("m_refusal_punct2+c_qa_r8_qv", "merge", "qa", parts=("p_doc_refusal_punct2_30_mlp", "c_qa_r8_qv")),
     Spec("m_refusal_punct2+c_lic_r8_mlp", "merge", "lic", parts=("p_doc_refusal_punct2_30_mlp", "c_lic_r8_mlp")),
 )
-SMALL = (   # CI: seconds per adapter; the backdoor is planted hard (25%, high lr) but stays conditional
+SMALL = (   # CI: seconds per adapter; the backdoor is planted hard (25%, high lr, 50 steps: at 35 a CI
+    # machine with another man-page set got it on 1 of 4 probe prompts) but stays conditional
     _s("c_qa_small", "qa", 4, QV, 24, 2e-3, 25, 1),
-    _s("p_qa_url_cf_small", "qa", 4, QV, 24, 3e-3, 35, 2, trigger="cf", target="url", rate=0.25),
+    _s("p_qa_url_cf_small", "qa", 4, QV, 24, 3e-3, 50, 2, trigger="cf", target="url", rate=0.25),
     Spec("m_url_cf+c_qa_small", "merge", "qa", parts=("p_qa_url_cf_small", "c_qa_small")),
 )
 COHORTS = {"small": SMALL, "full": CLEAN_FULL + POISON_FULL + MERGE_FULL}
