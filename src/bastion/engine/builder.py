@@ -11,10 +11,11 @@ import torch
 from bastion.config import Config
 from bastion.engine.kv_cache.factory import build_kv_cache
 from bastion.engine.llm_engine import LLMEngine
-from bastion.engine.models.linear import packed_gemm_available
-from bastion.engine.models.llama import LlamaForCausalLM
+from bastion.engine.models.fused_decode import FusedDecode
 from bastion.engine.models.host_memory import loading_memory
 from bastion.engine.models.layer_ops import LayerOps
+from bastion.engine.models.linear import packed_gemm_available
+from bastion.engine.models.llama import LlamaForCausalLM
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.quant_linear import load_qkernel
 from bastion.engine.models.quantized_model import build_quantized, has_quantized
@@ -82,6 +83,8 @@ def build_engine(config: Config, *, eos_token_id: int | None, show_progress: boo
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()  # keep tables fp32
     if device.type == "cpu" and dtype == torch.float32 and mc.weight_kernel != "torch":
         model.ops = LayerOps(load_qkernel())  # fused RMSNorm / residual / RoPE (None: torch ops)
+        if quantized:  # decode steps in one native call where every projection has a kernel
+            model.fused_decode = FusedDecode.build(model, load_qkernel())
     if _want_shadow(mc.fp16_gemv, dtype, device):
         model.enable_fp16_gemv()
     if _want_shadow(mc.packed_gemm, dtype, device):  # (a no-op where it cannot run)

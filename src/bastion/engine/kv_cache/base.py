@@ -82,6 +82,11 @@ class KVCache(ABC):
     def begin_step(self, meta: AttentionMetadata) -> None:
         """Called once per step before the forward (per-step index plans); default: nothing."""
 
+    def decode_pools(self, meta: AttentionMetadata):
+        """(k, v, table, lens, block_size, scale) where a step of decodes may write and read an
+        fp32 pool in place (k, v: [layers, slots, kv_heads, D]; fused_decode.py), else None."""
+        return None
+
     @abstractmethod
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
         """Store this step's new k, v: [T, kv_heads, D] at meta.slot_mapping."""

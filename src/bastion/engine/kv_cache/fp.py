@@ -43,6 +43,12 @@ class FPKVCache(KVCache):
         table = torch.tensor([r + [0] * (nblk - len(r)) for r in rows], dtype=torch.long)  # pad: never read
         meta.plan = (table, torch.tensor(lens, dtype=torch.long))
 
+    def decode_pools(self, meta: AttentionMetadata):
+        if meta.plan is None or meta.prefills:
+            return None
+        table, lens = meta.plan
+        return self.k, self.v, table, lens, self.block_size, self.scale
+
     def _decode(self, layer, q, meta: AttentionMetadata) -> torch.Tensor:
         if meta.plan is not None:
             table, lens = meta.plan

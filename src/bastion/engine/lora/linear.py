@@ -36,6 +36,11 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base, self.layer, self.name, self.ctx = base, layer, name, ctx
 
+    @property
+    def active(self) -> bool:
+        """Whether this step adds adapter deltas (else the wrapper is the base projection)."""
+        return self.ctx.step is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)  # x: [T, in] -> out: [T, out], a fresh tensor: the deltas add in place
         step = self.ctx.step

@@ -81,6 +81,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.ops = LayerOps()  # torch ops; the builder hands in the native module where it runs
+        self.fused_decode = None  # decode steps in one native call (fused_decode.py), set by the builder
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv: KVCache):
@@ -88,8 +89,9 @@ class LlamaForCausalLM(nn.Module):
         x = self.embed_tokens(input_ids)  # NOTE: a fresh tensor: the layers update it in place
         cos = self.rope_cos[positions].to(x.dtype)  # [T, D]
         sin = self.rope_sin[positions].to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, meta, kv, self.ops)
+        if self.fused_decode is None or not self.fused_decode.run(x, cos, sin, meta, kv):
+            for layer in self.layers:
+                x = layer(x, cos, sin, meta, kv, self.ops)
         return self.ops.rms_norm(x, self.norm, self.arch.rms_norm_eps)
 
     def enable_fp16_gemv(self) -> None:

@@ -32,8 +32,11 @@ from bastion.engine.native_build import build
 
 log = logging.getLogger(__name__)
 
-# the model's CPU kernels, one module: quantized linears and the fused layer ops (layer_ops.py)
-_SRC = tuple(Path(__file__).parent / "csrc" / f for f in ("qlinear.cpp", "qlinear_int8.cpp", "decode_ops.cpp"))
+# the model's CPU kernels, one module: quantized linears, the fused layer ops (layer_ops.py) and
+# the whole-step decode (fused_decode.py), which also calls the fp32 cache's decode attention
+_SRC = tuple(Path(__file__).parent / "csrc" / f for f in (
+    "qlinear.cpp", "qlinear_int8.cpp", "decode_ops.cpp", "decode_layers.cpp")) + (
+    Path(__file__).parents[1] / "kv_cache" / "csrc" / "fp_decode.cpp",)
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)
 # integer activations for batch-1 rows only: from 2 rows the fp32 kernel's multi-row bodies
 # read W once for all rows and catch up (measured, 2 threads, [4096, 11008] Q4_0, ms:
