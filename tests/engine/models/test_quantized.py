@@ -214,3 +214,33 @@ def test_smollm2_int16_batch1_decode_tracks_hf_fp32(smol_quantized, gpl_ids, hf_
     print(f"int16 batch-1 max |logit - HF fp32|: {diff:.4f}")
     assert diff <= 0.05, diff
     assert torch.equal(rows.argmax(-1), hf_smol_logits[:24].argmax(-1))
+
+
+def test_quantized_projection_keeps_its_bias(tmp_path):
+    """Qwen2's q/k/v biases ride on the swapped QuantLinear: building on the meta device and
+    materialising (to_empty) must not leave them as uninitialised memory (it did: garbage
+    biases, NaN logits, for every quantized Qwen2)."""
+    import types
+
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from tests.support.engines import build_model
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    hf.save_pretrained(str(tmp_path))
+    ckpt = load_checkpoint(str(tmp_path), show_progress=False, quantize="int8")
+    want = torch.cat([ckpt.weights[f"model.layers.0.self_attn.{n}_proj.bias"] for n in "qkv"])
+    deq = {k: (w.dequantize() if isinstance(w, QuantWeight) else w) for k, w in ckpt.weights.items()}
+    dense = build_model(types.SimpleNamespace(arch=ckpt.arch, weights=deq), torch.float32, max_len=64)
+    m = build_quantized(ckpt.arch, 64, dict(ckpt.weights), load_qkernel(), activations="fp32")
+    assert isinstance(m.layers[0].qkv_proj, QuantLinear)
+    assert torch.equal(m.layers[0].qkv_proj.bias, want)
+    ids = list(range(1, 30))
+    assert float((one_shot_logits(m, ids) - one_shot_logits(dense, ids)).abs().max()) <= 1e-4

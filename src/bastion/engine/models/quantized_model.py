@@ -54,7 +54,12 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
     if isinstance(head, QuantWeight):
         model.lm_head = QuantLinear([head], None, kernel, activations)
         weights.pop("lm_head.weight", None)
+    # NOTE: to_empty re-allocates every parameter, the swapped modules' biases (Qwen2's q/k/v)
+    # included; those were set at the swap and are put back here.
+    biases = [(m, m.bias.data) for m in model.modules() if isinstance(m, QuantLinear) and m.bias is not None]
     model.to_empty(device="cpu")
+    for m, b in biases:
+        m.bias.data = b
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))
     model.load_hf_state_dict(weights)
     return model.eval()
