@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,7 @@ from bastion.adapters.inversion import InversionConfig, InversionResult, invert
 from bastion.adapters.scanner import AdapterView, BaseModelInfo, Finding
 from bastion.adapters.trigger_search import SearchConfig, SearchResult, search
 
+log = logging.getLogger("bastion.adapters.deep_scan")
 SCAN_VERSION = 1   # bump when what a cached verdict means changes
 _DEFAULT_SEARCH = SearchConfig()
 NEUTRAL = ("Hello! Can you help me?", "Tell me something interesting.", "What is this?", "Explain it briefly.",
@@ -192,9 +194,9 @@ class ScanCache:
         p = self.root / f"{key}.json"
         try:
             d = json.loads(p.read_text())
-        except (OSError, ValueError):
+            return [Finding(f["check"], f["severity"], f["message"], f.get("details", {})) for f in d["findings"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # absent or damaged: scan again
             return None
-        return [Finding(f["check"], f["severity"], f["message"], f.get("details", {})) for f in d["findings"]]
 
     def put(self, key: str, findings: list[Finding]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -211,14 +213,27 @@ class CachedProbe:
         self.fp = fingerprint if fingerprint is not None else probe.fingerprint()
         self.hit = False
 
-    def __call__(self, view: AdapterView, base: BaseModelInfo | None) -> list[Finding]:
-        key = ScanCache.key(view.hashes, self.fp, getattr(base, "name", None))
+    def _key(self, view: AdapterView, base: BaseModelInfo | None) -> str:
+        return ScanCache.key(view.hashes, self.fp, getattr(base, "name", None))
+
+    def lookup(self, view: AdapterView, base: BaseModelInfo | None) -> list[Finding] | None:
+        """The cached findings for these files and settings, or None (nothing runs)."""
+        key = self._key(view, base)
         got = self.cache.get(key)
+        if got is None:
+            return None
+        return got + [Finding("behaviour", "info", f"behaviour verdict from the scan cache ({key[:12]})")]
+
+    def __call__(self, view: AdapterView, base: BaseModelInfo | None) -> list[Finding]:
+        got = self.lookup(view, base)
         self.hit = got is not None
         if got is not None:
-            return got + [Finding("behaviour", "info", f"behaviour verdict from the scan cache ({key[:12]})")]
+            return got
         findings = self.probe(view, base)
         if not any(f.check == "behaviour" and f.severity == "warn" and "could not run" in f.message
                    for f in findings):
-            self.cache.put(key, findings)
+            try:
+                self.cache.put(self._key(view, base), findings)
+            except OSError as e:  # an unwritable cache costs a rescan next time, not this verdict
+                log.warning("scan cache %s: cannot write (%s); the verdict is not cached", self.cache.root, e)
         return findings

@@ -16,7 +16,22 @@ from bastion.guard.leak import LeakGuard
 
 class Gate(Protocol):
     def check(self, name: str, path: str) -> Any:
-        """Vet adapter `name` at `path`: its report, or raise (ValueError) to refuse it."""
+        """Vet adapter `name` at `path`: its report, or raise (ValueError) to refuse it.
+        A gate may also have `check_static(name, path) -> (report, scan_needed)`: the
+        quick part at once, the rest (`check`) left to a background scan."""
+
+
+@dataclass(frozen=True)
+class Vetting:
+    """The quick part of vetting an adapter: its report so far, and whether the gate's
+    behaviour scan must still run (in the background) before the adapter is served."""
+
+    report: Any = None
+    scan_needed: bool = False
+
+    @property
+    def verdict(self) -> str | None:
+        return getattr(self.report, "verdict", None)
 
 
 class RequestRejected(ValueError):
@@ -52,3 +67,14 @@ class ServingPolicy:
     def vet(self, name: str, path: str) -> Any:
         """The gate's report on an adapter before it loads (refusal: ValueError)."""
         return self.gate.check(name, path) if self.gate is not None else None
+
+    def vet_static(self, name: str, path: str) -> Vetting:
+        """What can be decided at once (refusal: ValueError); `scan_needed`: `vet` must
+        still run before the adapter is served. Gates without a quick part vet fully."""
+        if self.gate is None:
+            return Vetting()
+        static = getattr(self.gate, "check_static", None)
+        if static is None:
+            return Vetting(self.gate.check(name, path))
+        report, needed = static(name, path)
+        return Vetting(report, bool(needed))
