@@ -1,7 +1,8 @@
 """The FastAPI app and the uvicorn server around it.
 
 Public entry points (what the CLI calls):
-* `build_app(engine, server_config)` -> FastAPI app (no I/O, no threads);
+* `build_app(engine, server_config)` -> FastAPI app (no I/O; no thread but the
+  adapter vetting thread, and that only once a behaviour scan is queued);
 * `run_server(engine, server_config)` -> blocks serving until SIGINT/SIGTERM, then
   shuts down gracefully; `serve(...)` is the same as a coroutine;
 * `make_server(...)` -> the `BastionServer` itself, for callers that bring their own
@@ -35,6 +36,7 @@ from starlette.responses import JSONResponse, Response
 from bastion.config import ServerConfig
 from bastion.engine.outputs import EngineDeadError
 from bastion.server import routes_admin, routes_chat, routes_completions, web_page
+from bastion.server.adapter_loads import AdapterLoads
 from bastion.server.auth import OPEN_PATHS, ApiKeyMiddleware, resolve_api_key
 from bastion.server.bind import bind_socket
 from bastion.server.errors import CatchAllMiddleware, install_error_handlers
@@ -49,21 +51,30 @@ logger = logging.getLogger("bastion.server")
 
 
 def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy: ServingPolicy | None = None,
-              extra_models: Iterable[ServedModel] = ()) -> FastAPI:
+              extra_models: Iterable[ServedModel] = (),
+              pending_adapters: Iterable[tuple[str, str, Any]] = ()) -> FastAPI:
     """The OpenAI-compatible app serving `engine` under the id `engine.model_name`, its
     requests and adapter loads under `policy` (default: no gate, no guard, no CleanGen
     unless a request asks). The app drives the engine but does not own it: shutting the
-    engine down is the job of whoever runs the server (`run_server` does)."""
+    engine down is the job of whoever runs the server (`run_server` does).
+
+    `pending_adapters`: (name, path, static report) of start-up adapters whose behaviour
+    scan is still to run: listed as pending, scanned by the vetting thread (started here,
+    the only thread this starts) and served when they pass (server/adapter_loads.py)."""
     config = server_config or ServerConfig()
     policy = policy or ServingPolicy()
     models = ServedModels(ServedModel(id=engine.model_name, engine=engine))
     for extra in extra_models:
         models.add(extra)
+    loads = AdapterLoads(engine, models, policy)
     reports = getattr(policy.gate, "reports", {})  # the gate keeps the report of every adapter it vetted
-    for name in getattr(engine, "adapter_names", lambda: [])():  # adapters loaded at start-up
-        models.add(ServedModel(id=name, engine=engine.with_adapter(name), parent=engine.model_name,
-                               vetting=getattr(reports.get(name), "verdict", None)))
-    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy)
+    for name in getattr(engine, "adapter_names", list)():  # adapters loaded at start-up
+        report = reports.get(name)
+        loads.served(name, getattr(report, "path", None), report)
+    for name, path, report in pending_adapters:
+        loads.enqueue(name, path, report)
+    state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy,
+                        adapter_loads=loads)
 
     # No /docs; /openapi.json only with --openapi (fuzzers, client generators): a private
     # inference server has no reason to publish its schema to whoever can reach the port.
@@ -108,7 +119,7 @@ def _add_info_routes(app: FastAPI) -> None:
     # `:path` because HF-style ids contain a slash ("HuggingFaceTB/SmolLM2-135M-Instruct").
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
-        card = get_state(request).models.resolve(model_id).card()
+        card = get_state(request).models.lookup(model_id).card()
         return Response(card.model_dump_json(), media_type="application/json")
 
     @app.get("/metrics")
@@ -142,6 +153,8 @@ class BastionServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._state.draining = True
+        if self._state.adapter_loads is not None:
+            self._state.adapter_loads.close()  # no new scans; one in progress dies with the process
         # Concurrently with uvicorn's wait for open connections: the engine finishing
         # or aborting in-flight requests is what lets those connections close.
         engine_done = asyncio.ensure_future(self._engine.shutdown(self._grace_s))
@@ -161,11 +174,12 @@ class BastionServer(uvicorn.Server):
 
 
 def make_server(engine: Any, server_config: ServerConfig | None = None, *, app: FastAPI | None = None,
-                policy: ServingPolicy | None = None, **uvicorn_options: Any) -> BastionServer:
+                policy: ServingPolicy | None = None, pending_adapters: Iterable[tuple[str, str, Any]] = (),
+                **uvicorn_options: Any) -> BastionServer:
     """A BastionServer for `engine`; `uvicorn_options` override uvicorn.Config
-    arguments (log_level, log_config, access_log, ...)."""
+    arguments (log_level, log_config, access_log, ...); `pending_adapters`: build_app's."""
     config = server_config or ServerConfig()
-    app = app if app is not None else build_app(engine, config, policy=policy)
+    app = app if app is not None else build_app(engine, config, policy=policy, pending_adapters=pending_adapters)
     options: dict[str, Any] = {
         "host": config.host,
         "port": config.port,

@@ -1,12 +1,14 @@
 """Runtime adapter management (vLLM's endpoint names), behind a separate admin key.
 
-POST /v1/load_lora_adapter   {"lora_name": ..., "lora_path": ...}
-POST /v1/unload_lora_adapter {"lora_name": ...}
+POST /v1/load_lora_adapter   {"lora_name": ..., "lora_path": ...}  -> 200 loaded | 202 pending | 400
+POST /v1/unload_lora_adapter {"lora_name": ...}                     (a pending load is cancelled)
+GET  /v1/lora_adapters[/NAME]  every load: pending, served or refused, with its findings
 
 The admin key is distinct from the API key: users who may chat must not be able to
 plug new weights into the server. Without --admin-key the endpoints answer 403. The key
 is checked before the body is even parsed, so a caller without it learns nothing of the
-schema. Loading goes through the engine's vetting gate when one is configured.
+schema. Loading goes through the vetting gate when one is configured: its quick checks
+at once, the behaviour scan in the background (server/adapter_loads.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import os
-
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -23,8 +24,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bastion.config import ADAPTER_NAME_PATTERN
+from bastion.server.adapter_loads import NameTaken
 from bastion.server.errors import APIError
-from bastion.server.served_models import ServedModel
 from bastion.server.state import get_state
 from bastion.serving.adapter_rank import rank_too_large
 
@@ -70,36 +71,72 @@ def _require_admin(request: Request) -> None:
 
 @router.post("/v1/load_lora_adapter", openapi_extra=_schema(LoadAdapterRequest))
 async def load_adapter(request: Request) -> JSONResponse:
+    """200 "loaded": vetted (static checks and, from the scan cache, the behaviour scan)
+    and served. 202 "pending": static checks passed, the behaviour scan is queued; the
+    adapter is served when it passes (GET /v1/lora_adapters follows it)."""
     body = await _admin_body(request, LoadAdapterRequest)
     state = get_state(request)
-    base = state.models.resolve(None)
-    engine = base.engine
-    if body.lora_name in {m.id for m in state.models.all()}:
-        raise APIError(400, f"model id {body.lora_name!r} is already served", param="lora_name")
+    loads, name, path = state.adapter_loads, body.lora_name, body.lora_path
+    engine = state.models.lookup(None).engine
+    try:
+        loads.reserve(name)
+    except NameTaken as e:
+        raise APIError(e.status, str(e), param="lora_name", code=e.code) from None
+    vetting = None
     try:
         # vetting reads and hashes files: off the event loop
-        report = await asyncio.to_thread(state.policy.vet, body.lora_name, body.lora_path)
-        too_large = await asyncio.to_thread(rank_too_large, body.lora_path, getattr(engine, "lora_slot_rank", None))
+        vetting = await asyncio.to_thread(loads.vet_now, name, path)
+        too_large = await asyncio.to_thread(rank_too_large, path, getattr(engine, "lora_slot_rank", None))
         if too_large:
             raise ValueError(too_large)
-        await engine.load_adapter(body.lora_name, body.lora_path)
+        if vetting.scan_needed:
+            position = loads.enqueue(name, path, vetting.report)
+            return JSONResponse({"status": "pending", "lora_name": name, "vetting": "pending", "queue_position":
+                                 position, "message": f"static checks passed; adapter {name!r} is served once its "
+                                 "behaviour scan passes (GET /v1/lora_adapters shows its state)"}, status_code=202)
+        await engine.load_adapter(name, path)
+        loads.served(name, path, vetting.report)
     except ValueError as e:  # AdapterError, vetting refusal, LoRA not enabled
+        loads.refused(name, path, getattr(e, "report", None) or getattr(vetting, "report", None), str(e))
         raise APIError(400, str(e), param="lora_path", code="adapter_refused") from None
-    verdict = getattr(report, "verdict", None)
-    state.models.add(ServedModel(id=body.lora_name, engine=engine.with_adapter(body.lora_name), parent=base.id,
-                                 vetting=verdict))
-    return JSONResponse({"status": "loaded", "lora_name": body.lora_name, "vetting": verdict})
+    finally:
+        loads.release(name)
+    return JSONResponse({"status": "loaded", "lora_name": name, "vetting": vetting.verdict})
 
 
 @router.post("/v1/unload_lora_adapter", openapi_extra=_schema(UnloadAdapterRequest))
 async def unload_adapter(request: Request) -> JSONResponse:
+    """Unload a served adapter, or cancel a pending one ("status": "cancelled")."""
     body = await _admin_body(request, UnloadAdapterRequest)
     state = get_state(request)
-    if body.lora_name not in set(state.models.resolve(None).engine.adapter_names()):
+    if state.adapter_loads.cancel(body.lora_name):
+        return JSONResponse({"status": "cancelled", "lora_name": body.lora_name})
+    engine = state.models.lookup(None).engine
+    if body.lora_name not in set(engine.adapter_names()):
         raise APIError(404, f"adapter {body.lora_name!r} is not loaded", param="lora_name", code="model_not_found")
     try:
-        await state.models.resolve(None).engine.unload_adapter(body.lora_name)
+        await engine.unload_adapter(body.lora_name)
     except ValueError as e:
         raise APIError(409, str(e), param="lora_name") from None
     state.models.remove(body.lora_name)
+    state.adapter_loads.forget(body.lora_name)
     return JSONResponse({"status": "unloaded", "lora_name": body.lora_name})
+
+
+@router.get("/v1/lora_adapters")
+async def list_adapter_loads(request: Request) -> JSONResponse:
+    """Every adapter load: pending (with its static findings), served or refused (with
+    the findings that refused it), behind the admin key (paths and findings are the
+    operator's business)."""
+    _require_admin(request)
+    return JSONResponse({"object": "list", "data": get_state(request).adapter_loads.list()})
+
+
+@router.get("/v1/lora_adapters/{name}")
+async def get_adapter_load(name: str, request: Request) -> JSONResponse:
+    """One load with its whole scan report."""
+    _require_admin(request)
+    found = get_state(request).adapter_loads.get(name)
+    if found is None:
+        raise APIError(404, f"no load of adapter {name!r} is known", param="name", code="model_not_found")
+    return JSONResponse(found)

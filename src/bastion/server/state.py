@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import Request
 
@@ -27,6 +28,7 @@ class ServerState:
     metrics: ServerMetrics
     policy: ServingPolicy  # gate, CleanGen choice, output guards: fixed at start
     draining: bool = False  # set when shutdown begins: new requests get 503
+    adapter_loads: Any = None  # adapter_loads.AdapterLoads: every adapter load and the vetting thread
 
     def ensure_serving(self) -> None:
         if self.draining:
