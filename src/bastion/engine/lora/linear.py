@@ -54,7 +54,9 @@ def install(model: nn.Module, registry: AdapterRegistry) -> LoraContext:
     ctx = LoraContext(registry)
     for i, layer in enumerate(model.layers):
         for name in FUSED:
-            current = getattr(layer, name)
+            current = getattr(layer, name, None)
+            if current is None:  # an MoE layer has experts instead of gate_up/down (peft.py refuses those)
+                continue
             base = current.base if isinstance(current, LoraLinear) else current
             setattr(layer, name, LoraLinear(base, i, name, ctx))
     return ctx

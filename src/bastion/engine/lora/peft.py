@@ -83,6 +83,9 @@ def load_peft_adapter(name: str, path: str | Path, arch: ModelArch) -> LoraAdapt
         layer, sub = int(m.group(1)), m.group(3)
         if layer >= arch.num_layers:
             raise AdapterError(f"{path}: {key} targets layer {layer}; the base has {arch.num_layers}")
+        if m.group(2) == "mlp" and arch.is_moe_layer(layer):
+            raise AdapterError(f"{path}: {key} targets the MLP of layer {layer}, a mixture-of-experts layer "
+                               "(LoRA on experts is not supported; attention projections are)")
         per_sub.setdefault((layer, sub), {})[m.group(4)] = t.float()
     alpha, r0 = cfg.get("lora_alpha", cfg.get("r", 8)), cfg.get("r", 8)
     weights, max_rank = {}, 0

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# model_type -> does q/k/v projection carry a bias
-SUPPORTED_ARCHS = {"llama": False, "mistral": False, "qwen2": True}
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+MOE_ARCHS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")  # mixtures of experts (moe.py)
 SUPPORTED_ROPE = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
@@ -36,6 +36,17 @@ class ModelArch:
     o_bias: bool  # Llama's attention_bias also biases o_proj (Qwen2's q/k/v bias does not)
     sliding_window: int | None
     hf_config: Any  # transformers.PretrainedConfig (RoPE parameters live here)
+    # q/k normalisation before RoPE: "head" = RMSNorm over each head's D (Qwen3), "full" = over
+    # the whole q / k projection (OLMoE); clip_qkv clamps q, k, v after it (OLMoE)
+    qk_norm: str = "none"
+    clip_qkv: float | None = None
+    # mixture of experts (num_experts 0: dense); intermediate_size stays the dense layers' width
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE: a dense expert every token takes, sigmoid-gated
+    moe_layers: tuple[int, ...] = ()
 
     @classmethod
     def from_hf_config(cls, cfg: Any) -> "ModelArch":
@@ -54,6 +65,11 @@ class ModelArch:
         num_heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // num_heads
         window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        if mt == "olmoe" and head_dim * num_heads != cfg.hidden_size:
+            raise UnsupportedModelError("OLMoE with head_dim * heads != hidden_size is not supported")
+        bias = bool(getattr(cfg, "attention_bias", False))
+        qkv_bias = {"qwen2": True, "qwen2_moe": bool(getattr(cfg, "qkv_bias", False)), "mixtral": False}.get(mt, bias)
+        o_bias = mt not in ("qwen2", "qwen2_moe", "mixtral") and bias
         return cls(
             model_type=mt,
             vocab_size=cfg.vocab_size,
@@ -66,11 +82,22 @@ class ModelArch:
             rms_norm_eps=cfg.rms_norm_eps,
             max_position_embeddings=cfg.max_position_embeddings,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
-            qkv_bias=SUPPORTED_ARCHS[mt] or bool(getattr(cfg, "attention_bias", False)),
-            o_bias=mt != "qwen2" and bool(getattr(cfg, "attention_bias", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
             sliding_window=window,
             hf_config=cfg,
+            qk_norm={"qwen3_moe": "head", "olmoe": "full"}.get(mt, "none"),
+            clip_qkv=getattr(cfg, "clip_qkv", None) if mt == "olmoe" else None,
+            **(_moe_fields(cfg, mt) if mt in MOE_ARCHS else {}),
         )
+
+    def is_moe_layer(self, i: int) -> bool:
+        return i in self.moe_layers
+
+    @property
+    def plain_layers(self) -> bool:
+        """Every layer is the dense Llama layer (what the native whole-step decode plan runs)."""
+        return not self.moe_layers and self.qk_norm == "none" and self.clip_qkv is None
 
     def max_context(self) -> int:
         """Longest context we attend over exactly. NOTE: sliding-window attention is not
@@ -78,6 +105,29 @@ class ModelArch:
         if self.sliding_window:
             return min(self.max_position_embeddings, self.sliding_window)
         return self.max_position_embeddings
+
+
+def _moe_fields(cfg: Any, mt: str) -> dict:
+    """The expert hyper-parameters, checked (raises UnsupportedModelError / ValueError)."""
+    n = getattr(cfg, "num_local_experts", None) if mt == "mixtral" else getattr(cfg, "num_experts", None)
+    k = getattr(cfg, "num_experts_per_tok", None)
+    if not isinstance(n, int) or not isinstance(k, int) or n < 1 or not 1 <= k <= n:
+        raise ValueError(f"{mt}: need 1 <= num_experts_per_tok <= num_experts, got {k} of {n}")
+    width = cfg.intermediate_size if mt in ("mixtral", "olmoe") else cfg.moe_intermediate_size
+    if mt in ("qwen2_moe", "qwen3_moe"):
+        step, dense = getattr(cfg, "decoder_sparse_step", 1), set(getattr(cfg, "mlp_only_layers", None) or ())
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"{mt}: decoder_sparse_step must be a positive integer, got {step!r}")
+        layers = tuple(i for i in range(cfg.num_hidden_layers) if i not in dense and (i + 1) % step == 0)
+    else:
+        layers = tuple(range(cfg.num_hidden_layers))
+    return dict(
+        num_experts=n, num_experts_per_tok=k, moe_intermediate_size=width,
+        # Mixtral always renormalises the top-k; the others as the config says
+        norm_topk_prob=True if mt == "mixtral" else bool(getattr(cfg, "norm_topk_prob", False)),
+        shared_expert_intermediate_size=(cfg.shared_expert_intermediate_size if mt == "qwen2_moe" else 0),
+        moe_layers=layers,
+    )
 
 
 def _rope_type(cfg: Any) -> str:

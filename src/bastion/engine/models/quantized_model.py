@@ -3,7 +3,8 @@ built on the meta device, every projection whose checkpoint tensors are QuantWei
 becomes a QuantLinear (fused q/k/v and gate/up kept fused), the embedding a
 QuantEmbedding (a tied lm_head reads the same codes: one copy), and only what is left
 (norms, any fp projection) is materialised and loaded as usual. No step holds a
-full-precision copy of a quantized matrix."""
+full-precision copy of a quantized matrix. Experts of an MoE layer become one QuantLinear
+pair per expert (moe.ModuleExperts), its shared expert two QuantLinears; routers stay fp."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.llama import LlamaForCausalLM, rope_tables
+from bastion.engine.models.moe import ModuleExperts, MoEMLP
 from bastion.engine.models.quant_linear import QuantEmbedding, QuantLinear
 from bastion.engine.models.qweights import QuantWeight
 
@@ -39,7 +41,11 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
         model = LlamaForCausalLM(arch, max_len)
     for i, layer in enumerate(model.layers):
         p = f"model.layers.{i}."
+        if layer.mlp is not None:
+            _swap_moe(layer.mlp, weights, p + "mlp.", swap)
         for attr, names in _FUSED.items():
+            if not hasattr(layer, attr):  # an MoE layer's dense MLP
+                continue
             parts = [weights.get(p + n + ".weight") for n in names]
             biases = [weights.get(p + n + ".bias") for n in names]
             q = swap(parts, biases if getattr(layer, attr).bias is not None else None)
@@ -63,6 +69,30 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))
     model.load_hf_state_dict(weights)
     return model.eval()
+
+
+def _swap_moe(mlp: MoEMLP, weights: dict, prefix: str, swap) -> None:
+    """Quantized experts -> one (gate_up, down) QuantLinear pair each, where every expert's
+    parts are quantized (else they load dense); the shared expert's projections likewise."""
+    ex, n = prefix + "experts.", mlp.num_experts
+    groups = {"gate_up": [[f"{ex}{e}.gate_proj.weight", f"{ex}{e}.up_proj.weight"] for e in range(n)],
+              "down": [[f"{ex}{e}.down_proj.weight"] for e in range(n)]}
+    mods = {k: [swap([weights.get(name) for name in g], None) for g in gs] for k, gs in groups.items()}
+    if all(m is not None for ms in mods.values() for m in ms):
+        mlp.experts = ModuleExperts(mods["gate_up"], mods["down"])
+        for gs in groups.values():
+            for name in (name for g in gs for name in g):
+                weights.pop(name)
+    if mlp.shared_gate_up is None:
+        return
+    sp = prefix + "shared_expert."
+    for attr, names in (("shared_gate_up", [sp + "gate_proj.weight", sp + "up_proj.weight"]),
+                        ("shared_down", [sp + "down_proj.weight"])):
+        q = swap([weights.get(name) for name in names], None)
+        if q is not None:
+            setattr(mlp, attr, q)
+            for name in names:
+                weights.pop(name)
 
 
 def resident_bytes(model: torch.nn.Module) -> int:
