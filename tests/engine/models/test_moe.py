@@ -5,7 +5,9 @@
   save_pretrained and served by the real engine: several sequences of different lengths,
   chunked prefill mixed with decodes, every computed row compared;
 - the same from GGUF files written as llama.cpp writes them (stacked *_exps experts, Q8_0),
-  dense and with the experts kept quantized."""
+  dense and with the experts kept quantized;
+- sparse upcycling: E copies of a dense MLP under any router give the dense model's logits
+  (a tiny Llama through save/load and HF, and the real embedded SmolLM2)."""
 
 from __future__ import annotations
 
@@ -315,6 +317,63 @@ def test_tiny_moe_gguf_matches_hf(name, tmp_path):
                   float((decode_one_by_one(q, ids[:12]) - ref[:12]).abs().max()))
     print(f"{name} GGUF: max |logit - HF| dense {worst:.2e}, experts kept Q8_0 {worst_q:.2e}")
     assert worst <= TOL and worst_q <= TOL
+
+
+# ------------------------------------------------------------------ sparse upcycling: the exactness oracle
+def test_upcycled_tiny_llama_equals_dense_here_and_in_hf(tmp_path):
+    """E=4 copies of each MLP, top-2 under a random router: the same logits as the dense
+    Llama, through save_hf_dir -> our loader -> the engine, and through transformers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from bastion.engine.models.upcycle import save_hf_dir, upcycle
+
+    cfg = LlamaConfig(**{**_COMMON, "tie_word_embeddings": True}, intermediate_size=96)
+    hf = _hf_model(cfg, seed=3)
+    hf.save_pretrained(str(tmp_path / "dense"))
+    dense = load_checkpoint(str(tmp_path / "dense"), show_progress=False)
+    mcfg, w = upcycle(dense.arch, dense.weights, num_experts=4, top_k=2, seed=1, router_std=3.0)
+    save_hf_dir(tmp_path / "moe", mcfg, w)
+    moe = load_checkpoint(str(tmp_path / "moe"), show_progress=False)
+    assert (moe.arch.model_type, moe.arch.num_experts) == ("mixtral", 4)
+    texts = _texts([7, 33, 20], new=4, seed=2)
+    eng = make_engine(build_model(moe, torch.float32, max_len=256), num_blocks=32, max_num_batched_tokens=32,
+                      prefix_caching=False)
+    worst = _engine_vs_hf(eng, hf, texts, new=4)
+    hf_moe = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"), dtype=torch.float32).eval()
+    worst_hf = max(float((_hf_logits(hf_moe, t) - _hf_logits(hf, t)).abs().max()) for t in texts.values())
+    # the router is not idle: tokens spread over the experts
+    x = torch.randn(64, cfg.hidden_size)
+    _, idx = build_model(moe, torch.float32, max_len=64).layers[0].mlp.route(x)
+    assert len(idx.unique()) == 4
+    print(f"upcycled tiny Llama: max |logit - dense| ours {worst:.2e}, HF {worst_hf:.2e}")
+    assert worst <= TOL and worst_hf <= TOL
+
+
+def test_upcycled_smollm2_equals_dense(smol_ckpt, smol_fp32, gpl_ids):
+    """The real embedded SmolLM2 (Q4_1 dequantized, fp32) upcycled to 4 experts, top-2."""
+    from bastion.engine.models.upcycle import upcycle
+
+    t0 = time.perf_counter()
+    cfg, w = upcycle(smol_ckpt.arch, smol_ckpt.weights, num_experts=4, top_k=2, seed=0)
+    moe = build_model(types.SimpleNamespace(arch=ModelArch.from_hf_config(cfg), weights=w), torch.float32, max_len=128)
+    got = one_shot_logits(moe, gpl_ids)
+    ref = one_shot_logits(smol_fp32, gpl_ids)
+    worst = float((got - ref).abs().max())
+    print(f"upcycled SmolLM2 (4 experts, top-2): max |logit - dense| {worst:.2e}, {time.perf_counter() - t0:.1f} s")
+    assert float(ref.std()) > 1.0 and worst <= TOL
+
+
+def test_upcycle_arguments_are_checked():
+    from transformers import LlamaConfig, Qwen2Config
+
+    from bastion.engine.models.upcycle import upcycle
+
+    llama = ModelArch.from_hf_config(LlamaConfig(**_COMMON, intermediate_size=96))
+    for kw in (dict(num_experts=0), dict(num_experts=2, top_k=3), dict(num_experts=2, routers=[torch.zeros(2, 8)])):
+        with pytest.raises(ValueError):
+            upcycle(llama, {}, **kw)
+    with pytest.raises(ValueError, match="Llama or Mistral"):
+        upcycle(ModelArch.from_hf_config(Qwen2Config(**_COMMON, intermediate_size=96)), {}, 2)
 
 
 # ------------------------------------------------------------------ what is refused
