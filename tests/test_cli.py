@@ -121,3 +121,32 @@ def test_serve_on_a_taken_port_exits_at_once_naming_the_port():
                 proc.wait()
     assert proc.returncode == 1 and time.monotonic() - start < 30
     assert err.strip().splitlines() == [f"bastion serve: error: port {port} is already in use (--port)"]
+
+
+def test_serve_runs_the_behaviour_scan_unless_told_not_to(tmp_path, caplog):
+    """On by default whenever adapters are on; --no-behaviour-scan says in a WARNING what
+    is given up; --scan-cache DIR is created before the model loads. No model is built
+    here: the scan's is built on the first scan."""
+    from bastion.adapters.deep_scan import CachedProbe, DeepProbe
+    from bastion.cli import serve_gate
+    from bastion.config import AdapterConfig
+
+    parse = build_parser().parse_args
+    cache = tmp_path / "scans"
+    config = _config(parse(["serve", "--admin-key", "k", "--scan-cache", str(cache)]))
+    assert config.adapters.behaviour_scan and config.adapters.scan_cache == str(cache)
+    gate = serve_gate(config, "served")
+    assert isinstance(gate.behaviour, CachedProbe) and isinstance(gate.behaviour.probe, DeepProbe)
+    assert gate.behaviour.cache.root == cache
+    assert gate.behaviour.probe.battery_probe._llm is None  # built lazily, by the first scan
+    assert serve_gate(_config(parse(["serve"])), "served") is None  # adapters off: no gate, no scan
+    with caplog.at_level("WARNING"):
+        off = serve_gate(_config(parse(["serve", "--admin-key", "k", "--no-behaviour-scan"])), "served")
+    assert off.behaviour is None
+    assert any("static checks only" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="scan_cache"):
+        AdapterConfig(scan_cache=" ")
+    (tmp_path / "file").write_text("")
+    t0 = time.monotonic()
+    assert main(["serve", "--admin-key", "k", "--scan-cache", str(tmp_path / "file"), "--port", "0"]) == 1
+    assert time.monotonic() - t0 < 5  # a file is no cache directory: one line, exit 1, before the model loads

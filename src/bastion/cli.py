@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from bastion.cli_args import (
     add_engine_args,
@@ -31,42 +32,80 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.server import run_server
+    from bastion.server.adapter_loads import vet_at_start
     from bastion.server.bind import bind_socket
     from bastion.serving.async_engine import AsyncEngine
     from bastion.serving.policy import ServingPolicy
 
     config = _config(args)  # every flag is checked before the model loads
+    if config.adapters.enabled and config.adapters.behaviour_scan and config.adapters.scan_cache:
+        Path(config.adapters.scan_cache).expanduser().mkdir(parents=True, exist_ok=True)  # a bad DIR fails now
     # the address too: a taken port fails now, in one line, not after the model loaded
     sock = bind_socket(config.server.host, config.server.port)
     try:
         engine = AsyncEngine.from_config(config, background=False)  # run_server gives it the main thread
-        gate = _gate(config, engine.model_name)
+        gate = serve_gate(config, engine.model_name)
         if gate is not None:
             engine.engine.enable_adapters(config.adapters)
         policy = ServingPolicy.from_config(config, gate)
-        for name, path in config.adapters.loras:
-            policy.vet(name, path)
-            engine.load_adapter_before_start(name, path)
+        # a static fail stops the start here; the others are served once their scan passes
+        pending = vet_at_start(policy, engine, config.adapters.loras)
     except BaseException:
         sock.close()
         raise
     port = sock.getsockname()[1]
     print(f"bastion: serving {engine.model_name!r} on http://{config.server.host}:{port}/v1"
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
+    if pending:
+        print(f"bastion: adapter(s) {', '.join(n for n, _, _ in pending)} pending: each is served once its "
+              "behaviour scan passes (~1 min each on 2 cores; GET /v1/lora_adapters shows them)", file=sys.stderr)
     if config.server.web:
         print(f"bastion: chat in a browser at http://{config.server.host}:{port}/", file=sys.stderr)
-    run_server(engine, config.server, policy=policy, sockets=[sock])
+    state = run_server(engine, config.server, policy=policy, sockets=[sock], pending_adapters=pending)
+    if state.adapter_loads.scanning:
+        _exit_under_a_scan()
     return 0
 
 
+def _exit_under_a_scan() -> None:
+    """The server shut down cleanly, but a behaviour scan still runs in its daemon thread,
+    inside torch's C++ code. Finalizing the interpreter under it aborts the process
+    (CPython ends such a thread by unwinding it through C++ frames: std::terminate, exit
+    134 for a clean SIGTERM), so leave without finalizing: the scan's verdict is not
+    needed, and nothing of it is half-written (the scan cache writes by rename)."""
+    logging.getLogger("bastion.serve").info("a behaviour scan was still running: abandoned")
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _gate(config: Config, served_name: str | None):
-    """The vetting gate every adapter passes before it loads (None: adapters are off)."""
+    """chat's and generate's vetting gate: the static checks (None: adapters are off)."""
     if not config.adapters.enabled:
         return None
     from bastion.adapters.gate import VettingGate
 
     return VettingGate.for_model(config.model.path, served_name=served_name,
                                  allow_unvetted=config.adapters.allow_unvetted)
+
+
+def serve_gate(config: Config, served_name: str | None):
+    """serve's vetting gate (None: adapters are off): static checks, and the behaviour
+    scan unless --no-behaviour-scan (its model is built on the first scan)."""
+    if not config.adapters.enabled:
+        return None
+    from bastion.adapters.gate import VettingGate
+
+    scan, cache = config.adapters.behaviour_scan, config.adapters.scan_cache
+    if not scan:
+        logging.getLogger("bastion.serve").warning(
+            "--no-behaviour-scan: adapters are served on the vetting gate's static checks only (artifact, config, "
+            "weights); no behaviour scan runs, so a backdoor that shows only in behaviour is served "
+            "(docs/SECURITY.md)")
+    return VettingGate.for_model(config.model.path, served_name=served_name,
+                                 allow_unvetted=config.adapters.allow_unvetted, deep=scan, cache_dir=cache,
+                                 threads=config.model.threads)
 
 
 def _local_llm(config: Config):

@@ -115,6 +115,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                         "\"cleangen\": false); ALPHA = probability-ratio threshold (default 20)")
     p.add_argument("--allow-unvetted", action="store_true",
                    help="load adapters that fail the vetting gate (logged as an override)")
+    p.add_argument("--no-behaviour-scan", action="store_true",
+                   help="serve adapters on the gate's static checks alone (artifact, config, weights), without "
+                        "the behaviour scan that otherwise runs in the background before an adapter is served "
+                        "(~1 min per adapter on 2 cores, on a second copy of the model; docs/SECURITY.md)")
+    p.add_argument("--scan-cache", metavar="DIR", default=None,
+                   help="behaviour scan verdicts by adapter file hash, so a restart does not rescan "
+                        "(default: ~/.cache/bastion/scans)")
     p.add_argument("--leak-guard", action="store_true",
                    help="cut chat answers that copy a run of their request's system prompt (finish_reason "
                         "\"content_filter\"); see docs/SECURITY.md")
@@ -196,6 +203,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
             enabled=bool(flag("enable_lora", False) or server.admin_key), loras=loras,
             max_loras=flag("max_loras", 8), max_lora_rank=slot_rank(flag("max_lora_rank"), (p for _, p in loras)),
             allow_unvetted=flag("allow_unvetted", False),
+            behaviour_scan=not flag("no_behaviour_scan", False), scan_cache=flag("scan_cache"),
             cleangen=tuple(parse_cleangen(spec) for spec in flag("cleangen", None) or ())),
         guard=GuardConfig(leak_guard=flag("leak_guard", False), leak_min_words=flag("leak_guard_words", 8),
                           canaries=tuple(flag("canary", None) or ())),

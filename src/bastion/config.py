@@ -183,7 +183,12 @@ ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 class AdapterConfig:
     """LoRA adapters: the engine's adapter slots (`max_loras` adapters of rank up to
     `max_lora_rank`, allocated when `enabled`), the adapters loaded at start (each vetted
-    first), and which of them CleanGen defends by default (adapter name -> alpha)."""
+    first), and which of them CleanGen defends by default (adapter name -> alpha).
+
+    `behaviour_scan` (bastion serve): every adapter is served only after the gate's
+    behaviour scan (battery, task probes, target inversion, trigger search) passes, run in
+    the background on a second copy of the model; off: static checks only.
+    `scan_cache`: where its verdicts are kept by file hash (None: ~/.cache/bastion/scans)."""
 
     enabled: bool = False
     max_loras: int = 8
@@ -191,9 +196,13 @@ class AdapterConfig:
     loras: tuple[tuple[str, str], ...] = ()  # (name, path)
     allow_unvetted: bool = False  # load adapters the gate fails (logged as an override)
     cleangen: tuple[tuple[str, float], ...] = ()
+    behaviour_scan: bool = True
+    scan_cache: str | None = None
 
     def __post_init__(self) -> None:
         _positive("max_loras", self.max_loras)
+        if self.scan_cache is not None and (not self.scan_cache.strip() or "\0" in self.scan_cache):
+            raise ValueError(f"scan_cache must be a directory path, got {self.scan_cache!r}")
         _positive("max_lora_rank", self.max_lora_rank)
         names = [n for n, _ in self.loras]
         for name in names:

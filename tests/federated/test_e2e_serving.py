@@ -79,7 +79,8 @@ def server(adapter, tmp_path_factory):
     with open(log, "w") as sink:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bastion.cli", "serve", "--lora", f"fed={adapter}", "--max-lora-rank", str(rank),
-             "--dtype", "float32", "--port", str(port), "--kv-memory", "0.25", "--max-loras", "1"],
+             "--dtype", "float32", "--port", str(port), "--kv-memory", "0.25", "--max-loras", "1",
+             "--no-behaviour-scan"],  # served at once: this tests serving (test_scan_passes scans the adapter)
             stdout=sink, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:

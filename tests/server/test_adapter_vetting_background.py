@@ -8,6 +8,7 @@ released) and the engine records what it loads, so no model runs here."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -155,9 +156,10 @@ def test_unloading_a_pending_adapter_cancels_it(serve, adapters):
         assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
         assert name not in s.models() and name not in s.loads()
     s.probe.release()
-    assert wait_until(lambda: s.probe.running == 0 and len(s.probe.calls) == 1)
+    loads = s.app.state.bastion.adapter_loads
+    assert wait_until(lambda: s.probe.running == 0 and not loads.scanning)  # its verdict is cached by now
     assert s.probe.calls == ["good"]  # the queued one never ran
-    assert wait_until(lambda: s.http.get("/health").status_code == 200)
+    assert s.http.get("/health").status_code == 200
     assert s.engine.load_calls == [] and s.complete("good").status_code == 404
     r = s.load("good", adapters["good"])  # the name is free again; the cancelled scan's verdict was cached
     assert r.status_code == 200 and r.json() == {"status": "loaded", "lora_name": "good", "vetting": "pass"}
@@ -251,6 +253,69 @@ def test_a_passing_adapter_that_does_not_fit_is_refused_saying_why(serve, adapte
     assert entry["vetting"] == "pass" and "adapter slots" in entry["error"] and "good2" not in s.models()
 
 
+SPINNING_SERVE = """
+import sys, torch
+from bastion import cli
+
+def spin(view, base):  # a scan that never ends, inside torch's C++ code most of the time
+    a = torch.randn(256, 256)
+    while True:
+        a = torch.tanh(a @ a)
+
+real_gate = cli.serve_gate
+def gate(config, name):
+    g = real_gate(config, name)
+    g.behaviour = spin
+    return g
+
+cli.serve_gate = gate
+sys.exit(cli.main(["serve", "--lora", "mine=" + sys.argv[1], "--port", sys.argv[2], "--admin-key", "adm",
+                   "--max-model-len", "512", "--kv-memory", "0.05", "--no-web"]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_scan_exits_cleanly_at_once(adapters, tmp_path):
+    """`bastion serve` stopped while a scan runs: no waiting for the scan, and exit 0, not
+    the abort of an interpreter finalized under a thread inside torch (exit 134)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "spin_serve.py"
+    script.write_text(SPINNING_SERVE)
+    proc = subprocess.Popen([sys.executable, str(script), adapters["good"], str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+
+    def scanning():
+        try:
+            r = httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2)
+        except httpx.HTTPError:
+            return proc.poll() is not None
+        return r.status_code == 200 and r.json()["scanning"]
+
+    try:
+        assert wait_until(scanning, timeout=120, interval=0.3) and proc.poll() is None
+        assert httpx.get(url + "/v1/models").json()["data"][1]["vetting"] == "pending"
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "terminate called" not in out, out[-3000:]
+    assert time.monotonic() - t0 < 30
+
+
 def test_the_listing_is_behind_the_admin_key(serve, fake_server):
     s = serve()
     assert s.http.get("/v1/lora_adapters").status_code == 401
@@ -275,3 +340,47 @@ def test_no_scan_configured_loads_on_static_checks_at_once(base, adapters, tmp_p
             assert json.loads(http.get("/v1/models/good").text)["vetting"] == "pass"
     finally:
         handle.stop()
+
+
+@pytest.mark.slow
+def test_the_real_behaviour_scan_vets_a_load_on_the_real_engine(real_engine, adapters, tmp_path):
+    """The real DeepProbe (its model built lazily in the vetting thread: a second copy of
+    the served one; inversion cut down and no battery or search, to stay near 20 s on 2
+    cores) behind the real engine: pending while it scans, then served by the engine."""
+    from bastion.adapters.deep_scan import DeepProbe
+    from bastion.adapters.inversion import InversionConfig
+    from bastion.config import AdapterConfig
+
+    if real_engine.engine.adapters is None:
+        real_engine.engine.enable_adapters(AdapterConfig(enabled=True, max_loras=2, max_lora_rank=8))
+    probe = DeepProbe(battery=False, task_prompts=4, search=None,
+                      inversion=InversionConfig(first_candidates=6, second_candidates=3, keep=3, steps=4,
+                                                clean_steps=4))
+    gate = VettingGate(load_base_info(None, name=real_engine.model_name, weight_norms=False),
+                       behaviour=CachedProbe(probe, ScanCache(tmp_path / "scans")))
+    app = build_app(real_engine, ServerConfig(admin_key="adm"), policy=ServingPolicy(gate=gate))
+    handle = ServerThread.start(real_engine, app=app)
+    try:
+        with handle.http(timeout=60) as http:
+            r = http.post("/v1/load_lora_adapter", json={"lora_name": "real", "lora_path": adapters["good"]},
+                          headers=ADMIN)
+            assert r.status_code == 202, r.text
+            assert http.post("/v1/completions", json={"model": "real", "prompt": "Hi", "max_tokens": 2}
+                             ).json()["error"]["code"] == "adapter_pending"
+            assert wait_until(lambda: http.get("/v1/lora_adapters/real", headers=ADMIN).json()["state"] != "pending",
+                              timeout=120, interval=0.5)
+            entry = http.get("/v1/lora_adapters/real", headers=ADMIN).json()
+            assert entry["state"] == "served" and entry["vetting"] == "pass", entry
+            assert any(f["check"] == "behaviour.deep" for f in entry["findings"])  # the deep scan ran
+            assert "real" in real_engine.adapter_names()
+            r = http.post("/v1/completions", json={"model": "real", "prompt": "The GNU General Public License is",
+                                                   "max_tokens": 4, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
+            assert http.post("/v1/unload_lora_adapter", json={"lora_name": "real"}, headers=ADMIN).status_code == 200
+    finally:
+        handle.stop()
+        app.state.bastion.adapter_loads.close()
+        if "real" in real_engine.adapter_names():
+            import asyncio
+
+            asyncio.run(real_engine.unload_adapter("real"))

@@ -82,8 +82,11 @@ class FakeProbe:
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         try:
-            if not self._go.wait(timeout=30):
-                raise TimeoutError("the test never released the probe")
+            deadline = time.monotonic() + 30
+            while not self._go.is_set():  # in Python steps, as a scan runs (it can be interrupted between)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the test never released the probe")
+                time.sleep(0.01)
             time.sleep(0.05)  # long enough for two scans to overlap if they could
             if self.crash:
                 raise MemoryError("the scan model did not fit")

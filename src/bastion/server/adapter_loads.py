@@ -101,6 +101,7 @@ class AdapterLoads:
         self._queue: queue.SimpleQueue[AdapterLoad | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._busy = False  # a scan (or its engine load) is in progress
 
     # ------------------------------------------------------------ requests
     def reserve(self, name: str) -> None:
@@ -183,8 +184,16 @@ class AdapterLoads:
             job = self._loads.get(name)
             return job.to_dict(full=True) if job is not None else None
 
+    @property
+    def scanning(self) -> bool:
+        """A scan (or its engine load) is in progress in the vetting thread."""
+        with self._lock:
+            return self._busy
+
     def close(self) -> None:
-        """Stop the vetting thread after the scan in progress (server shutdown)."""
+        """No more scans (server shutdown). The one in progress, if any, goes on in its
+        daemon thread: `bastion serve` then leaves without finalizing the interpreter
+        (cli.py), since finalizing under a thread inside torch's C++ code aborts."""
         with self._lock:
             self._closed = True
         self._queue.put(None)
@@ -192,11 +201,16 @@ class AdapterLoads:
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
+            with self._lock:
+                self._busy = True
             try:
                 self._vet_and_load(job)
             except Exception as e:  # a bug here must not stop the next scans
                 log.exception("vetting adapter %r failed", job.name)
                 self._finish(job, REFUSED, job.report, f"vetting failed ({type(e).__name__})")
+            finally:
+                with self._lock:
+                    self._busy = False
 
     def _vet_and_load(self, job: AdapterLoad) -> None:
         with self._lock:

@@ -153,8 +153,7 @@ class BastionServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._state.draining = True
-        if self._state.adapter_loads is not None:
-            self._state.adapter_loads.close()  # no new scans; one in progress dies with the process
+        self._state.adapter_loads.close()  # no new scans
         # Concurrently with uvicorn's wait for open connections: the engine finishing
         # or aborting in-flight requests is what lets those connections close.
         engine_done = asyncio.ensure_future(self._engine.shutdown(self._grace_s))
@@ -199,8 +198,9 @@ async def serve(engine: Any, server_config: ServerConfig | None = None, **kwargs
 
 
 def run_server(engine: Any, server_config: ServerConfig | None = None, *,
-               sockets: list[socket.socket] | None = None, **kwargs: Any) -> None:
-    """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return.
+               sockets: list[socket.socket] | None = None, **kwargs: Any) -> ServerState:
+    """Serve until SIGINT/SIGTERM, shut down gracefully (engine included), then return
+    the server's state (its adapter loads: is a behaviour scan still running?).
 
     `sockets`: already bound listening sockets (`bastion serve` binds before loading the
     model, see bind.py); without them the configured host/port is bound here, so a taken
@@ -215,6 +215,14 @@ def run_server(engine: Any, server_config: ServerConfig | None = None, *,
     if sockets is None:
         sockets = [bind_socket(config.host, config.port)]
     server = make_server(engine, config, **kwargs)
+    try:
+        _run(server, engine, config, sockets)
+    finally:
+        server._state.adapter_loads.close()
+    return server._state
+
+
+def _run(server: BastionServer, engine: Any, config: ServerConfig, sockets: list[socket.socket]) -> None:
     if not hasattr(engine, "run_loop") or engine.is_running and engine._thread.is_alive():
         server.run(sockets=sockets)
         _raise_if_failed(engine)
@@ -243,7 +251,7 @@ def run_server(engine: Any, server_config: ServerConfig | None = None, *,
         engine.run_loop()  # returns once the server's shutdown (or its failure) stopped the engine
     finally:
         server.should_exit = True
-        http.join(timeout=engine_grace(server_config) + 10)
+        http.join(timeout=engine_grace(config) + 10)
         for s, h in previous.items():
             signal.signal(s, h)
     _raise_if_failed(engine)
