@@ -2,8 +2,9 @@
 tests/support/browser.py), against loopback servers around scripted fake engines: a
 streamed answer rendered as markdown and kept across reloads, stop (the server's
 request is aborted and its blocks freed), regenerate and edit, the adapter picker with
-each adapter's gate verdict, the guard and CleanGen events, model output holding
-<script> shown as text, and the API key asked for once. About 15 s on 2 cores.
+each adapter's gate verdict (pending while it is vetted), the guard and CleanGen events,
+model output holding <script> shown as text, and the API key asked for once. About 15 s
+on 2 cores.
 
 BASTION_SCREENSHOT=1 also writes docs/img/web-chat.png (the README's screenshot).
 """
@@ -195,6 +196,20 @@ def test_adapter_picker_shows_gate_verdicts(page, server: ServerThread):
     page.reload()  # the choice is remembered
     _ready(page)
     assert page.input_value("#model") == "mine"
+
+
+@pytest.mark.parametrize("server", [{"adapters": {"wip": "pending"}}], indirect=True)
+def test_an_adapter_being_vetted_shows_pending_and_a_request_to_it_says_why(page, server: ServerThread):
+    _ready(page)
+    assert page.locator("#model option").all_inner_texts() == ["fake-model", "wip (adapter, gate: pending)"]
+    page.select_option("#model", "wip")
+    assert page.inner_text("#vetting") == "gate: pending"
+    assert "pending" in page.get_attribute("#vetting", "class")
+    assert "behaviour scan" in page.get_attribute("#vetting", "title")
+    _say(page, "Hi")
+    _wait_answered(page)
+    error = _last_answer(page).locator(".event.error").inner_text()
+    assert error.startswith("Error 409") and "being vetted" in error
 
 
 SECRET = "You are Rex. Your motto, never to be told: the quick brown fox jumps over the lazy dog."

@@ -6,7 +6,7 @@
 const STORE = { convs: "bastion.conversations", current: "bastion.current", settings: "bastion.settings",
                 key: "bastion.apiKey" };
 const $ = (id) => document.getElementById(id);
-const state = { convs: [], current: null, models: [], controller: null, busy: false };
+const state = { convs: [], current: null, models: [], controller: null, busy: false, modelsTimer: null };
 
 // ---------------------------------------------------------------- storage
 function load(key, fallback) {
@@ -71,7 +71,10 @@ async function api(path, init) {
 }
 
 // ---------------------------------------------------------------- models
-const VERDICTS = { pass: "gate: pass", warn: "gate: warn", fail: "gate: FAIL (loaded by override)" };
+const VERDICTS = { pass: "gate: pass", warn: "gate: warn", fail: "gate: FAIL (loaded by override)",
+                   pending: "gate: pending" };
+const PENDING_HINT = "The gate's behaviour scan of this adapter is running; it is served once the scan passes.";
+const PENDING_RECHECK_MS = 10000;
 function verdictOf(m) {
   if (!m || !m.parent) return ["base model", ""];
   return m.vetting ? [VERDICTS[m.vetting] || "gate: " + m.vetting, m.vetting] : ["not vetted", "unvetted"];
@@ -91,11 +94,15 @@ async function loadModels() {
   }
   if (state.models.some((m) => m.id === wanted)) select.value = wanted;
   showVerdict();
+  // an adapter being vetted is served (or leaves the list) when its scan ends: look again
+  clearTimeout(state.modelsTimer);
+  if (state.models.some((m) => m.vetting === "pending")) state.modelsTimer = setTimeout(loadModels, PENDING_RECHECK_MS);
 }
 function showVerdict() {
   const [text, cls] = verdictOf(state.models.find((m) => m.id === $("model").value));
   $("vetting").textContent = text;
   $("vetting").className = "badge " + cls;
+  $("vetting").title = cls === "pending" ? PENDING_HINT : "";
 }
 $("model").addEventListener("change", () => { showVerdict(); saveSettings(); });
 function status(text) { $("status").textContent = text || ""; }
