@@ -52,3 +52,18 @@ def test_adapter_config_checks_names_and_cleangen_targets():
     with pytest.raises(ValueError, match="unique"):
         AdapterConfig(loras=(("a", "/x"), ("a", "/y")))
     assert AdapterConfig(loras=(("a", "/x"),)).enabled  # adapters at start need the slots
+
+
+def test_vet_static_is_the_whole_check_for_gates_without_a_quick_part():
+    class _TwoStep(_Gate):
+        def check_static(self, name, path):
+            return "static report", True
+
+    gate = _Gate()
+    vetting = ServingPolicy(gate=gate).vet_static("a", "/ok")
+    assert vetting.report == "report" and not vetting.scan_needed and gate.checked == [("a", "/ok")]
+    assert ServingPolicy().vet_static("a", "/x").report is None
+    two = _TwoStep()
+    assert ServingPolicy(gate=two).vet_static("a", "/ok").scan_needed and two.checked == []
+    with pytest.raises(ValueError, match="refused"):
+        ServingPolicy(gate=_Gate()).vet_static("b", "/bad")
