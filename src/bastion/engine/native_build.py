@@ -27,8 +27,10 @@ ISA_FLAGS = {"native": ("-march=native",), "avx2": ("-mavx2", "-mfma", "-mf16c")
 
 
 @functools.cache
-def build(name: str, source: Path | tuple[Path, ...], isa: str = "native") -> tuple[ModuleType | None, str]:
-    """(module, "") or (None, why). Cached per process: one build attempt per (name, isa)."""
+def build(name: str, source: Path | tuple[Path, ...], isa: str = "native",
+          defines: tuple[str, ...] = ()) -> tuple[ModuleType | None, str]:
+    """(module, "") or (None, why). Cached per process: one build attempt per (name, isa,
+    defines); `defines`: extra -D macros (also part of the cache key on disk)."""
     if isa not in ISA_FLAGS:
         raise ValueError(f"isa {isa!r}: expected one of {tuple(ISA_FLAGS)}")
     try:
@@ -39,7 +41,7 @@ def build(name: str, source: Path | tuple[Path, ...], isa: str = "native") -> tu
         full = f"{name}_{isa}_" + re.sub(r"\W", "_", torch.__version__)
         log.info("loading native kernel %s (compiled on first use per machine, ~25 s)", full)
         sources = [str(s) for s in (source if isinstance(source, tuple) else (source,))]
-        mod = load(full, sources, extra_cflags=[*BASE_CFLAGS, *ISA_FLAGS[isa]], verbose=False)
+        mod = load(full, sources, extra_cflags=[*BASE_CFLAGS, *ISA_FLAGS[isa], *(f"-D{d}" for d in defines)], verbose=False)
         return mod, ""
     except Exception as e:  # no compiler, no ninja, a compile error: all mean "use torch ops"
         return None, f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"

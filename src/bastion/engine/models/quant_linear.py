@@ -34,9 +34,9 @@ log = logging.getLogger(__name__)
 
 # the model's CPU kernels, one module: quantized linears, the fused layer ops (layer_ops.py) and
 # the whole-step decode (fused_decode.py), which also calls the fp32 cache's decode attention
-_SRC = tuple(Path(__file__).parent / "csrc" / f for f in (
-    "qlinear.cpp", "qlinear_int8.cpp", "decode_ops.cpp", "decode_layers.cpp")) + (
-    Path(__file__).parents[1] / "kv_cache" / "csrc" / "fp_decode.cpp",)
+_KERNELS = tuple(Path(__file__).parent / "csrc" / f for f in ("qlinear.cpp", "qlinear_int8.cpp", "decode_ops.cpp"))
+_SRC = _KERNELS + (Path(__file__).parent / "csrc" / "decode_layers.cpp",
+                   Path(__file__).parents[1] / "kv_cache" / "csrc" / "fp_decode.cpp")
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)
 # integer activations for batch-1 rows only: from 2 rows the fp32 kernel's multi-row bodies
 # read W once for all rows and catch up (measured, 2 threads, [4096, 11008] Q4_0, ms:
@@ -47,7 +47,10 @@ TILE_BYTES = 8 * 2**20  # fp32 bytes of one dequantized tile of W
 
 @functools.cache
 def load_qkernel(isa: str = "native") -> ModuleType | None:
-    mod, why = build("bastion_qlinear", _SRC, isa)
+    # A lower ISA than the machine's is only built to test the kernels' fallback bodies: it
+    # leaves the decode plan out (the plan only calls those kernels), halving its build time.
+    mod, why = (build("bastion_qlinear", _SRC, isa) if isa == "native"
+                else build("bastion_qlinear", _KERNELS, isa, defines=("BASTION_KERNELS_ONLY",)))
     if mod is None:
         log.warning("native quantized-linear kernel unavailable (%s); using dequantized tiles", why)
     return mod

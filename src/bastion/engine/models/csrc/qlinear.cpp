@@ -430,11 +430,15 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D);
 
+#ifndef BASTION_KERNELS_ONLY  // (the kernels alone: the lower-ISA builds that test fallbacks)
 // decode_layers.cpp
 void register_decode_plan(pybind11::module& m);
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifndef BASTION_KERNELS_ONLY
   register_decode_plan(m);
+#endif
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows");
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm(x)");
   m.def("rope_", &rope_, "rotate the first n heads of [T, *, D] rows in place (HF rotate-half)");
