@@ -144,3 +144,18 @@ def teacher_force(engine: LLMEngine, text_ids: list[int], end: int | None = None
             else:
                 req.token_ids.append(text_ids[req.num_tokens])
     return records, batches
+
+
+def randomize(model, seed: int) -> None:
+    """HF's init (std 0.02, zero biases, unit norms) makes near-uniform attention, tiny
+    logits and near-uniform MoE routers that would hide errors; use weights that give
+    O(1..10) logits and routers that prefer some experts instead."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 1.5)

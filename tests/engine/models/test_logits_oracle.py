@@ -17,7 +17,7 @@ from bastion.engine.models.loader import embedded_model_path, load_checkpoint
 from bastion.serving.tokenizer import load_tokenizer
 from bastion.engine.sampling_params import SamplingParams
 
-from tests.support.engines import build_model, make_engine, one_shot_logits, teacher_force
+from tests.support.engines import build_model, make_engine, one_shot_logits, randomize, teacher_force
 
 TOL = 1e-3
 
@@ -74,20 +74,6 @@ def _configs():
     }
 
 
-def _randomize(model, seed: int) -> None:
-    """HF's init (std 0.02, zero biases, unit norms) makes near-uniform attention and tiny
-    logits that would hide errors; use weights that give O(1..10) logits instead."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 1.5)
-
-
 @pytest.fixture(scope="module")
 def smol_tokenizer_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
@@ -102,7 +88,7 @@ def _hf_dir(name, cfg, tmp_path, tok_dir, shard: bool = False):
 
     torch.manual_seed(0)
     hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    _randomize(hf, seed=abs(hash(name)) % 2**31)
+    randomize(hf, seed=abs(hash(name)) % 2**31)
     d = tmp_path / name
     hf.save_pretrained(str(d), **({"max_shard_size": "2MB"} if shard else {}))
     for f in tok_dir.iterdir():
@@ -159,7 +145,7 @@ def test_tiny_gguf_q8_matches_hf(arch_name, tmp_path, gpl_ids):
     else:
         cfg = Qwen2Config(**{**_COMMON, "vocab_size": 512})
     hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    _randomize(hf, seed=5)
+    randomize(hf, seed=5)
     q8 = gguf.GGMLQuantizationType.Q8_0
     p = tmp_path / f"tiny-{arch_name}.gguf"
     w = gguf.GGUFWriter(str(p), arch_name)

@@ -23,7 +23,7 @@ from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.moe import ModuleExperts, MoEMLP, StackedExperts
 from bastion.engine.sampling_params import SamplingParams
 
-from tests.support.engines import build_model, decode_one_by_one, make_engine, one_shot_logits
+from tests.support.engines import build_model, decode_one_by_one, make_engine, one_shot_logits, randomize
 
 TOL = 1e-4
 V = 512
@@ -48,24 +48,11 @@ def _configs(gguf: bool = False):
     }
 
 
-def _randomize(model, seed: int) -> None:
-    """O(1) logits and routers that prefer some experts (HF's init is near-uniform)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5 * 1.5)
-
-
 def _hf_model(cfg, seed: int = 0):
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32).eval()
-    _randomize(hf, seed)
+    randomize(hf, seed)
     return hf
 
 
