@@ -12,7 +12,19 @@ import os
 import re
 from pathlib import Path
 
-from bastion.config import ACTIVATIONS, ADAPTER_NAME_PATTERN, AdapterConfig, CacheConfig, Config, GuardConfig, ModelConfig, SchedulerConfig, ServerConfig
+from bastion.config import (
+    ACTIVATIONS,
+    ADAPTER_NAME_PATTERN,
+    SCHEDULING_POLICIES,
+    AdapterConfig,
+    CacheConfig,
+    ClusterConfig,
+    Config,
+    GuardConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
 from bastion.serving.adapter_rank import DEFAULT_SLOT_RANK, slot_rank
 
 
@@ -138,6 +150,19 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-web", action="store_true", help="do not serve the chat page at / (the API is unchanged)")
     p.add_argument("--admin-key", default=None,
                    help="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter (X-Admin-Key header)")
+    p.add_argument("--api-keys", metavar="FILE", default=None,
+                   help="per-tenant API keys (TOML: [[keys]] name, key, max_concurrent, tokens_per_min, adapters, "
+                        "weight); every request then needs one of them (docs/DEPLOY.md)")
+    p.add_argument("--scheduling-policy", default="fcfs", choices=list(SCHEDULING_POLICIES),
+                   help="fcfs: arrival order; priority: the request's \"priority\" (lower first), preempting lower "
+                        "priorities under KV pressure; fair: tenants (API keys) share by a virtual token counter")
+    g = p.add_argument_group("cluster (Ray Serve; needs the 'cluster' extra)")
+    g.add_argument("--replicas", type=int, default=0, metavar="N",
+                   help="serve N engines as a Ray Serve deployment behind this API (0: one engine in this process)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one")
+    g.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling lower bound")
+    g.add_argument("--max-replicas", type=int, default=None, metavar="N", help="autoscaling upper bound")
 
 
 def parse_lora(spec: str, *, bare_path: bool = False) -> tuple[str, str]:
@@ -167,6 +192,42 @@ def lora_specs(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return tuple(parse_lora(s) for s in spec)
 
 
+def read_api_keys(path: str) -> tuple:
+    """--api-keys FILE (TOML) -> ApiKeyConfig per [[keys]] table; a bad file is a ValueError
+    naming it (the CLI's one-line error), never a traceback."""
+    import tomllib
+
+    from bastion.config import ApiKeyConfig
+    from bastion.safe_io import read_regular
+
+    try:
+        doc = tomllib.loads(read_regular(path, max_bytes=2**20).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"--api-keys {path}: {e}") from None
+    keys = doc.get("keys")
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) for k in keys):
+        raise ValueError(f"--api-keys {path}: expected one or more [[keys]] tables")
+    fields = {"name", "key", "max_concurrent", "tokens_per_min", "adapters", "weight"}
+    out = []
+    for i, entry in enumerate(keys):
+        unknown = set(entry) - fields
+        if unknown or "name" not in entry or "key" not in entry:
+            raise ValueError(f"--api-keys {path}: keys[{i}] needs name and key; unknown fields "
+                             f"{sorted(unknown)} (allowed: {sorted(fields)})")
+        types = {"name": str, "key": str, "max_concurrent": int, "tokens_per_min": int, "weight": (int, float)}
+        for name, kind in types.items():
+            if name in entry and (not isinstance(entry[name], kind) or isinstance(entry[name], bool)):
+                raise ValueError(f"--api-keys {path}: keys[{i}].{name} has the wrong type")
+        adapters = entry.get("adapters")
+        if adapters is not None and (not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters)):
+            raise ValueError(f"--api-keys {path}: keys[{i}].adapters must be a list of adapter names")
+        out.append(ApiKeyConfig(name=entry["name"], key=entry["key"], max_concurrent=entry.get("max_concurrent"),
+                                tokens_per_min=entry.get("tokens_per_min"),
+                                adapters=tuple(adapters) if adapters is not None else None,
+                                weight=float(entry.get("weight", 1.0))))
+    return tuple(out)
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
     """The whole Config from flags (commands without a flag get its default)."""
     from bastion.guard.cleangen import parse_cleangen
@@ -183,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         openapi=flag("openapi", False),
         engine_stall_s=flag("engine_stall_s", 120.0),
         web=not flag("no_web", False),
+        api_keys=read_api_keys(flag("api_keys")) if flag("api_keys") else (),
     )
     loras = lora_specs(args)
     return Config(
@@ -196,7 +258,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           kv_hadamard=args.kv_hadamard, kv_clip=args.kv_clip,
                           kv_value_group=args.kv_value_group, kv_kernel=args.kv_kernel),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_waiting=flag("max_waiting", 256)),
+                                  max_waiting=flag("max_waiting", 256),
+                                  policy=flag("scheduling_policy", "fcfs")),
         server=server,
         adapters=AdapterConfig(
             # the admin key is for loading adapters at run time: it needs the slots
@@ -207,4 +270,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
             cleangen=tuple(parse_cleangen(spec) for spec in flag("cleangen", None) or ())),
         guard=GuardConfig(leak_guard=flag("leak_guard", False), leak_min_words=flag("leak_guard_words", 8),
                           canaries=tuple(flag("canary", None) or ())),
+        cluster=ClusterConfig(replicas=flag("replicas", 0) or 0, ray_address=flag("ray_address"),
+                              min_replicas=flag("min_replicas"), max_replicas=flag("max_replicas")),
     )

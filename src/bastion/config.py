@@ -146,16 +146,27 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Continuous batching: at most `max_num_seqs` running requests and at most
-    `max_num_batched_tokens` tokens (prefill chunks + decodes) per engine step."""
+    `max_num_batched_tokens` tokens (prefill chunks + decodes) per engine step.
+
+    `policy` orders admission and preemption (engine/scheduler_policy.py): fcfs (arrival),
+    priority (a request's `priority`, lower first, ties by arrival; a waiting request may
+    preempt a running one of lower priority), fair (tenants served by a virtual token
+    counter: the tenant that has received the least service goes first)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_waiting: int = 256  # queue bound; the server answers 429 beyond it
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _positive("max_waiting", self.max_waiting)
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {self.policy!r}")
+
+
+SCHEDULING_POLICIES = ("fcfs", "priority", "fair")
 
 
 @dataclass(frozen=True)
@@ -222,6 +233,31 @@ class AdapterConfig:
 
 
 @dataclass(frozen=True)
+class ApiKeyConfig:
+    """One tenant's API key (`bastion serve --api-keys FILE`): its name (the tenant in
+    logs, metrics and fair scheduling), the secret, its limits (None: unlimited) and the
+    adapters it may see and use (None: all; the base model is always visible)."""
+
+    name: str
+    key: str
+    max_concurrent: int | None = None  # requests in flight at once; 429 beyond
+    tokens_per_min: int | None = None  # prompt + generated tokens in any 60 s; 429 beyond
+    adapters: tuple[str, ...] | None = None
+    weight: float = 1.0  # share under --scheduling-policy fair (2.0: twice the service)
+
+    def __post_init__(self) -> None:
+        if not re.match(ADAPTER_NAME_PATTERN, self.name) or len(self.name) > 64:
+            raise ValueError(f"api key name {self.name!r}: use letters, digits and . _ : - (not first)")
+        if len(self.key) < 8 or any(c.isspace() for c in self.key):
+            raise ValueError(f"api key {self.name!r}: the key must be at least 8 characters, no spaces")
+        for field_name in ("max_concurrent", "tokens_per_min"):
+            if getattr(self, field_name) is not None:
+                _positive(f"{self.name}.{field_name}", getattr(self, field_name))
+        if not self.weight > 0:
+            raise ValueError(f"api key {self.name!r}: weight must be > 0, got {self.weight!r}")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -237,8 +273,16 @@ class ServerConfig:
     # /health answers 503 when one engine step has run this long (a wedged engine).
     engine_stall_s: float = 120.0
     web: bool = True  # the chat page at GET / (server/web_page.py); its API calls still need api_key
+    # per-tenant keys (server/tenants.py); with them every request needs one of these keys
+    # (api_key, if also set, is one more tenant named "default" with no limits)
+    api_keys: tuple[ApiKeyConfig, ...] = ()
 
     def __post_init__(self) -> None:
+        names = [k.name for k in self.api_keys]
+        if len(set(names)) != len(names):
+            raise ValueError(f"api key names must be unique, got {names}")
+        if len({k.key for k in self.api_keys}) != len(self.api_keys):
+            raise ValueError("two api keys have the same secret")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         _positive("max_tokens_default", self.max_tokens_default)
@@ -246,6 +290,35 @@ class ServerConfig:
         _positive("engine_stall_s", self.engine_stall_s)
         if self.shutdown_grace_s < 0:
             raise ValueError("shutdown_grace_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Serving past one engine on Ray Serve (server/cluster/): `replicas` Bastion engines as
+    one Ray Serve deployment behind the same API (0: no Ray, one engine in this process).
+    `ray_address`: join that Ray cluster (None: start a local one). `min_replicas` and
+    `max_replicas` (both None: a fixed `replicas`) bound autoscaling from queue depth."""
+
+    replicas: int = 0
+    ray_address: str | None = None
+    min_replicas: int | None = None
+    max_replicas: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {self.replicas}")
+        if (self.min_replicas is None) != (self.max_replicas is None):
+            raise ValueError("give both min_replicas and max_replicas (autoscaling bounds) or neither")
+        if self.min_replicas is not None:
+            if not 1 <= self.min_replicas <= self.max_replicas:
+                raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {self.min_replicas}, "
+                                 f"{self.max_replicas}")
+            if self.replicas and not self.min_replicas <= self.replicas <= self.max_replicas:
+                raise ValueError(f"replicas={self.replicas} is outside [{self.min_replicas}, {self.max_replicas}]")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.replicas or self.min_replicas or self.ray_address)
 
 
 @dataclass(frozen=True)
@@ -258,3 +331,4 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)  # applied around the engine, per request
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)  # Ray Serve replicas (server/cluster/)
