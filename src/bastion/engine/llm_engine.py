@@ -19,7 +19,7 @@ from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.model_runner import ModelRunner, StepLogits
 from bastion.engine.models.quantized_model import resident_bytes
 from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
-from bastion.engine.request import Request, TokenFilter, Track
+from bastion.engine.request import Request, Scheduling, TokenFilter, Track
 from bastion.engine.sampler import Sampler, token_logprobs
 from bastion.engine.sampling_params import SamplingParams
 from bastion.engine.scheduler import ScheduledBatch, Scheduler
@@ -61,12 +61,13 @@ class LLMEngine:
     # ------------------------------------------------------------------ requests
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                     adapter: str | None = None, cache_salt: str = "", token_filter: TokenFilter | None = None,
-                    ) -> None:
+                    scheduling: Scheduling | None = None) -> None:
         """`adapter` names the weights of track 0 (None: the base model). `cache_salt`
         separates prefix-cache namespaces (e.g. per tenant, so one tenant cannot probe
         another's cached prompts through time-to-first-token). `token_filter` sees every
         sampled token with the logits of the extra tracks it asks for (`tracks`), which
-        run in the same batch, and may replace it."""
+        run in the same batch, and may replace it. `scheduling`: priority and tenant, for
+        the scheduler's policy (default: priority 0, no tenant)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         if not prompt_token_ids:
@@ -89,7 +90,7 @@ class LLMEngine:
             raise PromptTooLongError(f"prompt + max_tokens = {total} tokens on {len(tracks)} track(s) cannot fit "
                                      f"the KV cache ({bm.num_blocks * bm.block_size} tokens)")
         req = Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id, tracks=tracks,
-                      token_filter=token_filter)
+                      token_filter=token_filter, scheduling=scheduling or Scheduling())
         self.requests[request_id] = req
         self.scheduler.add(req)
         self.prompt_tokens_total += len(prompt_token_ids)

@@ -35,6 +35,21 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
+@dataclass(frozen=True)
+class Scheduling:
+    """How the scheduler ranks a request (engine/scheduler_policy.py): `priority` (lower
+    first, under the priority policy) and the `tenant` it is served for, with the tenant's
+    `weight` (its share under the fair policy). The engine gives these no other meaning."""
+
+    priority: int = 0
+    tenant: str = ""
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0:
+            raise ValueError(f"tenant weight must be > 0, got {self.weight!r}")
+
+
 @dataclass
 class Track:
     adapter_slot: int = 0  # 0 = the base model; else the adapter registry's slot
@@ -52,6 +67,7 @@ class Request:
     eos_token_id: int | None = None
     tracks: list[Track] = field(default_factory=lambda: [Track()])
     token_filter: TokenFilter | None = None
+    scheduling: Scheduling = field(default_factory=Scheduling)
     arrival: float = field(default_factory=time.monotonic)
     # NOTE: token_ids = prompt + outputs. The scheduler only ever compares
     # num_computed_tokens with len(token_ids); prefill and decode are not phases. Every
@@ -69,6 +85,7 @@ class Request:
     # fails again names the culprit (LLMEngine._contain).
     isolated: bool = False
     num_replaced_tokens: int = 0  # tokens the token filter changed
+    num_charged_tokens: int = 0  # service counted by the fair policy (high-water mark, not recompute)
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -4,8 +4,13 @@ It counts tokens, not phases: each request has `num_tokens` (prompt + outputs) a
 `num_computed_tokens` (KV written). A step gives each running request what it still
 needs (1 token for a decode, a chunk for a prompt) within the budget, then admits
 waiting requests. KV memory is visible only through the block manager's answers;
-when it says no, the newest running request is preempted by recompute (its blocks are
-freed and it goes back to the front of the queue with all its tokens kept).
+when it says no, the least deserving running request is preempted by recompute (its
+blocks are freed and it goes back to the queue with all its tokens kept).
+
+Who is most deserving is the policy's call (scheduler_policy.py: fcfs, priority, fair):
+running requests are served in its order, the best waiting request is admitted next,
+and a waiting request the policy lets displace a running one preempts it when memory or
+the running-request limit would otherwise keep it out.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from bastion.config import SchedulerConfig
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.request import Request, Status
+from bastion.engine.scheduler_policy import make_policy
 
 
 @dataclass
@@ -38,8 +44,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.policy = make_policy(config.policy)
 
     def add(self, req: Request) -> None:
+        self.policy.on_add(req)
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -52,7 +60,8 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.config.max_num_batched_tokens
         preempted = False
-        # 1) running requests, oldest first; on memory pressure evict from the back
+        self.running.sort(key=self.policy.rank)  # fcfs: by arrival (a re-admitted request is old)
+        # 1) running requests, most deserving first; on memory pressure evict from the back
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
@@ -68,18 +77,48 @@ class Scheduler:
                 budget -= n
                 i += 1
         # 2) admit waiting requests (not in a step that had to preempt: memory is tight)
-        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
+        while self.waiting and budget > 0 and not preempted:
+            req = self._best_waiting()
+            if len(self.running) >= self.config.max_num_seqs:
+                freed = self._displace(req, batch)
+                if freed < 0:
+                    break
+                budget += freed
             hits = self.bm.match_prefix(req)
             n = min(req.num_tokens - self._start(req, hits), budget)
             if not self.bm.allocate(req, n, hits):
-                break
-            self.waiting.popleft()
+                freed = self._displace(req, batch)
+                if freed < 0:
+                    break
+                budget += freed
+                continue
+            self.waiting.remove(req)
             req.status = Status.RUNNING
             self.running.append(req)
             batch.items.append((req, n))
             budget -= n
+        for req, n in batch.items:
+            self.policy.charge(req, n)
         return batch
+
+    def _best_waiting(self) -> Request:
+        return self.waiting[0] if self.policy.name == "fcfs" else min(self.waiting, key=self.policy.rank)
+
+    def _displace(self, req: Request, batch: ScheduledBatch) -> int:
+        """Preempt the least deserving running request if the policy lets `req` displace
+        it; it leaves this step's batch (nothing has run yet). Returns the budget it gave
+        back, -1 if nothing was displaced."""
+        if not self.running or not self.policy.displaces(req, self.running[-1]):
+            return -1
+        victim = self.running.pop()
+        freed = 0
+        for j, (r, n) in enumerate(batch.items):
+            if r is victim:
+                del batch.items[j]
+                freed = n
+                break
+        self._preempt(victim)
+        return freed
 
     def _schedule_alone(self, req: Request) -> ScheduledBatch:
         """One step of an isolated request and nothing else; others are preempted if it
@@ -132,5 +171,6 @@ class Scheduler:
             except ValueError:
                 pass
         self.bm.free_request(req)
+        self.policy.on_finish(req)
         req.status = Status.FINISHED
         req.finish_reason = reason

@@ -30,9 +30,14 @@ from dataclasses import dataclass
 from bastion.config import Config
 from bastion.engine.llm_engine import LLMEngine
 from bastion.engine.outputs import (
-    EngineDeadError, EngineStats, PromptTooLongError, QueueFullError, RequestFailedError, RequestOutput,
+    EngineDeadError,
+    EngineStats,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
+    RequestOutput,
 )
-from bastion.engine.request import TokenFilter
+from bastion.engine.request import Scheduling, TokenFilter
 from bastion.engine.sampling_params import SamplingParams
 from bastion.serving.chat_template import encode_chat
 from bastion.serving.commands import Abort, AddRequest, CallInEngine, Command
@@ -94,14 +99,17 @@ class AsyncEngine:
     # ------------------------------------------------------------ requests
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None, adapter: str | None = None,
-                       token_filter: TokenFilter | None = None) -> AsyncIterator[RequestOutput]:
+                       token_filter: TokenFilter | None = None, scheduling: Scheduling | None = None,
+                       cache_salt: str = "") -> AsyncIterator[RequestOutput]:
         """Stream deltas. Raises QueueFullError / PromptTooLongError / EngineDeadError /
-        ValueError before yielding. Closing the iterator early aborts the request."""
+        ValueError before yielding. Closing the iterator early aborts the request.
+        `scheduling`: priority and tenant for the scheduler; `cache_salt`: the request's
+        prefix-cache namespace (LLMEngine.add_request)."""
         rid = request_id or uuid.uuid4().hex
         self._check_admission(prompt_token_ids)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[rid] = stream
-        self._send(AddRequest(rid, list(prompt_token_ids), params, adapter, token_filter))
+        self._send(AddRequest(rid, list(prompt_token_ids), params, adapter, token_filter, scheduling, cache_salt))
         finished = False
         try:
             while True:
@@ -219,7 +227,8 @@ class AsyncEngine:
         if isinstance(cmd, AddRequest):
             try:
                 self.engine.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params, adapter=cmd.adapter,
-                                        token_filter=cmd.token_filter)
+                                        token_filter=cmd.token_filter, scheduling=cmd.scheduling,
+                                        cache_salt=cmd.cache_salt)
                 self.processor.register(cmd.request_id, cmd.params)
             except Exception as e:  # noqa: BLE001 - bad request: report to that caller only
                 self._deliver(cmd.request_id, e)

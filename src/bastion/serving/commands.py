@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bastion.engine.request import TokenFilter
+from bastion.engine.request import Scheduling, TokenFilter
 from bastion.engine.sampling_params import SamplingParams
 
 
@@ -19,6 +19,8 @@ class AddRequest:
     params: SamplingParams
     adapter: str | None = None
     token_filter: TokenFilter | None = None  # its `tracks` are added to the request
+    scheduling: Scheduling | None = None  # priority and tenant (None: the defaults)
+    cache_salt: str = ""  # prefix-cache namespace (the tenant's, so tenants share no cached prompt)
 
 
 @dataclass(frozen=True)

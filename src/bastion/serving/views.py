@@ -13,6 +13,7 @@ class AdapterView:
     def __getattr__(self, name):  # tokenizer, max_model_len, encode_*, abort, stats, ...
         return getattr(self.base, name)
 
-    def generate(self, prompt_token_ids, params, request_id=None, token_filter=None):
+    def generate(self, prompt_token_ids, params, request_id=None, token_filter=None, **kw):
+        # kw: scheduling, cache_salt (AsyncEngine.generate)
         return self.base.generate(prompt_token_ids, params, request_id, adapter=self.adapter,
-                                  token_filter=token_filter)
+                                  token_filter=token_filter, **kw)

@@ -1,0 +1,104 @@
+"""Who goes first: the order the scheduler admits, schedules and preempts requests in.
+
+The scheduler asks a policy three things and tells it one:
+* `rank(req)`: a sort key, smaller = more deserving. Running requests are served in this
+  order each step (so the token budget goes to the most deserving first), the most
+  deserving waiting request is admitted next, and under KV pressure the least deserving
+  running request is preempted.
+* `displaces(waiting, running)`: may `waiting` preempt `running` to be admitted now
+  (memory or the running-request limit says no otherwise)?
+* `charge(req, n)`: `n` tokens of `req` were scheduled (fair mode counts service).
+
+fcfs: arrival order (what the scheduler did before policies existed).
+priority: vLLM's per-request priority, lower first, ties by arrival; a waiting request
+  preempts running ones of strictly lower priority (equal priorities never preempt each
+  other, so a level is served first come, first served without churn).
+fair: the Virtual Token Counter of "Fairness in Serving Large Language Models" (Sheng et
+  al., OSDI 2024, arXiv 2401.00588). Each tenant has a counter of the service it received,
+  in weighted tokens (prompt tokens 1, generated tokens 2, divided by the tenant's
+  weight); the tenant with the smallest counter is served first. A tenant that comes
+  back after being idle has its counter lifted to the smallest counter of the tenants
+  still active, so idling does not bank credit it could later flood with.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from bastion.engine.request import Request
+
+PROMPT_TOKEN_COST = 1.0  # VTC's w_p
+OUTPUT_TOKEN_COST = 2.0  # VTC's w_q: a generated token costs a step of its own
+
+
+class FcfsPolicy:
+    name = "fcfs"
+
+    def rank(self, req: Request) -> tuple:
+        return (req.arrival,)
+
+    def displaces(self, waiting: Request, running: Request) -> bool:
+        return False
+
+    def on_add(self, req: Request) -> None:
+        pass
+
+    def charge(self, req: Request, n: int) -> None:
+        pass
+
+    def on_finish(self, req: Request) -> None:
+        pass
+
+
+class PriorityPolicy(FcfsPolicy):
+    name = "priority"
+
+    def rank(self, req: Request) -> tuple:
+        return (req.scheduling.priority, req.arrival)
+
+    def displaces(self, waiting: Request, running: Request) -> bool:
+        return running.scheduling.priority > waiting.scheduling.priority
+
+
+class FairPolicy(FcfsPolicy):
+    name = "fair"
+
+    def __init__(self) -> None:
+        self.counters: dict[str, float] = {}  # tenant -> weighted tokens of service
+        self._active: Counter[str] = Counter()  # tenant -> unfinished requests in the scheduler
+
+    def rank(self, req: Request) -> tuple:
+        return (self.counters.get(req.scheduling.tenant, 0.0), req.arrival)
+
+    def on_add(self, req: Request) -> None:
+        tenant = req.scheduling.tenant
+        if not self._active[tenant]:
+            # back from idle: no credit for the time it sent nothing (VTC's counter lift)
+            others = [self.counters.get(t, 0.0) for t, n in self._active.items() if n and t != tenant]
+            if others:
+                self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(others))
+        self._active[tenant] += 1
+
+    def charge(self, req: Request, n: int) -> None:
+        # NOTE: tokens recomputed after a preemption are not service the tenant asked for:
+        # only positions past the request's high-water mark are charged.
+        start = max(req.num_computed_tokens, req.num_charged_tokens)
+        end = req.num_computed_tokens + n
+        if end <= start:
+            return
+        prompt = max(0, min(end, req.num_prompt_tokens) - start)
+        cost = PROMPT_TOKEN_COST * prompt + OUTPUT_TOKEN_COST * (end - start - prompt)
+        req.num_charged_tokens = end
+        tenant = req.scheduling.tenant
+        self.counters[tenant] = self.counters.get(tenant, 0.0) + cost / req.scheduling.weight
+
+    def on_finish(self, req: Request) -> None:
+        tenant = req.scheduling.tenant
+        self._active[tenant] -= 1
+        if self._active[tenant] <= 0:
+            del self._active[tenant]
+
+
+def make_policy(name: str) -> FcfsPolicy:
+    """The policy object for SchedulerConfig.policy (validated there)."""
+    return {"fcfs": FcfsPolicy, "priority": PriorityPolicy, "fair": FairPolicy}[name]()
