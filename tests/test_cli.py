@@ -150,3 +150,30 @@ def test_serve_runs_the_behaviour_scan_unless_told_not_to(tmp_path, caplog):
     t0 = time.monotonic()
     assert main(["serve", "--admin-key", "k", "--scan-cache", str(tmp_path / "file"), "--port", "0"]) == 1
     assert time.monotonic() - t0 < 5  # a file is no cache directory: one line, exit 1, before the model loads
+
+
+def test_api_keys_file_and_scheduling_flags(tmp_path, capsys):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "alice"\nkey = "sk-alice-123"\nmax_concurrent = 2\nadapters = ["sql"]\n\n'
+                    '[[keys]]\nname = "bob"\nkey = "sk-bob-4567"\ntokens_per_min = 1000\nweight = 2\n')
+    args = build_parser().parse_args(["serve", "--api-keys", str(keys), "--scheduling-policy", "fair"])
+    config = _config(args)
+    assert [(k.name, k.max_concurrent, k.tokens_per_min, k.adapters, k.weight) for k in config.server.api_keys] == [
+        ("alice", 2, None, ("sql",), 1.0), ("bob", None, 1000, None, 2.0)]
+    assert config.scheduler.policy == "fair"
+    bad = {
+        "nokeys": 'name = "x"\n',
+        "typo": '[[keys]]\nname = "a"\nkey = "sk-aaaaaaaa"\nmax_concurent = 2\n',
+        "type": '[[keys]]\nname = "a"\nkey = "sk-aaaaaaaa"\nmax_concurrent = "2"\n',
+        "short": '[[keys]]\nname = "a"\nkey = "short"\n',
+        "dup": '[[keys]]\nname = "a"\nkey = "sk-aaaaaaaa"\n[[keys]]\nname = "b"\nkey = "sk-aaaaaaaa"\n',
+        "toml": "[[keys]\n",
+    }
+    for name, text in bad.items():
+        path = tmp_path / f"{name}.toml"
+        path.write_text(text)
+        assert main(["serve", "--api-keys", str(path)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("bastion serve: error:"), (name, err)
+    assert main(["serve", "--api-keys", str(tmp_path / "missing.toml")]) == 2
+    assert main(["serve", "--min-replicas", "2"]) == 2  # both bounds or neither

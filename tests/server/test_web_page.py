@@ -47,7 +47,7 @@ class ScriptedEngine(FakeEngine):
     def _token_stream(self, params):
         return self.tokenizer.encode(self.script)
 
-    async def generate(self, prompt_token_ids, params, request_id):
+    async def generate(self, prompt_token_ids, params, request_id, **kw):
         async for out in super().generate(prompt_token_ids, params, request_id):
             out.num_replaced_tokens = self.replaced
             yield out

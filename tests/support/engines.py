@@ -77,10 +77,11 @@ def decode_one_by_one(model: LlamaForCausalLM, ids: list[int], block_size: int =
 
 def make_engine(model: LlamaForCausalLM, *, num_blocks: int, block_size: int = 16,
                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, prefix_caching: bool = True,
-                eos_token_id: int | None = None, max_model_len: int | None = None) -> LLMEngine:
+                eos_token_id: int | None = None, max_model_len: int | None = None, policy: str = "fcfs") -> LLMEngine:
     """An LLMEngine around an already built model (no checkpoint load)."""
     config = Config(cache=CacheConfig(block_size=block_size, num_blocks=num_blocks, prefix_caching=prefix_caching),
-                    scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens))
+                    scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                              policy=policy))
     kv = make_kv(model, num_blocks, block_size)
     return LLMEngine(config, model, kv, vocab_size=model.arch.vocab_size, eos_token_id=eos_token_id,
                      max_model_len=max_model_len or model.rope_cos.shape[0])

@@ -47,11 +47,11 @@ class FakeLoraEngine(FakeEngine):
     def with_adapter(self, name: str) -> AdapterView:
         return AdapterView(self, name)
 
-    def generate(self, prompt_token_ids, params, request_id, adapter=None, token_filter=None):
+    def generate(self, prompt_token_ids, params, request_id, adapter=None, token_filter=None, **kw):
         if adapter is not None and adapter not in self.loaded:
             raise RuntimeError(f"a request reached adapter {adapter!r}, which is not in the engine")
         self.served_by.append(adapter)
-        return super().generate(prompt_token_ids, params, request_id)
+        return super().generate(prompt_token_ids, params, request_id, **kw)
 
 
 class FakeProbe:

@@ -82,6 +82,8 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.shutdown_calls: list[float] = []
         self._injected: list[BaseException] = []
+        self.submitted: list[tuple] = []  # (request id, Scheduling, cache salt) per generate()
+        self.scheduling_policy = "fcfs"
         self._running: dict[str, int] = {}  # request id -> tokens held in "KV cache"
         self._abort_requested: set[str] = set()
         self._dead = False
@@ -107,7 +109,8 @@ class FakeEngine:
         self._injected.append(exc)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, scheduling=None, cache_salt: str = "") -> AsyncIterator[RequestOutput]:
+        self.submitted.append((request_id, scheduling, cache_salt))  # what the server asked the scheduler for
         if self._injected:
             raise self._injected.pop(0)
         if self._dead:

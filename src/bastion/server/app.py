@@ -45,6 +45,7 @@ from bastion.server.metrics import ServerMetrics
 from bastion.server.protocol import ModelList
 from bastion.server.served_models import ServedModel, ServedModels
 from bastion.server.state import ServerState, get_state
+from bastion.server.tenants import Tenants
 from bastion.serving.policy import ServingPolicy
 
 logger = logging.getLogger("bastion.server")
@@ -73,8 +74,9 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy:
         loads.served(name, getattr(report, "path", None), report)
     for name, path, report in pending_adapters:
         loads.enqueue(name, path, report)
+    tenants = Tenants(config, resolve_api_key(config.api_key))
     state = ServerState(config=config, models=models, metrics=ServerMetrics(engine), policy=policy,
-                        adapter_loads=loads)
+                        adapter_loads=loads, tenants=tenants)
 
     # No /docs; /openapi.json only with --openapi (fuzzers, client generators): a private
     # inference server has no reason to publish its schema to whoever can reach the port.
@@ -92,9 +94,8 @@ def build_app(engine: Any, server_config: ServerConfig | None = None, *, policy:
     # add_middleware wraps: the last added runs first. Order on the way in:
     # catch-all (so even auth failures of ours become JSON) -> API key -> body limit -> routes.
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    api_key = resolve_api_key(config.api_key)
-    if api_key:  # the page itself is public (it holds no data); the API calls it makes need the key
-        app.add_middleware(ApiKeyMiddleware, api_key=api_key,
+    if tenants.keyed:  # the page itself is public (it holds no data); the API calls it makes need the key
+        app.add_middleware(ApiKeyMiddleware, tenants=tenants,
                            open_paths=OPEN_PATHS | (web_page.PATHS if config.web else frozenset()))
     app.add_middleware(CatchAllMiddleware, log_requests=config.log_requests)
     return app
@@ -113,13 +114,15 @@ def _add_info_routes(app: FastAPI) -> None:
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> Response:
-        cards = [m.card() for m in get_state(request).models.all()]
+        state = get_state(request)
+        cards = [m.card() for m in state.models.all(state.visible_to(state.tenant(request)))]
         return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
     # `:path` because HF-style ids contain a slash ("HuggingFaceTB/SmolLM2-135M-Instruct").
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str, request: Request) -> Response:
-        card = get_state(request).models.lookup(model_id).card()
+        state = get_state(request)
+        card = state.models.lookup(model_id, state.visible_to(state.tenant(request))).card()
         return Response(card.model_dump_json(), media_type="application/json")
 
     @app.get("/metrics")

@@ -1,21 +1,22 @@
-"""Optional Bearer API key.
+"""Optional Bearer API keys (one --api-key, or per-tenant keys from --api-keys FILE).
 
 A pure ASGI middleware rather than a FastAPI dependency: dependencies run after
 FastAPI has parsed the body, so an unauthenticated client would learn about JSON
 errors (400) before being told it is not allowed in (401). Here the key is checked
 first, for every path except the open ones (/health, for load balancers and probes;
-the web page's static files, which hold no data and ask for the key themselves).
+the web page's static files, which hold no data and ask for the key themselves). The
+key's tenant (server/tenants.py) goes into the request's state for the handlers.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import os
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from bastion.server.errors import error_body
+from bastion.server.tenants import Tenants
 
 API_KEY_ENV = "BASTION_API_KEY"
 OPEN_PATHS = frozenset({"/health"})
@@ -28,9 +29,9 @@ def resolve_api_key(configured: str | None) -> str | None:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, *, api_key: str, open_paths: frozenset[str] = OPEN_PATHS) -> None:
+    def __init__(self, app: ASGIApp, *, tenants: Tenants, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
-        self._expected = api_key.encode()
+        self._tenants = tenants
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -44,8 +45,10 @@ class ApiKeyMiddleware:
                 break
         # The scheme is case-insensitive (RFC 7235): "Bearer", "bearer", "BEARER".
         scheme, _, token = given.strip().partition(b" ")
-        # compare_digest: the time taken must not reveal how much of the key matched.
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._expected):
+        # digests in a dict (Tenants.identify): the time taken must not reveal how much of a key matched
+        tenant = self._tenants.identify(token.strip()) if scheme.lower() == b"bearer" else None
+        if tenant is not None:
+            scope.setdefault("state", {})["tenant"] = tenant
             await self.app(scope, receive, send)
             return
         message = "Missing API key." if not given else "Incorrect API key provided."

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from fastapi import Request
 
 from bastion.engine.outputs import EngineError, RequestOutput
-from bastion.engine.request import TokenFilter
+from bastion.engine.request import Scheduling, TokenFilter
 from bastion.engine.sampling_params import SamplingParams, TokenLogprob
 from bastion.guard.leak import FILTERED, LeakGuard, guard_outputs
 from bastion.server.errors import ClientDisconnected, from_engine_error, unavailable
@@ -37,8 +37,11 @@ class Generation:
     """Runs one prompt through the engine and accumulates what came back."""
 
     def __init__(self, engine: Any, prompt_ids: list[int], params: SamplingParams, request_id: str,
-                 timer: RequestTimer, token_filter: TokenFilter | None = None, guard: LeakGuard | None = None) -> None:
+                 timer: RequestTimer, token_filter: TokenFilter | None = None, guard: LeakGuard | None = None,
+                 scheduling: Scheduling | None = None, cache_salt: str = "", lease: Any = None) -> None:
         self.engine = engine
+        self.scheduling, self.cache_salt = scheduling, cache_salt  # priority/tenant; the tenant's cache namespace
+        self._lease = lease  # tenants.Lease: the tenant's slot, given back by aclose()
         self.token_filter = token_filter  # e.g. CleanGen, chosen by the serving policy
         self.guard = guard  # output guard: holds back text, may end the answer ("content_filter")
         self.prompt_ids = prompt_ids
@@ -69,7 +72,11 @@ class Generation:
     async def start(self) -> None:
         """Submit to the engine and wait for the first output; engine errors -> APIError."""
         try:
-            kw = {} if self.token_filter is None else {"token_filter": self.token_filter}
+            kw: dict[str, Any] = {} if self.token_filter is None else {"token_filter": self.token_filter}
+            if self.scheduling is not None:
+                kw["scheduling"] = self.scheduling
+            if self.cache_salt:
+                kw["cache_salt"] = self.cache_salt
             gen = self.engine.generate(self.prompt_ids, self.params, self.request_id, **kw)
             if inspect.isawaitable(gen):  # tolerate `async def` returning an iterator
                 gen = await gen
@@ -123,6 +130,9 @@ class Generation:
                 pass
 
     async def aclose(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.close_one(self.num_generated)
         gen, self._gen = self._gen, None
         if gen is None:
             return

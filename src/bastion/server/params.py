@@ -15,9 +15,11 @@ from typing import Any
 
 import jinja2
 
+from bastion.engine.request import Scheduling
 from bastion.engine.sampling_params import SamplingParams
 from bastion.server.errors import bad_request, context_too_long
 from bastion.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingRequest
+from bastion.server.tenants import Tenant
 
 
 def reject_unsupported(req: ChatCompletionRequest | CompletionRequest) -> None:
@@ -40,6 +42,16 @@ def check_against_model(req: _SamplingRequest, requested_max_tokens: int | None,
     if bad:
         raise bad_request(f"stop_token_ids: {bad[0]} is not a token id (vocabulary size {vocab}).",
                           param="stop_token_ids")
+
+
+def scheduling_for(req: _SamplingRequest, tenant: Tenant, engine: Any) -> Scheduling:
+    """The request's priority and tenant for the engine's scheduler. As in vLLM, a
+    priority other than 0 is refused unless the server schedules by priority."""
+    policy = getattr(engine, "scheduling_policy", "fcfs")
+    if req.priority != 0 and policy != "priority":
+        raise bad_request(f"priority is only used with --scheduling-policy priority (this server: {policy}); "
+                          "send 0 or omit it.", param="priority")
+    return tenant.scheduling(req.priority)
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int,

@@ -68,6 +68,8 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted for compatibility; never logged
     cleangen: StrictBool | None = None  # Bastion: CleanGen defended decoding (None: the adapter's policy)
+    # vLLM's extension: lower is served earlier under --scheduling-policy priority (else must be 0)
+    priority: int = Field(default=0, ge=-(2**31), le=2**31 - 1)
     # Accepted so clients that always send the defaults work; non-defaults rejected.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None

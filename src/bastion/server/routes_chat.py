@@ -19,6 +19,7 @@ from bastion.server.params import (
     reject_unsupported,
     resolve_max_tokens,
     sampling_params,
+    scheduling_for,
 )
 from bastion.server.protocol import (
     ChatChoice,
@@ -41,10 +42,11 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state = get_state(request)
     state.ensure_serving()
     reject_unsupported(body)
-    served = state.models.resolve(body.model)
+    served, tenant = state.resolve_for(request, body.model, body.user)
     engine = served.engine
     requested = body.requested_max_tokens()
     check_against_model(body, requested, engine)
+    scheduling = scheduling_for(body, tenant, engine)
     prompt_ids = await encode_chat(engine, body)
     max_tokens = resolve_max_tokens(requested, len(prompt_ids), engine.max_model_len,
                                     state.config.max_tokens_default, "messages")
@@ -53,13 +55,15 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     state.log_private("%s chat model=%s messages=%r params=%r", request_id, served.id,
                       [m.as_template_dict() for m in body.messages], params)
-    gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival),
-                     token_filter=state.policy.token_filter(served.adapter, body.cleangen), guard=_guard(body, state))
+    filt, guard = state.policy.token_filter(served.adapter, body.cleangen), _guard(body, state)
+    lease = state.tenants.admit(tenant, len(prompt_ids))  # 429 over the key's limits
+    gen = Generation(engine, prompt_ids, params, request_id, state.metrics.timer(arrival), token_filter=filt,
+                     guard=guard, scheduling=scheduling, cache_salt=tenant.cache_salt, lease=lease)
     texts = TokenTexts(engine.tokenizer)
 
     if body.stream:
         await cancel_on_disconnect(request, gen.start())
-        return SSEResponse(_stream(gen, body, served.id, texts, state))
+        return SSEResponse(_stream(gen, body, served.id, texts, state), on_close=gen.aclose)
 
     await cancel_on_disconnect(request, run_all([gen]))
     check_not_aborted([gen])

@@ -24,6 +24,7 @@ from bastion.server.params import (
     reject_unsupported,
     resolve_max_tokens,
     sampling_params,
+    scheduling_for,
 )
 from bastion.server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from bastion.server.sse import DONE, SSEResponse, error_event, event
@@ -38,9 +39,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     state = get_state(request)
     state.ensure_serving()
     reject_unsupported(body)
-    served = state.models.resolve(body.model)
+    served, tenant = state.resolve_for(request, body.model, body.user)
     engine = served.engine
     check_against_model(body, body.max_tokens, engine)
+    scheduling = scheduling_for(body, tenant, engine)
     prompts = body.prompts()
     id_lists = [await encode_prompt(engine, p) for p in prompts]
     # echo + logprobs means "score the prompt too": ask the engine for prompt logprobs.
@@ -50,13 +52,17 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     request_id = f"cmpl-{uuid.uuid4().hex}"
     gens = []
     filt = state.policy.token_filter(served.adapter, body.cleangen)
-    for i, ids in enumerate(id_lists):
-        max_tokens = resolve_max_tokens(body.max_tokens, len(ids), engine.max_model_len,
-                                        state.config.max_tokens_default, "prompt")
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, prompt_logprobs=prompt_lp)
+    # every 400/413 before the tenant is charged; nothing between admit() and the
+    # Generations that own the lease can raise
+    plist = [sampling_params(body, max_tokens=resolve_max_tokens(body.max_tokens, len(ids), engine.max_model_len,
+                                                                 state.config.max_tokens_default, "prompt"),
+                             logprobs=body.logprobs, prompt_logprobs=prompt_lp) for ids in id_lists]
+    lease = state.tenants.admit(tenant, sum(map(len, id_lists)), parts=len(id_lists))  # 429 over its limits
+    for i, (ids, params) in enumerate(zip(id_lists, plist)):
         rid = request_id if len(id_lists) == 1 else f"{request_id}-{i}"
         gens.append(Generation(engine, ids, params, rid, state.metrics.timer(arrival), token_filter=filt,
-                               guard=state.policy.leak_guard()))  # canaries only: no system prompt
+                               guard=state.policy.leak_guard(),  # canaries only: no system prompt
+                               scheduling=scheduling, cache_salt=tenant.cache_salt, lease=lease))
     state.log_private("%s completion model=%s prompts=%r params=%r", request_id, served.id, prompts,
                       gens[0].params)
     texts = TokenTexts(engine.tokenizer)
@@ -65,7 +71,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
 
     if body.stream:
         await cancel_on_disconnect(request, gens[0].start())
-        return SSEResponse(_stream(gens[0], body, served.id, texts, echoes[0], state))
+        return SSEResponse(_stream(gens[0], body, served.id, texts, echoes[0], state), on_close=gens[0].aclose)
 
     await cancel_on_disconnect(request, run_all(gens))
     check_not_aborted(gens)

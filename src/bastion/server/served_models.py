@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,23 +64,27 @@ class ServedModels:
         with self._lock:
             self._by_id[model.id] = model
 
-    def lookup(self, model_id: str | None) -> ServedModel:
-        """The entry for `model_id`, pending or not; None or "" means the default model."""
+    def lookup(self, model_id: str | None, visible: Callable[[ServedModel], bool] | None = None) -> ServedModel:
+        """The entry for `model_id`, pending or not; None or "" means the default model.
+        `visible`: what the caller may see (a tenant's adapter list); the others are
+        answered as if they did not exist, and the error lists only the visible ones."""
         if not model_id:
             return self._default
         with self._lock:
             found = self._by_id.get(model_id)
+            if found is not None and visible is not None and not visible(found):
+                found = None
             if found is None:
-                known = ", ".join(sorted(self._by_id))
+                known = ", ".join(sorted(m.id for m in self._by_id.values() if visible is None or visible(m)))
         if found is None:
             raise APIError(404, f"The model '{model_id}' does not exist. Served models: {known}.",
                            param="model", code="model_not_found")
         return found
 
-    def resolve(self, model_id: str | None) -> ServedModel:
+    def resolve(self, model_id: str | None, visible: Callable[[ServedModel], bool] | None = None) -> ServedModel:
         """The entry that serves a request for `model_id` (None or "": the default model,
         as vLLM does); an adapter still being vetted is an error (409), never served."""
-        found = self.lookup(model_id)
+        found = self.lookup(model_id, visible)
         if found.pending:
             raise APIError(409, f"The adapter '{model_id}' is being vetted: its behaviour scan runs before it is "
                                 "served. Retry when /v1/models lists it with a verdict.",
@@ -93,6 +98,6 @@ class ServedModels:
         with self._lock:
             self._by_id.pop(model_id, None)
 
-    def all(self) -> list[ServedModel]:
+    def all(self, visible: Callable[[ServedModel], bool] | None = None) -> list[ServedModel]:
         with self._lock:
-            return list(self._by_id.values())
+            return [m for m in self._by_id.values() if visible is None or visible(m)]

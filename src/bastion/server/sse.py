@@ -12,7 +12,7 @@ freed" happen at once.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -32,9 +32,13 @@ def event(payload: BaseModel | dict[str, Any]) -> str:
 class SSEResponse(StreamingResponse):
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str]) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[Any]] | None = None) -> None:
         # no-cache / no buffering: proxies must pass each token through as it comes.
         super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        # NOTE: a body generator that never started (the client left before the first
+        # chunk) runs no `finally` when closed; `on_close` (Generation.aclose, idempotent)
+        # is what still aborts its request and frees its tenant's slot then.
+        self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -43,6 +47,8 @@ class SSEResponse(StreamingResponse):
             aclose: Callable[[], Any] | None = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self._on_close is not None:
+                await self._on_close()
 
 
 def error_event(exc: BaseException, *, log_requests: bool) -> str:

@@ -133,6 +133,11 @@ class AsyncEngine:
         if len(prompt) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(prompt)} tokens; the context holds {self.max_model_len}")
 
+    @property
+    def scheduling_policy(self) -> str:
+        """fcfs, priority or fair (SchedulerConfig.policy): the server checks `priority` by it."""
+        return self.engine.config.scheduler.policy
+
     def abort(self, request_id: str) -> None:
         self._send(Abort(request_id))
 
