@@ -137,12 +137,14 @@ def add_bench_parsers(subparsers: Any) -> None:
     m.set_defaults(func=run_kv_memory_cmd)
 
     from bastion.bench.cleangen import add_cleangen_parser
+    from bastion.bench.fairness import add_fairness_parser
     from bastion.bench.guard import add_guard_parser
     from bastion.bench.hardening import add_hardening_parsers
     from bastion.bench.security import add_security_parser
 
     add_security_parser(subparsers)
     add_cleangen_parser(subparsers)
+    add_fairness_parser(subparsers)
     add_guard_parser(subparsers)
     add_hardening_parsers(subparsers)
 
