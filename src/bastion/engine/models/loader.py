@@ -75,18 +75,19 @@ def resolve_model_path(path: str | None) -> tuple[Path, str]:
 
 
 def load_checkpoint(path: str | None, show_progress: bool = True, quantize: str = "none",
-                    group: int = 32) -> LoadedCheckpoint:
+                    group: int = 32, skip_experts: bool = False) -> LoadedCheckpoint:
     """Weights and architecture, in HF names (the tokenizer is the serving layer's).
     quantize: none = every weight fp32 (the dense path); auto = a GGUF's Q4_0/Q4_1/Q4_K/
     Q8_0/Q6_K matrices stay quantized (QuantWeight), the rest fp32; int8/int4 = those
-    kept too, and every other 2-D weight quantized group-wise (`group`)."""
+    kept too, and every other 2-D weight quantized group-wise (`group`). skip_experts: the
+    routed experts are not read at all (expert offload reads them from the file itself)."""
     p, name = resolve_model_path(path)
     if p.is_file():
         if p.suffix != ".gguf":
             raise UnsupportedModelError(f"{p}: expected a .gguf file or an HF model directory")
-        arch, weights = _load_gguf(p, show_progress, quantize, group)
+        arch, weights = _load_gguf(p, show_progress, quantize, group, skip_experts)
     else:
-        arch, weights = _load_hf_dir(p, show_progress, quantize, group)
+        arch, weights = _load_hf_dir(p, show_progress, quantize, group, skip_experts)
     return LoadedCheckpoint(arch=arch, weights=weights, name=name, path=p)
 
 
@@ -171,7 +172,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int = 32):
+def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int = 32, skip_experts: bool = False):
     import gguf
 
     try:
@@ -186,6 +187,8 @@ def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int =
         hf, expert_proj = _gguf_name(t.name, base, kind)
         shape = [int(x) for x in reversed(t.shape)]
         if expert_proj is not None:
+            if skip_experts:
+                continue
             for e, w in enumerate(_gguf_experts(t, path, shape, mode, group)):
                 weights[f"{hf}.{e}.{expert_proj}.{kind}"] = w
             continue
@@ -253,8 +256,8 @@ def _gguf_experts(t, path: Path, shape: list[int], mode: str, group: int) -> lis
 
 
 # ---------------------------------------------------------------- HF directory
-def _load_hf_dir(path: Path, show_progress: bool, mode: str = "none", group: int = 32):
-    from safetensors.torch import load_file
+def _load_hf_dir(path: Path, show_progress: bool, mode: str = "none", group: int = 32, skip_experts: bool = False):
+    from safetensors import safe_open
     from transformers import AutoConfig
 
     if not (path / "config.json").is_file():
@@ -270,7 +273,10 @@ def _load_hf_dir(path: Path, show_progress: bool, mode: str = "none", group: int
         raise UnsupportedModelError(f"{path}: no .safetensors weights{hint}")
     weights = {}
     for f in tqdm(files, desc=f"loading {path.name}", unit="file", disable=not show_progress):
-        for k, v in load_file(str(f)).items():
-            k = canonical_name(k)
-            weights[k] = _requantize(v.float(), mode, group, k)
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                k = canonical_name(name)
+                if skip_experts and ".mlp.experts." in k:
+                    continue
+                weights[k] = _requantize(sf.get_tensor(name).float(), mode, group, k)
     return arch, weights

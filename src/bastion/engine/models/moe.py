@@ -12,11 +12,13 @@ Dispatch is token-grouped: the T*k (token, expert) pairs are sorted by expert, e
 expert runs one GEMM pair over its rows, and the weighted rows are added back with one
 index_add. Experts are held as stacked tensors (gate_up [E, 2I, H], down [E, H, I]: HF's
 own fused layout) or, for quantized checkpoints, as one pair of modules per expert
-(quantized_model.py builds them); the dispatch does not care which.
+(quantized_model.py builds them), or offloaded to the file they came from
+(moe_offload.OffloadedExperts); the dispatch does not care which.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Callable
 
@@ -108,11 +110,15 @@ class MoEMLP(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         rows = torch.div(order, self.top_k, rounding_mode="floor")  # each sorted pair's token
         xs = x.index_select(0, rows)
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self.experts(e, xs[start:start + n]))
-                start += n
+        active = [e for e, n in enumerate(counts) if n]
+        starts = dict(zip(active, itertools.accumulate([0] + [counts[e] for e in active])))
+        # an offloaded expert set (moe_offload.py) picks the order the experts run in (resident
+        # ones first, while missing ones are read); the outputs are combined in expert order
+        # whatever it is, so the numbers do not depend on it
+        schedule = getattr(self.experts, "schedule", None)
+        done = {e: self.experts(e, xs[starts[e]:starts[e] + counts[e]])
+                for e in (schedule(active, counts, x) if schedule is not None else active)}
+        outs = [done[e] for e in active]
         ys = torch.cat(outs) if len(outs) != 1 else outs[0]
         ys = ys.to(w.dtype) * w.reshape(-1)[order].unsqueeze(1)
         out = torch.zeros_like(x, dtype=w.dtype).index_add_(0, rows, ys).to(x.dtype)
