@@ -180,3 +180,35 @@ def test_fair_mode_does_not_charge_recompute():
     # last token is sampled, never computed)
     per_request = 12 * PROMPT_TOKEN_COST + 11 * OUTPUT_TOKEN_COST
     assert total == pytest.approx(2 * per_request)
+
+
+def test_fair_mode_takes_a_slot_from_a_tenant_above_its_share():
+    loop = FakeLoop(num_blocks=256, budget=64, max_num_seqs=4, policy="fair")
+    for i in range(8):
+        loop.add(f"flood{i}", [7, i, 3, 4], max_tokens=40, tenant="flood")
+    for _ in range(3):
+        loop.step()
+    assert {r.request_id for r in loop.sched.running} == {f"flood{i}" for i in range(4)}
+    loop.add("quiet", [9, 9, 9], max_tokens=4, tenant="quiet")
+    batch = loop.step()
+    assert "quiet" in [r.request_id for r, _ in batch.items]  # at once, not when a flood request ends
+    assert loop.sched.num_preemptions == 1
+    loop.add("quiet2", [9, 9, 8], max_tokens=4, tenant="quiet")
+    loop.step()
+    assert loop.sched.num_preemptions == 2  # still within its share (2 of 4)
+    loop.add("quiet3", [9, 8, 8], max_tokens=4, tenant="quiet")
+    loop.step()
+    assert loop.sched.num_preemptions == 2  # a third would be above it: it waits its turn
+    loop.run()
+    for i in range(8):  # the preempted floods lost nothing
+        assert loop.finished[f"flood{i}"].output_token_ids == reference_output([7, i, 3, 4], 40)
+    assert_pool_clean(loop.bm)
+
+
+def test_fair_mode_never_preempts_between_tenants_at_their_share():
+    loop = FakeLoop(num_blocks=256, budget=64, max_num_seqs=4, policy="fair")
+    for i in range(6):
+        loop.add(f"a{i}", [1, i], max_tokens=12, tenant="a")
+        loop.add(f"b{i}", [2, i], max_tokens=12, tenant="b")
+    loop.run()
+    assert loop.sched.num_preemptions == 0

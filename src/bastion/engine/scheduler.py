@@ -74,6 +74,7 @@ class Scheduler:
                     break
             else:
                 batch.items.append((req, n))
+                self.policy.charge(req, n)  # now: the admissions below see this step's service
                 budget -= n
                 i += 1
         # 2) admit waiting requests (not in a step that had to preempt: memory is tight)
@@ -96,9 +97,8 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             batch.items.append((req, n))
-            budget -= n
-        for req, n in batch.items:
             self.policy.charge(req, n)
+            budget -= n
         return batch
 
     def _best_waiting(self) -> Request:
@@ -108,7 +108,7 @@ class Scheduler:
         """Preempt the least deserving running request if the policy lets `req` displace
         it; it leaves this step's batch (nothing has run yet). Returns the budget it gave
         back, -1 if nothing was displaced."""
-        if not self.running or not self.policy.displaces(req, self.running[-1]):
+        if not self.running or not self.policy.displaces(req, self.running[-1], self.running):
             return -1
         victim = self.running.pop()
         freed = 0

@@ -5,8 +5,9 @@ The scheduler asks a policy three things and tells it one:
   order each step (so the token budget goes to the most deserving first), the most
   deserving waiting request is admitted next, and under KV pressure the least deserving
   running request is preempted.
-* `displaces(waiting, running)`: may `waiting` preempt `running` to be admitted now
-  (memory or the running-request limit says no otherwise)?
+* `displaces(waiting, victim, running)`: may `waiting` preempt `victim` (the least
+  deserving of the `running` requests) to be admitted now (memory or the running-request
+  limit says no otherwise)?
 * `charge(req, n)`: `n` tokens of `req` were scheduled (fair mode counts service).
 
 fcfs: arrival order (what the scheduler did before policies existed).
@@ -19,6 +20,12 @@ fair: the Virtual Token Counter of "Fairness in Serving Large Language Models" (
   weight); the tenant with the smallest counter is served first. A tenant that comes
   back after being idle has its counter lifted to the smallest counter of the tenants
   still active, so idling does not bank credit it could later flood with.
+  VTC only orders admission, so a quiet tenant still waits for a flood's running request
+  to finish before it gets a slot. Here a tenant below its weighted share of the running
+  requests may also preempt one of a tenant above its share (by recompute; the prefix
+  cache usually keeps the victim's prompt), so its first token comes within a step or two.
+  The rule is one-way (below share takes from above share), so two tenants never preempt
+  each other back and forth.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ class FcfsPolicy:
     def rank(self, req: Request) -> tuple:
         return (req.arrival,)
 
-    def displaces(self, waiting: Request, running: Request) -> bool:
+    def displaces(self, waiting: Request, victim: Request, running: list[Request]) -> bool:
         return False
 
     def on_add(self, req: Request) -> None:
@@ -56,8 +63,8 @@ class PriorityPolicy(FcfsPolicy):
     def rank(self, req: Request) -> tuple:
         return (req.scheduling.priority, req.arrival)
 
-    def displaces(self, waiting: Request, running: Request) -> bool:
-        return running.scheduling.priority > waiting.scheduling.priority
+    def displaces(self, waiting: Request, victim: Request, running: list[Request]) -> bool:
+        return victim.scheduling.priority > waiting.scheduling.priority
 
 
 class FairPolicy(FcfsPolicy):
@@ -66,6 +73,7 @@ class FairPolicy(FcfsPolicy):
     def __init__(self) -> None:
         self.counters: dict[str, float] = {}  # tenant -> weighted tokens of service
         self._active: Counter[str] = Counter()  # tenant -> unfinished requests in the scheduler
+        self._weights: dict[str, float] = {}  # tenant -> its weight (as its latest request said)
 
     def rank(self, req: Request) -> tuple:
         return (self.counters.get(req.scheduling.tenant, 0.0), req.arrival)
@@ -78,6 +86,16 @@ class FairPolicy(FcfsPolicy):
             if others:
                 self.counters[tenant] = max(self.counters.get(tenant, 0.0), min(others))
         self._active[tenant] += 1
+        self._weights[tenant] = req.scheduling.weight
+
+    def displaces(self, waiting: Request, victim: Request, running: list[Request]) -> bool:
+        mine, theirs = waiting.scheduling.tenant, victim.scheduling.tenant
+        if mine == theirs:
+            return False
+        held = Counter(r.scheduling.tenant for r in running)
+        total_weight = sum(self._weights[t] for t in self._active)
+        share = {t: len(running) * self._weights[t] / total_weight for t in (mine, theirs)}
+        return held[mine] + 1 <= share[mine] + 1e-9 and held[theirs] - 1 >= share[theirs] - 1e-9
 
     def charge(self, req: Request, n: int) -> None:
         # NOTE: tokens recomputed after a preemption are not service the tenant asked for:
