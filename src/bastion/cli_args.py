@@ -15,6 +15,7 @@ from pathlib import Path
 from bastion.config import (
     ACTIVATIONS,
     ADAPTER_NAME_PATTERN,
+    MOE_POLICIES,
     SCHEDULING_POLICIES,
     AdapterConfig,
     CacheConfig,
@@ -22,6 +23,7 @@ from bastion.config import (
     Config,
     GuardConfig,
     ModelConfig,
+    MoeConfig,
     SchedulerConfig,
     ServerConfig,
 )
@@ -98,6 +100,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="max concurrently running requests")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per engine step")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--moe-memory", type=float, default=None, metavar="GB",
+                   help="mixture-of-experts models: RAM for routed experts in GiB; the rest are run from the model "
+                        "file (mmap) or read in as --moe-policy decides (default: every expert resident)")
+    p.add_argument("--moe-gpu-memory", type=float, default=None, metavar="GB",
+                   help="GPU memory for experts in GiB (refused: the GPU tier is not built, and needs a GPU)")
+    p.add_argument("--moe-policy", default="bastion", choices=list(MOE_POLICIES),
+                   help="expert offload policy under --moe-memory (docs/BENCHMARKS.md compares them)")
 
 
 def add_local_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -272,4 +281,6 @@ def config_from_args(args: argparse.Namespace) -> Config:
                           canaries=tuple(flag("canary", None) or ())),
         cluster=ClusterConfig(replicas=flag("replicas", 0) or 0, ray_address=flag("ray_address"),
                               min_replicas=flag("min_replicas"), max_replicas=flag("max_replicas")),
+        moe=MoeConfig(memory_gb=flag("moe_memory"), gpu_memory_gb=flag("moe_gpu_memory"),
+                      policy=flag("moe_policy", "bastion")),
     )

@@ -321,6 +321,29 @@ class ClusterConfig:
         return bool(self.replicas or self.min_replicas or self.ray_address)
 
 
+MOE_POLICIES = ("bastion", "fiddler", "lru", "resident")  # engine/models/moe_offload.py
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Expert offload of mixture-of-experts models (engine/models/moe_offload.py).
+    `memory_gb`: RAM for routed experts; the rest stay in the model file behind a read-only
+    mmap (None: every expert resident, no offload). `gpu_memory_gb`: a GPU tier, refused
+    where no GPU is present (and not built yet). `policy`: how missing experts are run."""
+
+    memory_gb: float | None = None
+    gpu_memory_gb: float | None = None
+    policy: str = "bastion"
+    prefetch: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("memory_gb", "gpu_memory_gb"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.policy not in MOE_POLICIES:
+            raise ValueError(f"policy must be one of {MOE_POLICIES}, got {self.policy!r}")
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything `bastion serve` runs with, fixed at start: nothing is changed after."""
@@ -332,3 +355,4 @@ class Config:
     adapters: AdapterConfig = field(default_factory=AdapterConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)  # applied around the engine, per request
     cluster: ClusterConfig = field(default_factory=ClusterConfig)  # Ray Serve replicas (server/cluster/)
+    moe: MoeConfig = field(default_factory=MoeConfig)  # expert offload (engine/models/moe_offload.py)
