@@ -38,6 +38,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from bastion.serving.policy import ServingPolicy
 
     config = _config(args)  # every flag is checked before the model loads
+    if config.cluster.enabled:  # N engines on Ray Serve behind one front (server/cluster/)
+        from bastion.server.cluster import run_cluster
+
+        return run_cluster(config, gate_factory=serve_gate)
     if config.adapters.enabled and config.adapters.behaviour_scan and config.adapters.scan_cache:
         Path(config.adapters.scan_cache).expanduser().mkdir(parents=True, exist_ok=True)  # a bad DIR fails now
     # the address too: a taken port fails now, in one line, not after the model loaded
