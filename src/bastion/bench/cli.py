@@ -65,6 +65,10 @@ def add_bench_parsers(subparsers: Any) -> None:
     s.add_argument("--threads", type=int, default=2, help="threads for every server started")
     s.add_argument("--text-dir", default="/usr/share/common-licenses")
     s.add_argument("--out", default="bench_results/serving")
+    s.add_argument("--replicas", type=_ints, default=None, metavar="N,N",
+                   help="Bastion on Ray Serve with these replica counts (0: the plain server), --threads each: "
+                        "throughput, prefix-affinity hit rate (bench/serving_cluster.py)")
+    s.add_argument("--kill", action="store_true", help="with --replicas: also kill a replica under load")
     s.set_defaults(func=run_serving_cmd)
 
     o = subparsers.add_parser("offline", help="prefill/decode tok/s of the engine vs HF generate")
@@ -278,6 +282,8 @@ def run_serving_cmd(args: argparse.Namespace) -> int:
     tokenizer = peers.load_tokenizer(args.tokenizer or args.model)
     corpus = tokenizer.encode(serving.load_corpus_text(args.text_dir), add_special_tokens=False)
     out = Path(args.out)
+    if args.replicas:
+        return _run_cluster_bench(args, corpus, tokenizer, workload, cfg, out)
     with _sigterm_unwinds(), contextlib.ExitStack() as stack:
         endpoints = []
         if args.url:
@@ -297,6 +303,21 @@ def run_serving_cmd(args: argparse.Namespace) -> int:
                                             peers.end_token_ids(tokenizer)))
         result = serving.run_serving(endpoints, corpus, tokenizer, workload, cfg)
     write_report(out, "serving", result, plots.serving_table(result), plots.plot_serving)
+    return 0
+
+
+def _run_cluster_bench(args: argparse.Namespace, corpus, tokenizer, workload, cfg, out: Path) -> int:
+    from bastion.bench import serving_cluster
+
+    try:
+        bench = serving_cluster.ClusterBenchConfig(replicas=args.replicas, threads=args.threads, kill=args.kill)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    with _sigterm_unwinds():
+        result = serving_cluster.run_cluster_bench(args.bastion_python, corpus, tokenizer, workload, cfg, bench,
+                                                   out, args.bastion_arg)
+    write_report(out, "serving_cluster", result, serving_cluster.table(result), serving_cluster.plot)
     return 0
 
 
