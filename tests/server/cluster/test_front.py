@@ -136,3 +136,15 @@ def test_health_is_ok_while_one_replica_is():
     handle.scripts["r2"] = ["r2", ReplicaDied()]
     r = asyncio.run(get())
     assert r.status_code == 503 and r.json()["healthy"] == 0
+
+
+def test_a_chat_stream_is_retried_until_its_first_token_not_just_its_role_event():
+    role = b'data: {"object": "chat.completion.chunk", "choices": [{"delta": {"role": "assistant", "content": ""}}]}'
+    role += b"\n\n"
+    token = b'data: {"object": "chat.completion.chunk", "choices": [{"delta": {"content": "Hi"}}]}\n\n'
+    handle = Handle([["r1", SSE, role, ReplicaDied()],  # queued behind others when it died: no token yet
+                     ["r2", SSE, role, token, b"data: [DONE]\n\n"]])
+    front = _front(handle)
+    r = asyncio.run(_post(front))
+    assert r.headers["x-bastion-replica"] == "r2" and r.text == (role + token + b"data: [DONE]\n\n").decode()
+    assert front.metrics.cut_streams._value.get() == 0

@@ -3,8 +3,8 @@ request to a replica through the deployment's handle (the router picks which: ro
 and answers a few paths itself by asking every replica (/health, /metrics, adapter loads).
 
 Retries. Nothing reaches the client before the chosen replica has produced the response
-head *and* its first body chunk (the first token's event of a stream, the whole body of
-a JSON answer). A failure before that — the actor died or is unreachable, the replica
+head *and* its first token's event (a chat stream's role announcement is held back with
+the head), or the whole body of a JSON answer. A failure before that — the actor died or is unreachable, the replica
 raised, or it answered 503 (draining, engine dead) — sends the request to another replica
 (`avoid` keeps the router off the ones it failed on), up to MAX_ATTEMPTS. So a replica
 that dies loses no request that had not started streaming. After the first chunk, a
@@ -120,6 +120,11 @@ class Front:
                     replica = await _next(stream, gone, ROUTE_TIMEOUT_S)
                     head = await _next(stream, gone)
                     first = await _next(stream, gone, end=b"")
+                    while first and _announces_only(first, head):  # wait for the first token
+                        more = await _next(stream, gone, end=b"")
+                        if not more:
+                            break
+                        first += more
                 except _ClientGone:
                     stream.cancel()
                     return Response(status_code=499)
@@ -256,6 +261,32 @@ async def _next(stream: Any, gone: asyncio.Future, timeout: float | None = None,
         if end is None:
             raise ConnectionError("the replica ended the call without an answer") from None
         return end
+
+
+def _announces_only(chunk: bytes, head: Head) -> bool:
+    """True for a stream's opening that holds no token yet: chat streams open with an event
+    announcing the role (empty content), sent before the request is even scheduled. The
+    front holds such an opening back with the head, so a replica that fails while the
+    request still waits in its queue is retried, not reported as a cut stream."""
+    if not isinstance(head, Head) or not (head.header(b"content-type") or b"").startswith(b"text/event-stream"):
+        return False
+    for event in chunk.split(b"\n\n"):
+        if not event.strip():
+            continue
+        if not event.startswith(b"data: {"):
+            return False
+        try:
+            payload = json.loads(event[len(b"data: "):])
+        except ValueError:
+            return False
+        choices = payload.get("choices") if isinstance(payload, dict) else None
+        if payload.get("usage") or not isinstance(choices, list) or not choices:
+            return False
+        for c in choices:
+            delta = c.get("delta") if isinstance(c, dict) else None
+            if not isinstance(delta, dict) or delta.get("content") or c.get("finish_reason") or c.get("logprobs"):
+                return False
+    return True
 
 
 class _Relay(StreamingResponse):
