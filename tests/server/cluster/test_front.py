@@ -148,3 +148,30 @@ def test_a_chat_stream_is_retried_until_its_first_token_not_just_its_role_event(
     r = asyncio.run(_post(front))
     assert r.headers["x-bastion-replica"] == "r2" and r.text == (role + token + b"data: [DONE]\n\n").decode()
     assert front.metrics.cut_streams._value.get() == 0
+
+
+def test_a_replica_that_starts_after_a_runtime_adapter_load_gets_it_replayed():
+    live = ["r1", "r2"]
+    calls = []
+
+    class Router:  # pinned calls answer as their replica; unpinned ones come from r1
+        def remote(self, request, **kwargs):
+            calls.append((request.path, kwargs.get("replica")))
+            replica = kwargs.get("replica") or "r1"
+            return Script([replica, Head(200, ((b"content-type", b"application/json"),)), b"{}"])
+
+    front = Front(Router(), "dep", capacity=8, max_body_bytes=1000, replicas=lambda _: tuple(live))
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app()), base_url="http://t") as c:
+            await c.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/p"})
+            live.append("r3")  # Serve started a replica (scale-up, or a dead one replaced)
+            await c.get("/v1/models")
+            await asyncio.sleep(0.05)  # the replay runs in the background
+            await c.post("/v1/unload_lora_adapter", json={"lora_name": "a"})
+            live.append("r4")
+            await c.get("/v1/models")
+            await asyncio.sleep(0.05)
+    asyncio.run(run())
+    loads = [replica for path, replica in calls if path == "/v1/load_lora_adapter"]
+    assert loads == ["r1", "r2", "r3"]  # r4 came after the unload: nothing to replay

@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from bastion.server.cluster.adapter_log import AdapterLog
 from bastion.server.cluster.affinity import route_key
 from bastion.server.cluster.messages import ForwardedRequest, Head
 from bastion.server.cluster.metrics_merge import FrontMetrics, merge
@@ -66,6 +67,7 @@ class Front:
         self._capacity, self._max_body = capacity, max_body_bytes
         self._in_flight = 0
         self.metrics = FrontMetrics()
+        self.adapters = AdapterLog()
 
     def app(self) -> Starlette:
         routes = [Route("/health", self.health, methods=["GET"]), Route("/metrics", self.prometheus, methods=["GET"])]
@@ -82,7 +84,9 @@ class Front:
                           "body_too_large")
         except ClientDisconnect:
             return Response(status_code=400)
-        if self._in_flight >= self._capacity * max(1, len(self._replicas(self._deployment))):
+        live = self._replicas(self._deployment)
+        self.adapters.catch_up(live, self._ask)  # a replica new since the last adapter load gets it
+        if self._in_flight >= self._capacity * max(1, len(live)):
             return _error(429, "The cluster's queues are full; retry later.", "rate_limit_exceeded", "queue_full",
                           extra={"retry-after": "1"})
         self._in_flight += 1
@@ -233,6 +237,7 @@ class Front:
         if not answers:
             return _error(503, "No replica is running.", "server_error", "no_replica")
         statuses = {r: head.status if head is not None else None for r, head, _ in answers}
+        self.adapters.record(fwd, statuses, statuses.values())
         if len(set(statuses.values())) == 1 and answers[0][1] is not None:
             r, head, body = answers[0]
             return _relay_whole(_ids(statuses), head, body)

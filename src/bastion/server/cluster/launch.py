@@ -152,12 +152,12 @@ def run_cluster(config: Config, gate_factory: GateFactory | None = None) -> int:
 
 
 def _tear_down(serve: Any, ray: Any, started: bool) -> None:
+    """The HTTP server has drained its requests by now. A local Ray goes down whole with
+    ray.shutdown() (Serve's own shutdown waits up to 30 s for its controller, for
+    nothing); on a shared cluster only our application is deleted."""
     try:
-        if ray.is_initialized():
-            if started:
-                serve.shutdown()
-            else:  # a shared cluster: take only our application down
-                serve.delete(APP)
+        if ray.is_initialized() and not started:
+            serve.delete(APP)
     except Exception:  # noqa: BLE001 - going down anyway; say why it was unclean
         log.exception("taking the Serve application down failed")
     finally:
