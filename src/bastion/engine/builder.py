@@ -59,6 +59,18 @@ def _weight_kernel(mode: str) -> ModuleType | None:
     return kernel
 
 
+def _check_moe(moe, device: torch.device) -> bool:
+    """Whether experts are offloaded; the GPU expert tier is refused (not built, untested)."""
+    if moe.gpu_memory_gb is not None:
+        if not torch.cuda.is_available():
+            raise ValueError("--moe-gpu-memory: no GPU is available here (experts can be offloaded to RAM and "
+                             "disk with --moe-memory)")
+        raise ValueError("--moe-gpu-memory: the GPU expert tier is not built yet; use --moe-memory (CPU RAM)")
+    if moe.memory_gb is not None and device.type != "cpu":
+        raise ValueError("--moe-memory offloads experts for CPU inference; it needs --device cpu")
+    return moe.memory_gb is not None
+
+
 def build_engine(config: Config, *, eos_token_id: int | None, show_progress: bool = True) -> tuple[LLMEngine, str]:
     """Load the checkpoint and build model + KV pool. Returns (engine, model name).
     `eos_token_id` comes from the tokenizer (serving/tokenizer.py: load_engine)."""
@@ -67,12 +79,23 @@ def build_engine(config: Config, *, eos_token_id: int | None, show_progress: boo
     device = resolve_device(config.model.device)
     mc = config.model
     quantize = mc.quantize if device.type == "cpu" else "none"  # NOTE: the kernels are CPU-only so far
+    offload = _check_moe(config.moe, device)
     with loading_memory():  # freed load buffers go back to the OS: resident = the model
-        ckpt = load_checkpoint(mc.path, show_progress=show_progress, quantize=quantize, group=mc.quant_group)
+        ckpt = load_checkpoint(mc.path, show_progress=show_progress, quantize=quantize, group=mc.quant_group,
+                               skip_experts=offload)
         quantized = has_quantized(ckpt.weights)
         dtype = resolve_dtype(mc.dtype, device, quantized)
         max_len = min(mc.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
-        if quantized:
+        if offload and ckpt.arch.num_experts:
+            if quantized:
+                raise ValueError("--moe-memory with quantized weights is not supported yet (use --quantize none)")
+            from bastion.engine.models.moe_offload import build_offloaded
+
+            model, moe = build_offloaded(ckpt, dtype=dtype, max_len=max_len, policy=config.moe.policy,
+                                         budget_bytes=int(config.moe.memory_gb * 2**30), prefetch=config.moe.prefetch)
+            log.info("experts offloaded (%s policy): %.0f of %.0f MiB resident at most; cost model %s",
+                     config.moe.policy, moe.budget / 2**20, moe.store.total_bytes / 2**20, moe.cost.as_dict())
+        elif quantized:
             model = build_quantized(ckpt.arch, max_len, ckpt.weights, _weight_kernel(mc.weight_kernel),
                                     activations=mc.activations)
         else:

@@ -231,5 +231,14 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            weight_bytes=self.weight_bytes,
+            weight_bytes=self.weight_bytes, **_moe_stats(self.runner.model),
         )
+
+
+def _moe_stats(model) -> dict[str, int]:
+    off = getattr(model, "moe_offload", None)
+    if off is None:
+        return {}
+    s = off.stats
+    return {"moe_expert_lookups": s.lookups, "moe_expert_hits": s.hits, "moe_bytes_read": s.bytes_read,
+            "moe_tokens": s.tokens}

@@ -36,6 +36,12 @@ class EngineStats:
     prompt_tokens_total: int
     generation_tokens_total: int
     weight_bytes: int = 0  # the model's weights as held in memory (quantized codes + scales)
+    # expert offload (engine/models/moe_offload.py; all 0 without --moe-memory): expert
+    # activations, those found resident, bytes read from the model file, tokens through the MoE
+    moe_expert_lookups: int = 0
+    moe_expert_hits: int = 0
+    moe_bytes_read: int = 0
+    moe_tokens: int = 0
 
 
 class EngineError(Exception):

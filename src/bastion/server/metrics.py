@@ -68,6 +68,13 @@ class _EngineCollector:
         yield GaugeMetricFamily("bastion_kv_blocks_total", "KV cache blocks in the pool.", value=s.kv_blocks_total)
         yield GaugeMetricFamily("bastion_model_weight_bytes", "Bytes the model's weights hold in memory.",
                                 value=s.weight_bytes)
+        if s.moe_expert_lookups:  # expert offload (--moe-memory) only
+            yield GaugeMetricFamily("bastion_moe_expert_hit_rate", "Share of expert activations found in RAM.",
+                                    value=s.moe_expert_hits / s.moe_expert_lookups)
+            yield GaugeMetricFamily("bastion_moe_bytes_read_per_token", "Expert bytes read from the model file "
+                                    "per token.", value=s.moe_bytes_read / max(1, s.moe_tokens))
+            yield CounterMetricFamily("bastion_moe_expert_bytes_read", "Expert bytes read from the model file.",
+                                      value=s.moe_bytes_read)
         yield CounterMetricFamily("bastion_preemptions", "Requests preempted (recomputed) for lack of KV blocks.",
                                   value=s.num_preemptions)
 

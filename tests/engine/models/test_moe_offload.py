@@ -208,3 +208,41 @@ def test_cost_model_interpolates_and_calibrates(tiny_mixtral):
         CostModel((1,), (), (), 1.0, 1)
     got = calibrate(ExpertStore.open(tiny_mixtral), torch.float32, tokens=(1, 4), samples=2)
     assert got.expert_bytes == 3 * 64 * 96 * 4 and all(v > 0 for v in got.compute_ms + got.stream_ms)
+
+
+def test_engine_offloads_under_moe_memory_and_metrics_show_it(tiny_mixtral):
+    from bastion.cli_args import Parser, add_engine_args, config_from_args
+    from bastion.config import CacheConfig, Config, ModelConfig, MoeConfig
+    from bastion.engine.builder import build_engine
+    from bastion.engine.sampling_params import SamplingParams
+    from bastion.server.metrics import ServerMetrics
+
+    p = Parser()
+    add_engine_args(p)
+    cfg = config_from_args(p.parse_args([str(tiny_mixtral), "--moe-memory", "0.0006", "--moe-policy", "lru"]))
+    assert cfg.moe == MoeConfig(memory_gb=0.0006, policy="lru")
+    with pytest.raises(ValueError, match="memory_gb"):
+        MoeConfig(memory_gb=0)
+    with pytest.raises(ValueError, match="policy"):
+        MoeConfig(policy="mru")
+    base = dict(model=ModelConfig(path=str(tiny_mixtral), dtype="float32", device="cpu"),
+                cache=CacheConfig(num_blocks=16))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            build_engine(Config(**base, moe=MoeConfig(gpu_memory_gb=1.0)), eos_token_id=None, show_progress=False)
+    ids = _ids(12, seed=4)
+    outs = {}
+    for moe in (MoeConfig(), MoeConfig(memory_gb=0.0006, policy="bastion")):
+        engine, _ = build_engine(Config(**base, moe=moe), eos_token_id=None, show_progress=False)
+        engine.add_request("a", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+        toks = []
+        while engine.has_unfinished():
+            toks += [t for o in engine.step() for t in o.new_token_ids]
+        outs[moe.memory_gb] = toks
+    s = engine.stats()
+    assert s.moe_expert_lookups > 0 and 0 < s.moe_expert_hits < s.moe_expert_lookups and s.moe_bytes_read > 0
+    assert s.moe_tokens == len(ids) + 5
+    text = ServerMetrics(engine).render().decode()
+    assert "bastion_moe_expert_hit_rate" in text and "bastion_moe_bytes_read_per_token" in text
+    assert outs[None] == outs[0.0006]  # greedy tokens: the offloaded engine answers as the resident one
+    engine.runner.model.moe_offload.close()
