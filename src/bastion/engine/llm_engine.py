@@ -17,6 +17,7 @@ import torch
 from bastion.config import AdapterConfig, Config
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.model_runner import ModelRunner, StepLogits
+from bastion.engine.models.moe_offload import moe_stats
 from bastion.engine.models.quantized_model import resident_bytes
 from bastion.engine.outputs import EngineStats, PromptTooLongError, RequestOutput
 from bastion.engine.request import Request, Scheduling, TokenFilter, Track
@@ -231,14 +232,5 @@ class LLMEngine:
             kv_blocks_total=bm.num_blocks, kv_blocks_used=bm.num_used_blocks,
             num_preemptions=self.scheduler.num_preemptions,
             prompt_tokens_total=self.prompt_tokens_total, generation_tokens_total=self.generation_tokens_total,
-            weight_bytes=self.weight_bytes, **_moe_stats(self.runner.model),
+            weight_bytes=self.weight_bytes, **moe_stats(self.runner.model),
         )
-
-
-def _moe_stats(model) -> dict[str, int]:
-    off = getattr(model, "moe_offload", None)
-    if off is None:
-        return {}
-    s = off.stats
-    return {"moe_expert_lookups": s.lookups, "moe_expert_hits": s.hits, "moe_bytes_read": s.bytes_read,
-            "moe_tokens": s.tokens}

@@ -312,3 +312,13 @@ def build_offloaded(ckpt, *, dtype: torch.dtype, max_len: int, policy: str, budg
     model = model.to(dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()
     return model, offload
+
+
+def moe_stats(model: nn.Module) -> dict[str, int]:
+    """EngineStats' expert-offload fields for `model` (empty when nothing is offloaded)."""
+    off = getattr(model, "moe_offload", None)
+    if off is None:
+        return {}
+    s = off.stats
+    return {"moe_expert_lookups": s.lookups, "moe_expert_hits": s.hits, "moe_bytes_read": s.bytes_read,
+            "moe_tokens": s.tokens}
