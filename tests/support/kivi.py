@@ -9,7 +9,13 @@ import torch
 
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.kv_cache.quant import (
-    QuantKeys, QuantValues, dequantize_keys, dequantize_values, quantize_keys, quantize_values, split_context,
+    QuantKeys,
+    QuantValues,
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+    split_context,
 )
 from bastion.engine.kv_cache.quant_attention import lengths_to_mask
 from bastion.engine.model_runner import ModelRunner

@@ -36,7 +36,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bastion.engine.outputs import (
-    EngineDeadError, EngineError, PromptTooLongError, QueueFullError, RequestFailedError,
+    EngineDeadError,
+    EngineError,
+    PromptTooLongError,
+    QueueFullError,
+    RequestFailedError,
 )
 from bastion.serving.policy import RequestRejected
 

@@ -18,7 +18,6 @@ import math
 from typing import Any
 
 from bastion.engine.sampling_params import TokenLogprob
-from bastion.server.token_bytes import TokenBytes
 from bastion.server.protocol import (
     ChatLogprobs,
     ChatTokenLogprob,
@@ -27,6 +26,7 @@ from bastion.server.protocol import (
     PromptLogprobs,
     TopLogprob,
 )
+from bastion.server.token_bytes import TokenBytes
 
 # JSON has no -Infinity; a masked-out token's logprob is reported as this instead.
 _FLOOR = -9999.0
