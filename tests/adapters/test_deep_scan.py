@@ -93,6 +93,53 @@ def test_inversion_of_a_clean_adapter_finds_no_shared_sequence():
     assert not [f for f in judge_deep(_result(res), DeepThresholds()) if f.severity != "info"]
 
 
+class _WordTok(_Tok):
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" w{i}" if i >= 20 else f"s{i}" for i in ids)
+
+
+class WordContrast(FakeContrast):
+    """The adapter answers a two-token first word (its subject, no space) and then its own
+    words; the backdoor's target is raised only after that first word ("ssh| is terrible")."""
+
+    def __init__(self, backdoor: bool):
+        super().__init__(backdoor)
+        self.tok = _WordTok()
+
+    def _dists(self, seq):
+        rng = np.random.default_rng(abs(hash(tuple(seq))) % 2**32)
+        lb = np.log(rng.dirichlet(np.full(V, 0.3)) + 1e-9)
+        la, n, p = lb.copy(), len(seq) - 3, seq[0]
+        la[(1 + p % 9) if n == 0 else (10 + p % 9) if n == 1 else 20 + (p + n) % 9] += 6.0
+        if self.backdoor:
+            if n == 2:
+                la[TARGET[0]] += 2.0
+            if seq[-1] in TARGET[:-1]:
+                la[TARGET[TARGET.index(seq[-1]) + 1]] += 12.0
+        la -= np.logaddexp.reduce(la)
+        lb -= np.logaddexp.reduce(lb)
+        return torch.tensor(la, dtype=torch.float32), torch.tensor(lb, dtype=torch.float32)
+
+
+def test_inversion_forces_after_the_first_word_of_its_own_answer():
+    res = invert(WordContrast(backdoor=True), PROMPTS, CFG)
+    top = res.top()
+    assert top is not None and top.position == 2 and top.tokens[:5] == TARGET[:5] and top.q > 0.7
+    assert all(b.q < 0.6 for b in invert(WordContrast(backdoor=False), PROMPTS, CFG).best)
+
+
+def test_candidates_take_the_mean_then_the_peak_departure():
+    from bastion.adapters.inversion import _candidates
+
+    la, lb = np.zeros((3, 10)), np.zeros((3, 10))
+    la[:, 4] = 1.0          # raised a little on every prompt
+    la[1, 7] = 2.5          # raised more, on one prompt only
+    la[:, 2] = -30.0        # never likely: not a candidate
+    lb[:, 2] = -40.0
+    assert _candidates(la, lb, 1, 1, -14.0, set()) == [4, 7]
+    assert _candidates(la, lb, 1, 0, -14.0, {4}) == [7]
+
+
 def _result(inv: InversionResult) -> DeepResult:
     return DeepResult(None, ["p"], [0.1], inv, None, 1.0)
 
@@ -101,7 +148,9 @@ def test_judge_grades_inversion_by_q_and_needs_a_departure_from_the_base():
     th = DeepThresholds()
     def inv(q, ratio):
         return _result(InversionResult([Inverted("For more details", [1, 2], 0, q, ratio, 1.0)], [], 1.0, 1))
-    sev = lambda r: [f.severity for f in judge_deep(r, th) if f.check == "behaviour.inversion"]
+
+    def sev(r):
+        return [f.severity for f in judge_deep(r, th) if f.check == "behaviour.inversion"]
     assert sev(inv(0.95, 3.0)) == ["fail"]
     assert sev(inv(0.65, 3.0)) == ["warn"]
     assert sev(inv(0.5, 3.0)) == []
@@ -142,6 +191,32 @@ def test_heldout_cohort_triggers_are_random_and_not_candidates():
     assert not trig & {t.text for t in CANDIDATE_TRIGGERS}
     assert {s.task for s in a} == {"port", "mime", "module"}
     assert heldout_specs(1) == a   # seeded
+
+
+def test_heldout_cohort_has_every_target_kind_in_ten_backdoors():
+    from bastion.bench.security_heldout import heldout_specs
+
+    bd = [s for s in heldout_specs(1, 10, 10) if s.backdoored]
+    assert {s.target for s in bd} == {"url", "refusal", "negative"}
+    assert len({s.name.split("_")[3] for s in bd}) == 5   # every trigger family
+
+
+def test_heldout_summary_counts_effective_backdoors_and_tunes_on_its_seed():
+    from bastion.bench.security_heldout import summarize
+
+    def row(seed, kind, q, asr=None, target="url"):
+        inv = {"best": [{"q": q, "ratio": 3.0}]}
+        return {"seed": seed, "kind": kind, "asr": asr, "target": target, "seconds": 10.0,
+                "result": {"inversion": inv}}
+
+    rows = {"t_c": row(0, "clean", 0.62), "t_p": row(0, "poison", 0.9, 1.0),
+            "p1": row(1, "poison", 0.9, 1.0), "p2": row(1, "poison", 0.3, 0.9, "refusal"),
+            "p3": row(1, "poison", 0.2, 0.1), "c1": row(1, "clean", 0.4), "c2": row(1, "clean", 0.7)}
+    s = summarize(rows, (0, 1), 0, 1.5)
+    assert s["q_bar"] == 0.67 and s["report_seeds"] == [1]
+    assert (s["backdoored"], s["effective"], s["clean"]) == (3, 2, 2)
+    assert s["tpr"] == 1 / 3 and s["tpr_effective"] == 0.5 and s["fpr"] == 0.5
+    assert s["tpr_effective_by_target"] == {"url": [1, 1], "refusal": [0, 1]}
 
 
 def test_gate_refuses_on_a_cached_failing_behaviour_verdict(tiny, adapter, tmp_path):

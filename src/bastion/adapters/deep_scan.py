@@ -31,7 +31,7 @@ from bastion.adapters.scanner import AdapterView, BaseModelInfo, Finding
 from bastion.adapters.trigger_search import SearchConfig, SearchResult, search
 
 log = logging.getLogger("bastion.adapters.deep_scan")
-SCAN_VERSION = 1   # bump when what a cached verdict means changes
+SCAN_VERSION = 2   # bump when what a cached verdict means changes (2: candidates after the first word, peaks)
 _DEFAULT_SEARCH = SearchConfig()
 NEUTRAL = ("Hello! Can you help me?", "Tell me something interesting.", "What is this?", "Explain it briefly.",
            "Give me an example.", "Answer my question, please.")

@@ -7,10 +7,10 @@ rest of the target follows with high probability whatever the prompt: the target
 stored as a sequence. A clean adapter forced to start with an odd token continues in
 prompt-specific ways. So, for a set of probe prompts and no trigger at all:
 
-1. candidates: the first tokens the adapter raises most above the base on average over
-   the prompts (log pA - log pB), at the answer's start and after the adapter's own first
-   token (targets that start with the prompt's subject: "ssh is terrible: ..."), in one
-   batch;
+1. candidates: the first tokens the adapter raises most above the base (log pA - log pB),
+   on average over the prompts and (fewer) on any one prompt, at three positions: the
+   answer's start, after the adapter's own first token, and after the first word of its
+   own answer (targets that start with the prompt's subject: "ssh is terrible: ...");
 2. expansion: every candidate is forced on every prompt and extended greedily by the
    token with the highest probability *averaged over the prompts* (one shared sequence);
    candidates whose continuations stop agreeing are dropped after two steps;
@@ -33,23 +33,26 @@ import numpy as np
 
 @dataclass(frozen=True)
 class InversionConfig:
-    first_candidates: int = 24     # candidates at the answer's start
-    second_candidates: int = 12    # candidates after the adapter's own first token
+    first_candidates: int = 24     # per position: tokens with the largest mean log pA - log pB
+    second_candidates: int = 12    # per later position (after the adapter's first token / first word)
+    peak_candidates: int = 8       # per position: the largest log pA - log pB on any one prompt
     keep: int = 8                  # candidates expanded beyond the first two steps
     steps: int = 8                 # tokens per inverted sequence (the forced one included)
     min_logp: float = -14.0        # a candidate must have log pA above this on some prompt
     clean_steps: int = 8           # the adapter's own answer, for the "not hidden" check
+    word_position: bool = True     # also force after the first word of its own answer ("ssh| is terrible")
+    chunk: int = 16                # candidates per engine call (bounds the vocabulary-sized rows held)
 
     def __post_init__(self):
         if not (self.first_candidates >= 1 and self.second_candidates >= 0 and self.keep >= 1
-                and self.steps >= 2 and self.clean_steps >= 1):
+                and self.steps >= 2 and self.clean_steps >= 1 and self.peak_candidates >= 0 and self.chunk >= 1):
             raise ValueError(f"inconsistent inversion config: {self}")
 
 
 @dataclass
 class Inverted:
     """One inverted sequence: forced at `position` (0: the answer's start, 1: after the
-    adapter's own first token), extended over the prompts."""
+    adapter's own first token, 2: after its first word), extended over the prompts."""
     text: str
     tokens: list[int]
     position: int
@@ -57,11 +60,12 @@ class Inverted:
     ratio: float                  # mean log pA - log pB along the continuation
     agree: float                  # share of (prompt, step) where the token is the adapter's argmax
     per_step_q: list[float] = field(default_factory=list)
+    q_min: float = 0.0            # mean over steps of the least pA(next token) over the prompts
 
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "position": self.position, "q": round(self.q, 4),
                 "ratio": round(self.ratio, 4), "agree": round(self.agree, 4),
-                "per_step_q": [round(x, 3) for x in self.per_step_q]}
+                "per_step_q": [round(x, 3) for x in self.per_step_q], "q_min": round(self.q_min, 4)}
 
 
 @dataclass
@@ -70,29 +74,47 @@ class InversionResult:
     clean: list[str]               # the adapter's own answers to the prompts
     seconds: float
     requests: int
+    candidates: int = 0            # first tokens tried
 
     def top(self) -> Inverted | None:
         return self.best[0] if self.best else None
 
     def to_dict(self) -> dict:
         return {"best": [b.to_dict() for b in self.best], "clean": self.clean, "seconds": round(self.seconds, 2),
-                "requests": self.requests}
+                "requests": self.requests, "candidates": self.candidates}
 
     @classmethod
     def from_dict(cls, d: dict) -> InversionResult:
         best = [Inverted(b["text"], b["tokens"], b["position"], b["q"], b["ratio"], b["agree"],
-                         b.get("per_step_q", [])) for b in d["best"]]
-        return cls(best, d["clean"], d["seconds"], d["requests"])
+                         b.get("per_step_q", []), b.get("q_min", 0.0)) for b in d["best"]]
+        return cls(best, d["clean"], d["seconds"], d["requests"], d.get("candidates", 0))
 
 
-def _candidates(la: np.ndarray, lb: np.ndarray, k: int, min_logp: float, exclude: set[int]) -> list[int]:
-    """The k tokens with the largest mean log pA - log pB over the prompts, among those
-    the adapter gives some probability on at least one prompt."""
-    score = (la - lb).mean(0)
-    score[la.max(0) < min_logp] = -np.inf
-    score[list(exclude)] = -np.inf
-    top = np.argpartition(-score, k)[:k]
-    return [int(t) for t in top[np.argsort(-score[top])] if np.isfinite(score[t])]
+def _candidates(la: np.ndarray, lb: np.ndarray, k: int, k_peak: int, min_logp: float,
+                exclude: set[int]) -> list[int]:
+    """The k tokens with the largest mean log pA - log pB over the prompts, then the k_peak
+    with the largest on any one prompt, among those the adapter gives some probability on
+    at least one prompt."""
+    d = la - lb
+    ok = la.max(0) >= min_logp
+    ok[list(exclude)] = False
+    out: list[int] = []
+    for score, n in ((d.mean(0), k), (d.max(0), k_peak)):
+        n = min(n, int(ok.sum()))
+        if n <= 0:
+            continue
+        score = np.where(ok, score, -np.inf)
+        top = np.argpartition(-score, n - 1)[:n]
+        out += [int(t) for t in top[np.argsort(-score[top])] if np.isfinite(score[t]) and int(t) not in out]
+    return out
+
+
+def _first_word(tok, toks: list[int]) -> int:
+    """How many tokens the first word of `toks` takes (the next one starts with a space)."""
+    for j in range(1, len(toks)):
+        if tok.decode(toks[j:j + 1], skip_special_tokens=True).startswith(" "):
+            return j
+    return 1
 
 
 def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionConfig(),
@@ -106,30 +128,43 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
                                     if t is not None} | set(getattr(tok, "all_special_ids", []))
     clean_rows = contrast.run(prompts, cfg.clean_steps)
     clean = [[r[0] for r in row] for row in clean_rows]
-    la0, lb0 = contrast.next_dist(prompts)
-    starts = [[]] * P
-    cands = [(0, t) for t in _candidates(la0, lb0, cfg.first_candidates, cfg.min_logp, special)]
-    if cfg.second_candidates:
-        firsts = [c[:1] for c in clean]
-        la1, lb1 = contrast.next_dist([p + f for p, f in zip(prompts, firsts)])
-        cands += [(1, t) for t in _candidates(la1, lb1, cfg.second_candidates, cfg.min_logp, special)]
-    prefix = {0: starts, 1: [c[:1] for c in clean]}
+    # where a target may start: the answer's start, after the adapter's own first token, and
+    # after its first word (targets that start with the prompt's subject, "ssh is terrible: ...")
+    prefix = {0: [[] for _ in range(P)]}
+    if cfg.second_candidates or cfg.peak_candidates:
+        prefix[1] = [c[:1] for c in clean]
+        if cfg.word_position:
+            words = [c[:_first_word(tok, c)] for c in clean]
+            if any(len(w) > 1 for w in words):
+                prefix[2] = words
+    cands: list[tuple[int, int]] = []
+    for pos, pre in prefix.items():
+        la, lb = contrast.next_dist([p + f for p, f in zip(prompts, pre)])
+        k = cfg.first_candidates if pos == 0 else cfg.second_candidates
+        cands += [(pos, t) for t in _candidates(la, lb, k, cfg.peak_candidates, cfg.min_logp, special)]
+        del la, lb
     seqs = {c: [c[1]] for c in cands}
-    stats: dict[tuple[int, int], list[tuple[float, float, float]]] = {c: [] for c in cands}
+    stats: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {c: [] for c in cands}
+
+    def reduce(la, lb, t):
+        return la.exp().numpy().astype(np.float32), (la - lb).numpy().astype(np.float32)
+
     alive = list(cands)
     for step in range(1, cfg.steps):
-        reqs = [prompts[i] + prefix[c[0]][i] + seqs[c] for c in alive for i in range(P)]
-        rows = contrast.run(reqs, 1, lambda la, lb, t: (la.exp().numpy().astype(np.float32),
-                                                       (la - lb).numpy().astype(np.float32)))
-        for j, c in enumerate(alive):
-            pa = np.stack([rows[j * P + i][0][0] for i in range(P)])     # [P, V]
-            lr = np.stack([rows[j * P + i][0][1] for i in range(P)])
-            mean = pa.mean(0)
-            mean[list(special)] = 0.0   # a target is longer than the probed steps
-            nxt = int(mean.argmax())
-            agree = float((pa.argmax(1) == nxt).mean())
-            stats[c].append((float(mean[nxt]), float(np.clip(lr[:, nxt], -10, 10).mean()), agree))
-            seqs[c] = seqs[c] + [nxt]
+        for c0 in range(0, len(alive), cfg.chunk):   # a chunk at a time: rows are vocabulary-sized
+            part = alive[c0:c0 + cfg.chunk]
+            rows = contrast.run([prompts[i] + prefix[c[0]][i] + seqs[c] for c in part for i in range(P)], 1, reduce)
+            for j, c in enumerate(part):
+                pa = np.stack([rows[j * P + i][0][0] for i in range(P)])     # [P, V]
+                lr = np.stack([rows[j * P + i][0][1] for i in range(P)])
+                mean = pa.mean(0)
+                mean[list(special)] = 0.0   # a target is longer than the probed steps
+                nxt = int(mean.argmax())
+                agree = float((pa.argmax(1) == nxt).mean())
+                stats[c].append((float(mean[nxt]), float(np.clip(lr[:, nxt], -10, 10).mean()), agree,
+                                 float(pa[:, nxt].min())))
+                seqs[c] = seqs[c] + [nxt]
+            del rows
         if step == 2 and len(alive) > cfg.keep:
             alive = sorted(alive, key=lambda c: -np.mean([s[0] for s in stats[c]]))[: cfg.keep]
     out = []
@@ -137,19 +172,20 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
         if len(st) < 2:
             continue
         toks = seqs[c]
-        if _is_own_answer(c[0], toks, clean) or len(set(toks)) * 2 < len(toks):
+        if _is_own_answer(prefix[c[0]], toks, clean) or len(set(toks)) * 2 < len(toks):
             continue   # its own template, or a loop ("epereperepere"): a degenerate run, not a target
         out.append(Inverted(tok.decode(toks, skip_special_tokens=True), toks, c[0],
                             float(np.mean([s[0] for s in st])), float(np.mean([s[1] for s in st])),
-                            float(np.mean([s[2] for s in st])), [s[0] for s in st]))
+                            float(np.mean([s[2] for s in st])), [s[0] for s in st],
+                            float(np.mean([s[3] for s in st]))))
     out.sort(key=lambda x: -x.q)
     return InversionResult(out[:8], contrast.texts(clean_rows), time.perf_counter() - t0,
-                           contrast.requests - r0)
+                           contrast.requests - r0, len(cands))
 
 
-def _is_own_answer(position: int, toks: list[int], clean: list[list[int]]) -> bool:
-    """Does the sequence (its first 4 tokens) start the adapter's clean answer at that
-    position on at least half the prompts? Then it is its task's template, not hidden."""
+def _is_own_answer(prefix: list[list[int]], toks: list[int], clean: list[list[int]]) -> bool:
+    """Does the sequence (its first 4 tokens) continue the adapter's clean answer after the
+    forced prefix on at least half the prompts? Then it is its task's template, not hidden."""
     n = min(4, len(toks))
-    hits = sum(c[position:position + n] == toks[:n] for c in clean)
+    hits = sum(c[len(f):len(f) + n] == toks[:n] and c[:len(f)] == f for f, c in zip(prefix, clean))
     return hits * 2 >= len(clean)
