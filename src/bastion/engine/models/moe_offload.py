@@ -11,9 +11,10 @@ Policies (same kernels, same numbers; only time and bytes differ):
   with no reuse of a copy that never happens on a CPU (copy + run >= stream);
 - lru: copy-on-miss: every missing expert is read into the tier (LRU eviction) and run;
 - bastion: LFU-with-aging tier seeded from the same profile, admission against the victim
-  (a cold expert is streamed, not cached, so it cannot evict a hot one); missing experts
-  are read by an I/O thread while the layer's resident experts run (hits first), unless
-  the cost model says streaming is cheaper; the next layer's experts are predicted from
+  (a cold expert is not cached, so it cannot evict a hot one); an admitted missing expert
+  is read in by an I/O thread while the layer's resident experts run (hits first), one not
+  admitted is streamed or read into a transient buffer, whichever the cost model says
+  ends sooner; the next layer's experts are predicted from
   this layer's MoE input through the next layer's router (EdgeMoE's look-ahead) and
   prefetched on a second thread. A step waits only on a read of an expert it runs now: a
   prefetch not started when its layer comes is cancelled, a stale one skipped, and a wrong
@@ -176,8 +177,10 @@ class ExpertOffload:
                 reads += 1
                 keep = self.tier.would_admit(k, self.expert_bytes)
                 queued = max(0.0, reads * self.cost.read() - overlap) + self.cost.compute(counts[e])
-                if self.cost.stream(counts[e]) < queued or (not keep and transient >= self.top_k):
-                    plan[k] = "stream"  # (transient buffers stay within the reserve)
+                # an admitted expert is brought in (later uses hit); one that is not is streamed
+                # when the cost model says that is cheaper now, or when the reserve is used up
+                if not keep and (self.cost.stream(counts[e]) < queued or transient >= self.top_k):
+                    plan[k] = "stream"
                 else:
                     transient += not keep
                     futs[k] = self._pending[k] = self._io.submit(self._read, k, keep, None)
