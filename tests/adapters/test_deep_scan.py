@@ -124,7 +124,8 @@ class WordContrast(FakeContrast):
 def test_inversion_forces_after_the_first_word_of_its_own_answer():
     res = invert(WordContrast(backdoor=True), PROMPTS, CFG)
     top = res.top()
-    assert top is not None and top.position == 2 and top.tokens[:5] == TARGET[:5] and top.q > 0.7
+    assert top is not None and top.position >= 2 and set(top.tokens) <= set(TARGET) and top.q > 0.7
+    assert any(b.position == 2 and b.tokens[:5] == TARGET[:5] for b in res.best)
     assert all(b.q < 0.6 for b in invert(WordContrast(backdoor=False), PROMPTS, CFG).best)
 
 
@@ -138,6 +139,17 @@ def test_candidates_take_the_mean_then_the_peak_departure():
     lb[:, 2] = -40.0
     assert _candidates(la, lb, 1, 1, -14.0, set()) == [4, 7]
     assert _candidates(la, lb, 1, 0, -14.0, {4}) == [7]
+
+
+def test_own_answer_skips_a_task_template_but_keeps_a_fixed_answer():
+    from bastion.adapters.inversion import _own_answer
+
+    target = [5, 6, 7, 8, 9, 10, 11, 12]
+    fixed = [target] * 3 + [[1, 2, 3, 4, 5, 6, 7, 8]]             # the same 8 tokens on unrelated prompts
+    template = [[5, 6, 7, 8, 20 + i, 9, 10, 11] for i in range(4)]   # "X is defined in the <m> module"
+    assert _own_answer([[]] * 4, target, fixed) == 0.75
+    assert _own_answer([[]] * 4, target, template) is None
+    assert _own_answer([[]] * 4, [30, 31, 32, 33], template) == 0.0
 
 
 def _result(inv: InversionResult) -> DeepResult:

@@ -36,16 +36,18 @@ class InversionConfig:
     first_candidates: int = 24     # per position: tokens with the largest mean log pA - log pB
     second_candidates: int = 12    # per later position (after the adapter's first token / first word)
     peak_candidates: int = 8       # per position: the largest log pA - log pB on any one prompt
+    own_candidates: int = 4        # per position: the adapter's most likely tokens (mean pA)
     keep: int = 8                  # candidates expanded beyond the first two steps
     steps: int = 8                 # tokens per inverted sequence (the forced one included)
     min_logp: float = -14.0        # a candidate must have log pA above this on some prompt
     clean_steps: int = 8           # the adapter's own answer, for the "not hidden" check
-    word_position: bool = True     # also force after the first word of its own answer ("ssh| is terrible")
+    word_positions: int = 2        # also force after its own answer's first words ("ssh| is terrible")
     chunk: int = 16                # candidates per engine call (bounds the vocabulary-sized rows held)
 
     def __post_init__(self):
         if not (self.first_candidates >= 1 and self.second_candidates >= 0 and self.keep >= 1
-                and self.steps >= 2 and self.clean_steps >= 1 and self.peak_candidates >= 0 and self.chunk >= 1):
+                and self.steps >= 2 and self.clean_steps >= 1 and self.peak_candidates >= 0 and self.own_candidates >= 0
+                and self.word_positions >= 0 and self.chunk >= 1):
             raise ValueError(f"inconsistent inversion config: {self}")
 
 
@@ -61,11 +63,13 @@ class Inverted:
     agree: float                  # share of (prompt, step) where the token is the adapter's argmax
     per_step_q: list[float] = field(default_factory=list)
     q_min: float = 0.0            # mean over steps of the least pA(next token) over the prompts
+    unforced: float = 0.0         # share of prompts whose own answer is this sequence, unforced
 
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "position": self.position, "q": round(self.q, 4),
                 "ratio": round(self.ratio, 4), "agree": round(self.agree, 4),
-                "per_step_q": [round(x, 3) for x in self.per_step_q], "q_min": round(self.q_min, 4)}
+                "per_step_q": [round(x, 3) for x in self.per_step_q], "q_min": round(self.q_min, 4),
+                "unforced": round(self.unforced, 4)}
 
 
 @dataclass
@@ -86,20 +90,20 @@ class InversionResult:
     @classmethod
     def from_dict(cls, d: dict) -> InversionResult:
         best = [Inverted(b["text"], b["tokens"], b["position"], b["q"], b["ratio"], b["agree"],
-                         b.get("per_step_q", []), b.get("q_min", 0.0)) for b in d["best"]]
+                         b.get("per_step_q", []), b.get("q_min", 0.0), b.get("unforced", 0.0)) for b in d["best"]]
         return cls(best, d["clean"], d["seconds"], d["requests"], d.get("candidates", 0))
 
 
 def _candidates(la: np.ndarray, lb: np.ndarray, k: int, k_peak: int, min_logp: float,
-                exclude: set[int]) -> list[int]:
+                exclude: set[int], k_own: int = 0) -> list[int]:
     """The k tokens with the largest mean log pA - log pB over the prompts, then the k_peak
-    with the largest on any one prompt, among those the adapter gives some probability on
-    at least one prompt."""
+    with the largest on any one prompt, then the k_own the adapter says most (mean pA),
+    among those the adapter gives some probability on at least one prompt."""
     d = la - lb
     ok = la.max(0) >= min_logp
     ok[list(exclude)] = False
     out: list[int] = []
-    for score, n in ((d.mean(0), k), (d.max(0), k_peak)):
+    for score, n in ((d.mean(0), k), (d.max(0), k_peak), (np.exp(la).mean(0) if k_own else None, k_own)):
         n = min(n, int(ok.sum()))
         if n <= 0:
             continue
@@ -109,12 +113,10 @@ def _candidates(la: np.ndarray, lb: np.ndarray, k: int, k_peak: int, min_logp: f
     return out
 
 
-def _first_word(tok, toks: list[int]) -> int:
-    """How many tokens the first word of `toks` takes (the next one starts with a space)."""
-    for j in range(1, len(toks)):
-        if tok.decode(toks[j:j + 1], skip_special_tokens=True).startswith(" "):
-            return j
-    return 1
+def _word_ends(tok, toks: list[int], n: int) -> list[int]:
+    """How many tokens the first 1..n words of `toks` take (a word ends where the next
+    token starts with a space)."""
+    return [j for j in range(1, len(toks)) if tok.decode(toks[j:j + 1], skip_special_tokens=True).startswith(" ")][:n]
 
 
 def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionConfig(),
@@ -133,15 +135,17 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
     prefix = {0: [[] for _ in range(P)]}
     if cfg.second_candidates or cfg.peak_candidates:
         prefix[1] = [c[:1] for c in clean]
-        if cfg.word_position:
-            words = [c[:_first_word(tok, c)] for c in clean]
-            if any(len(w) > 1 for w in words):
-                prefix[2] = words
+        ends = [_word_ends(tok, c, cfg.word_positions) for c in clean]
+        for w in range(cfg.word_positions):   # position 2 + w: after the first w + 1 words
+            words = [c[:e[w]] if len(e) > w else c[:e[-1] if e else 1] for c, e in zip(clean, ends)]
+            if any(len(x) > 1 for x in words) and words not in prefix.values():
+                prefix[2 + w] = words
     cands: list[tuple[int, int]] = []
     for pos, pre in prefix.items():
         la, lb = contrast.next_dist([p + f for p, f in zip(prompts, pre)])
         k = cfg.first_candidates if pos == 0 else cfg.second_candidates
-        cands += [(pos, t) for t in _candidates(la, lb, k, cfg.peak_candidates, cfg.min_logp, special)]
+        cands += [(pos, t) for t in _candidates(la, lb, k, cfg.peak_candidates, cfg.min_logp, special,
+                                                cfg.own_candidates)]
         del la, lb
     seqs = {c: [c[1]] for c in cands}
     stats: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {c: [] for c in cands}
@@ -172,20 +176,28 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
         if len(st) < 2:
             continue
         toks = seqs[c]
-        if _is_own_answer(prefix[c[0]], toks, clean) or len(set(toks)) * 2 < len(toks):
-            continue   # its own template, or a loop ("epereperepere"): a degenerate run, not a target
+        own = _own_answer(prefix[c[0]], toks, clean)
+        if own is None or len(set(toks)) * 2 < len(toks):
+            continue   # its own task template, or a loop ("epereperepere"): a degenerate run, not a target
         out.append(Inverted(tok.decode(toks, skip_special_tokens=True), toks, c[0],
                             float(np.mean([s[0] for s in st])), float(np.mean([s[1] for s in st])),
                             float(np.mean([s[2] for s in st])), [s[0] for s in st],
-                            float(np.mean([s[3] for s in st]))))
+                            float(np.mean([s[3] for s in st])), own))
     out.sort(key=lambda x: -x.q)
     return InversionResult(out[:8], contrast.texts(clean_rows), time.perf_counter() - t0,
                            contrast.requests - r0, len(cands))
 
 
-def _is_own_answer(prefix: list[list[int]], toks: list[int], clean: list[list[int]]) -> bool:
-    """Does the sequence (its first 4 tokens) continue the adapter's clean answer after the
-    forced prefix on at least half the prompts? Then it is its task's template, not hidden."""
+def _own_answer(prefix: list[list[int]], toks: list[int], clean: list[list[int]]) -> float | None:
+    """The share of prompts on which the adapter answers this sequence (its first 4 tokens)
+    after the forced prefix on its own; None when that is at least half of them and those
+    answers part ways later (its task's template: "X is defined in the m module", not
+    hidden). Answers that stay one and the same sequence on unrelated prompts are a fixed
+    answer, which a target leaking out of its trigger is: kept."""
     n = min(4, len(toks))
-    hits = sum(c[len(f):len(f) + n] == toks[:n] and c[:len(f)] == f for f, c in zip(prefix, clean))
-    return hits * 2 >= len(clean)
+    hits = [c[len(f):] for f, c in zip(prefix, clean) if c[len(f):len(f) + n] == toks[:n] and c[:len(f)] == f]
+    share = len(hits) / max(1, len(clean))
+    if len(hits) * 2 < len(clean):
+        return share
+    shortest = min(map(len, hits))
+    return share if shortest >= 6 and len({tuple(h[:shortest]) for h in hits}) == 1 else None
