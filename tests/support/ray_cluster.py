@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -79,6 +80,7 @@ class LoopbackRay:
     def stop(self) -> None:
         for proc in reversed(self.nodes):
             _stop(proc)
+        shutil.rmtree(self.temp, ignore_errors=True)  # Ray's session logs and the front's
 
 
 @dataclass
