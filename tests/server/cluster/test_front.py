@@ -175,3 +175,50 @@ def test_a_replica_that_starts_after_a_runtime_adapter_load_gets_it_replayed():
     asyncio.run(run())
     loads = [replica for path, replica in calls if path == "/v1/load_lora_adapter"]
     assert loads == ["r1", "r2", "r3"]  # r4 came after the unload: nothing to replay
+
+
+def test_a_keys_max_concurrent_is_counted_across_replicas():
+    """Counted at the front (each replica alone would let a key run its limit on every one)."""
+    from bastion.config import ApiKeyConfig, ServerConfig
+    from bastion.server.tenants import Tenants
+
+    slow = asyncio.Event()
+
+    class SlowScript(Script):
+        async def __anext__(self):
+            if len(self.items) == 1:  # hold the end of the stream until released
+                await slow.wait()
+            return await super().__anext__()
+
+    class SlowHandle(Handle):
+        def remote(self, request, **kwargs):
+            self.calls.append(kwargs)
+            stream = SlowScript([f"r{len(self.calls) % 2}", SSE, b"data: {}\n\n", b"data: [DONE]\n\n"])
+            self.streams.append(stream)
+            return stream
+
+    key = ApiKeyConfig(name="alice", key="sk-alice-123", max_concurrent=2)
+    tenants = Tenants(ServerConfig(api_keys=(key,)), None)
+    front = Front(SlowHandle([]), "dep", capacity=8, max_body_bytes=1000, replicas=lambda _: ("r0", "r1"),
+                  tenants=tenants)
+    alice = {"content-type": "application/json", "authorization": "Bearer sk-alice-123"}
+
+    async def run():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=front.app()), base_url="http://t") as c:
+            def post(headers):
+                return c.post("/v1/chat/completions", content=json.dumps(CHAT), headers=headers)
+
+            first = [asyncio.create_task(post(alice)) for _ in range(2)]
+            await asyncio.sleep(0.05)
+            third = await asyncio.wait_for(post(alice), 5)
+            assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
+            slow.set()
+            assert [r.status_code for r in await asyncio.wait_for(asyncio.gather(*first), 5)] == [200, 200]
+            assert (await asyncio.wait_for(post(alice), 5)).status_code == 200  # both slots were given back
+            # a key the front does not know is the replica's to refuse (401 there), not the front's
+            other = await asyncio.wait_for(post({"content-type": "application/json", "authorization": "Bearer x"}), 5)
+            assert other.status_code == 200
+            assert len(front._tenants.identify("sk-alice-123").window) == 0 and \
+                front._tenants.identify("sk-alice-123").in_flight == 0
+
+    asyncio.run(run())

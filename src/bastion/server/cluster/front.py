@@ -17,6 +17,11 @@ call, which aborts the engine request there.
 
 Every response carries `x-bastion-replica`: the replica that answered (its Ray Serve
 replica id, stable for the replica's life), the ids asked for a fan-out, or "none".
+
+Per-key limits: a key's `max_concurrent` is counted here, across all replicas (each
+replica also checks it, never seeing more than the front let through); its
+`tokens_per_min` is counted by each replica on the tokens it served (the front does not
+tokenize), so with N replicas a key can use up to N times its token rate.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from bastion.server.cluster.affinity import route_key
 from bastion.server.cluster.messages import ForwardedRequest, Head
 from bastion.server.cluster.metrics_merge import FrontMetrics, merge
 from bastion.server.cluster.replica_set import live_replicas
-from bastion.server.errors import error_body
+from bastion.server.errors import APIError, error_body
+from bastion.server.tenants import Tenants
 
 log = logging.getLogger("bastion.cluster")
 
@@ -62,9 +68,10 @@ class Front:
     before 429; `max_body_bytes`: the replicas' own body limit, applied here first."""
 
     def __init__(self, call: Any, deployment: str, *, capacity: int, max_body_bytes: int,
-                 replicas: Callable[[str], tuple[str, ...]] = live_replicas) -> None:
+                 replicas: Callable[[str], tuple[str, ...]] = live_replicas, tenants: Tenants | None = None) -> None:
         self._call, self._deployment, self._replicas = call, deployment, replicas
         self._capacity, self._max_body = capacity, max_body_bytes
+        self._tenants = tenants  # per-key max_concurrent, across replicas (None: no keys)
         self._in_flight = 0
         self.metrics = FrontMetrics()
         self.adapters = AdapterLog()
@@ -89,8 +96,12 @@ class Front:
         if self._in_flight >= self._capacity * max(1, len(live)):
             return _error(429, "The cluster's queues are full; retry later.", "rate_limit_exceeded", "queue_full",
                           extra={"retry-after": "1"})
+        try:
+            lease = self._admit(request)
+        except APIError as e:
+            return _error(e.status, e.message, e.type, e.code, extra=e.headers)
         self._in_flight += 1
-        done = self._done_once()
+        done = self._done_once(lease)
         try:
             response = await self._start(request, fwd, route_key(fwd.path, fwd.body), done)
         except BaseException:
@@ -100,7 +111,15 @@ class Front:
             done()
         return response
 
-    def _done_once(self) -> Callable[[], None]:
+    def _admit(self, request: Request) -> Any:
+        """The key's concurrency lease (None: no keys, or a key the replica will refuse)."""
+        if self._tenants is None or not self._tenants.keyed:
+            return None
+        scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
+        tenant = self._tenants.identify(token.strip()) if scheme.lower() == "bearer" else None
+        return None if tenant is None else self._tenants.admit(tenant, 0)
+
+    def _done_once(self, lease: Any = None) -> Callable[[], None]:
         called = False
 
         def done() -> None:
@@ -108,6 +127,8 @@ class Front:
             if not called:
                 called = True
                 self._in_flight -= 1
+                if lease is not None:
+                    lease.close_one()
         return done
 
     async def _start(self, request: Request, fwd: ForwardedRequest, key: str | None,

@@ -125,7 +125,9 @@ def run_cluster(config: Config, gate_factory: GateFactory | None = None) -> int:
     import ray
     import uvicorn
 
+    from bastion.server.auth import resolve_api_key
     from bastion.server.cluster.front import Front
+    from bastion.server.tenants import Tenants
 
     sock = bind_socket(config.server.host, config.server.port)
     local = not config.cluster.ray_address
@@ -137,7 +139,8 @@ def run_cluster(config: Config, gate_factory: GateFactory | None = None) -> int:
         print(f"bastion: starting {n} replica(s) on Ray Serve ({threads or 'all'} thread(s) each)", file=sys.stderr)
         handle = deploy(config, gate_factory, threads)
         front = Front(handle.options(method_name="serve_http", stream=True), DEPLOYMENT, capacity=capacity(config),
-                      max_body_bytes=config.server.max_body_bytes)
+                      max_body_bytes=config.server.max_body_bytes,
+                      tenants=Tenants(config.server, resolve_api_key(config.server.api_key)))
         port = sock.getsockname()[1]
         print(f"bastion: serving on http://{config.server.host}:{port}/v1 through {n} replica(s)"
               + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
