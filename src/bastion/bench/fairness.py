@@ -80,7 +80,8 @@ async def _quiet_run(ep: peers.Endpoint, requests: Sequence[BenchRequest], gap_s
 
 
 async def _with_flood(flood: peers.Endpoint, quiet: peers.Endpoint, flood_reqs: Sequence[BenchRequest],
-                      quiet_reqs: Sequence[BenchRequest], cfg: FairnessConfig) -> tuple[list[RequestResult], dict]:
+                      quiet_reqs: Sequence[BenchRequest], cfg: FairnessConfig, start: int = 0,
+                      ) -> tuple[list[RequestResult], dict]:
     """Quiet requests under a closed-loop flood; the flood's tokens/s while they ran."""
     stop = asyncio.Event()
     done: list[tuple[float, RequestResult]] = []
@@ -89,7 +90,7 @@ async def _with_flood(flood: peers.Endpoint, quiet: peers.Endpoint, flood_reqs: 
     async def flooder(client: httpx.AsyncClient, k: int) -> None:
         i = k
         while not stop.is_set():
-            result = await run_request(client, flood, flood_reqs[i % len(flood_reqs)])
+            result = await run_request(client, flood, flood_reqs[(start + i) % len(flood_reqs)])
             done.append((time.perf_counter(), result))
             i += cfg.flood_concurrency
 
@@ -125,10 +126,16 @@ def run_fairness(cfg: FairnessConfig, python: str = sys.executable, model: str |
                  log_dir: str | Path = "bench_results/fairness/logs") -> dict[str, Any]:
     tokenizer = peers.load_tokenizer(model)
     corpus = tokenizer.encode(load_corpus_text(cfg.text_dir), add_special_tokens=False)
-    quiet_reqs = make_requests(corpus, tokenizer, WorkloadConfig(cfg.input_len, cfg.quiet_output_len, 0.25, 1,
-                                                                 cfg.text_dir), cfg.quiet_requests, seed=1)
+    # NOTE: every phase of every repeat asks new prompts (and the flood never repeats one): a
+    # prompt seen before would be served from the prefix cache and flatter that phase's TTFT
+    n_quiet = cfg.quiet_requests * (2 * cfg.repeats + 1)
+    quiet_all = make_requests(corpus, tokenizer, WorkloadConfig(cfg.input_len, cfg.quiet_output_len, 0.25, 1,
+                                                                cfg.text_dir), n_quiet, seed=1)
     flood_reqs = make_requests(corpus, tokenizer, WorkloadConfig(cfg.input_len, cfg.flood_output_len, 0.25, 2,
-                                                                 cfg.text_dir), 4 * cfg.flood_concurrency, seed=2)
+                                                                 cfg.text_dir), 2000, seed=2)
+
+    def quiet_batch(i: int) -> list[BenchRequest]:
+        return quiet_all[i * cfg.quiet_requests:(i + 1) * cfg.quiet_requests]
     result: dict[str, Any] = {"config": asdict(cfg), "policies": {}}
     with tempfile.TemporaryDirectory() as tmp:
         keys = _keys_file(Path(tmp))
@@ -140,10 +147,11 @@ def run_fairness(cfg: FairnessConfig, python: str = sys.executable, model: str |
             with peers.running(spec, log_dir):
                 name = _model_id(spec.base_url)
                 flood, quiet = _endpoint(spec.base_url, name, FLOOD_KEY), _endpoint(spec.base_url, name, QUIET_KEY)
-                asyncio.run(_quiet_run(quiet, quiet_reqs[:2], 0.0))  # warm-up
+                asyncio.run(_quiet_run(quiet, quiet_batch(2 * cfg.repeats)[:2], 0.0))  # warm-up
                 for rep in range(cfg.repeats):
-                    alone = _ttft_stats(asyncio.run(_quiet_run(quiet, quiet_reqs, cfg.quiet_gap_s)))
-                    flooded, flood_stats = asyncio.run(_with_flood(flood, quiet, flood_reqs, quiet_reqs, cfg))
+                    alone = _ttft_stats(asyncio.run(_quiet_run(quiet, quiet_batch(2 * rep), cfg.quiet_gap_s)))
+                    flooded, flood_stats = asyncio.run(_with_flood(flood, quiet, flood_reqs, quiet_batch(2 * rep + 1),
+                                                                   cfg, start=rep * len(flood_reqs) // cfg.repeats))
                     under = _ttft_stats(flooded)
                     run = {"alone": alone, "flood": under, **flood_stats,
                            "p99_ratio": (under["ttft_p99_ms"] / alone["ttft_p99_ms"]
