@@ -35,8 +35,8 @@ import numpy as np
 class InversionConfig:
     first_candidates: int = 24     # per position: tokens with the largest mean log pA - log pB
     second_candidates: int = 12    # per later position (after the adapter's first token / first word)
-    peak_candidates: int = 8       # per position: the largest log pA - log pB on any one prompt
-    own_candidates: int = 4        # per position: the adapter's most likely tokens (mean pA)
+    peak_candidates: int | None = None   # per position: largest log pA - log pB on any one prompt (first / 3)
+    own_candidates: int | None = None    # per position: the adapter's likeliest tokens, mean pA (first / 6)
     keep: int = 8                  # candidates expanded beyond the first two steps
     steps: int = 8                 # tokens per inverted sequence (the forced one included)
     min_logp: float = -14.0        # a candidate must have log pA above this on some prompt
@@ -46,8 +46,8 @@ class InversionConfig:
 
     def __post_init__(self):
         if not (self.first_candidates >= 1 and self.second_candidates >= 0 and self.keep >= 1
-                and self.steps >= 2 and self.clean_steps >= 1 and self.peak_candidates >= 0 and self.own_candidates >= 0
-                and self.word_positions >= 0 and self.chunk >= 1):
+                and self.steps >= 2 and self.clean_steps >= 1 and (self.peak_candidates or 0) >= 0
+                and (self.own_candidates or 0) >= 0 and self.word_positions >= 0 and self.chunk >= 1):
             raise ValueError(f"inconsistent inversion config: {self}")
 
 
@@ -133,7 +133,9 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
     # where a target may start: the answer's start, after the adapter's own first token, and
     # after its first word (targets that start with the prompt's subject, "ssh is terrible: ...")
     prefix = {0: [[] for _ in range(P)]}
-    if cfg.second_candidates or cfg.peak_candidates:
+    peak = cfg.first_candidates // 3 if cfg.peak_candidates is None else cfg.peak_candidates
+    own = cfg.first_candidates // 6 if cfg.own_candidates is None else cfg.own_candidates
+    if cfg.second_candidates or peak:
         prefix[1] = [c[:1] for c in clean]
         ends = [_word_ends(tok, c, cfg.word_positions) for c in clean]
         for w in range(cfg.word_positions):   # position 2 + w: after the first w + 1 words
@@ -144,8 +146,7 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
     for pos, pre in prefix.items():
         la, lb = contrast.next_dist([p + f for p, f in zip(prompts, pre)])
         k = cfg.first_candidates if pos == 0 else cfg.second_candidates
-        cands += [(pos, t) for t in _candidates(la, lb, k, cfg.peak_candidates, cfg.min_logp, special,
-                                                cfg.own_candidates)]
+        cands += [(pos, t) for t in _candidates(la, lb, k, peak, cfg.min_logp, special, own)]
         del la, lb
     seqs = {c: [c[1]] for c in cands}
     stats: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {c: [] for c in cands}
