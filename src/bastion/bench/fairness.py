@@ -46,6 +46,7 @@ class FairnessConfig:
     quiet_gap_s: float = 0.25  # pause between two quiet requests
     input_len: int = 128
     max_num_seqs: int = 16
+    max_num_batched_tokens: int = 512  # the step budget: a smaller one bounds how long one step (and a wait) lasts
     repeats: int = 3
     threads: int = 2
     settle_s: float = 3.0  # flood running before the quiet tenant starts (queues full)
@@ -53,7 +54,7 @@ class FairnessConfig:
 
     def __post_init__(self) -> None:
         for name in ("flood_concurrency", "flood_output_len", "quiet_requests", "quiet_output_len", "input_len",
-                     "max_num_seqs", "repeats", "threads"):
+                     "max_num_seqs", "max_num_batched_tokens", "repeats", "threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if not self.policies or any(p not in ("fcfs", "priority", "fair") for p in self.policies):
@@ -141,7 +142,7 @@ def run_fairness(cfg: FairnessConfig, python: str = sys.executable, model: str |
         keys = _keys_file(Path(tmp))
         for policy in cfg.policies:
             args = ["--api-keys", str(keys), "--scheduling-policy", policy, "--max-num-seqs", str(cfg.max_num_seqs),
-                    "--max-waiting", "1024", "--no-web"]
+                    "--max-num-batched-tokens", str(cfg.max_num_batched_tokens), "--max-waiting", "1024", "--no-web"]
             spec = peers.bastion_spec(python, peers.free_port(), model, cfg.threads, args)
             runs = []
             with peers.running(spec, log_dir):
@@ -178,7 +179,8 @@ def fairness_table(result: Mapping[str, Any]) -> str:
     c = result["config"]
     lines = [f"Quiet tenant TTFT alone and under the other tenant's flood ({c['flood_concurrency']} open streams of "
              f"{c['flood_output_len']} tokens; quiet: {c['quiet_requests']} sequential requests of "
-             f"~{c['input_len']} prompt tokens; --max-num-seqs {c['max_num_seqs']}; median of {c['repeats']} runs)",
+             f"~{c['input_len']} prompt tokens; --max-num-seqs {c['max_num_seqs']}, --max-num-batched-tokens "
+             f"{c.get('max_num_batched_tokens', 512)}; median of {c['repeats']} runs)",
              "", "| policy | quiet p50 alone (ms) | quiet p99 alone | quiet p50 flood | quiet p99 flood | "
              "p99 flood / alone | flood tok/s |", "|---|---|---|---|---|---|---|"]
 
@@ -221,6 +223,7 @@ def add_fairness_parser(subparsers: Any) -> None:
     p.add_argument("--flood-concurrency", type=int, default=32)
     p.add_argument("--quiet-requests", type=int, default=20)
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="the server's step budget")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF file or HF dir (default: the embedded SmolLM2)")
@@ -232,7 +235,8 @@ def run_fairness_cmd(args: argparse.Namespace) -> int:
     try:
         cfg = FairnessConfig(policies=tuple(x.strip() for x in args.policies.split(",") if x.strip()),
                              flood_concurrency=args.flood_concurrency, quiet_requests=args.quiet_requests,
-                             max_num_seqs=args.max_num_seqs, repeats=args.repeats, threads=args.threads)
+                             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                             repeats=args.repeats, threads=args.threads)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
