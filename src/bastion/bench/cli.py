@@ -148,7 +148,7 @@ def add_bench_parsers(subparsers: Any) -> None:
     from bastion.bench.fairness import add_fairness_parser
     from bastion.bench.guard import add_guard_parser
     from bastion.bench.hardening import add_hardening_parsers
-    from bastion.bench.security import add_security_parser
+    from bastion.bench.security_cli import add_security_parser
 
     add_security_parser(subparsers)
     add_cleangen_parser(subparsers)
