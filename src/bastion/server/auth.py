@@ -43,10 +43,8 @@ class ApiKeyMiddleware:
             if name == b"authorization":
                 given = value
                 break
-        # The scheme is case-insensitive (RFC 7235): "Bearer", "bearer", "BEARER".
-        scheme, _, token = given.strip().partition(b" ")
         # digests in a dict (Tenants.identify): the time taken must not reveal how much of a key matched
-        tenant = self._tenants.identify(token.strip()) if scheme.lower() == b"bearer" else None
+        tenant = self._tenants.from_authorization(given)
         if tenant is not None:
             scope.setdefault("state", {})["tenant"] = tenant
             await self.app(scope, receive, send)

@@ -89,6 +89,13 @@ class Tenants:
     def identify(self, secret: bytes | str) -> Tenant | None:
         return self._by_digest.get(_digest(secret))
 
+    def from_authorization(self, header: bytes | str) -> Tenant | None:
+        """The tenant of an `Authorization: Bearer KEY` header value (the scheme is
+        case-insensitive, RFC 7235), or None."""
+        raw = header.encode() if isinstance(header, str) else header
+        scheme, _, token = raw.strip().partition(b" ")
+        return self.identify(token.strip()) if scheme.lower() == b"bearer" else None
+
     def for_request(self, tenant: Tenant | None, user: str | None) -> Tenant:
         """The tenant a request is served for: its key's, else (no keys configured) the
         one its `user` field names, else the anonymous one."""

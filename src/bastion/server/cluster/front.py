@@ -115,8 +115,7 @@ class Front:
         """The key's concurrency lease (None: no keys, or a key the replica will refuse)."""
         if self._tenants is None or not self._tenants.keyed:
             return None
-        scheme, _, token = (request.headers.get("authorization") or "").strip().partition(" ")
-        tenant = self._tenants.identify(token.strip()) if scheme.lower() == "bearer" else None
+        tenant = self._tenants.from_authorization(request.headers.get("authorization") or "")
         return None if tenant is None else self._tenants.admit(tenant, 0)
 
     def _done_once(self, lease: Any = None) -> Callable[[], None]:
