@@ -142,6 +142,9 @@ def run_cluster(config: Config, gate_factory: GateFactory | None = None) -> int:
                       max_body_bytes=config.server.max_body_bytes,
                       tenants=Tenants(config.server, resolve_api_key(config.server.api_key)))
         port = sock.getsockname()[1]
+        # NOTE: listen before saying "serving on": a client that reads the line and connects
+        # at once waits in the backlog until uvicorn accepts, instead of being refused
+        sock.listen(2048)
         print(f"bastion: serving on http://{config.server.host}:{port}/v1 through {n} replica(s)"
               + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
         server = uvicorn.Server(uvicorn.Config(front.app(), host=config.server.host, port=port, lifespan="off",
