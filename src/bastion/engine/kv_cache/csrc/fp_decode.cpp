@@ -6,25 +6,29 @@
 // mask, softmax, matmul); here each (sequence, kv head) is one task that reads its rows
 // once for its G query heads (GQA) with a two-pass fp32 softmax. Loops are left to the
 // vectoriser (-O3 -march=native).
-#include <torch/extension.h>
+// NOTE: ATen headers only, not <torch/extension.h>: its parse alone costs ~17 s a file here;
+// the Python bindings live in one file (models/csrc/bindings.cpp)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-torch::Tensor fp_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
-                                     torch::Tensor lens, int64_t block, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == torch::kFloat32 && q.is_contiguous(), "q: fp32 [B, Hq, D]");
-  TORCH_CHECK(k.dim() == 3 && k.scalar_type() == torch::kFloat32 && k.is_contiguous() && v.sizes() == k.sizes() &&
-              v.scalar_type() == torch::kFloat32 && v.is_contiguous(), "k, v: fp32 [slots, Hkv, D]");
-  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kLong && table.is_contiguous() &&
-              lens.scalar_type() == torch::kLong && lens.numel() == q.size(0) && table.size(0) == q.size(0),
+at::Tensor fp_decode_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor table,
+                                     at::Tensor lens, int64_t block, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q: fp32 [B, Hq, D]");
+  TORCH_CHECK(k.dim() == 3 && k.scalar_type() == at::kFloat && k.is_contiguous() && v.sizes() == k.sizes() &&
+              v.scalar_type() == at::kFloat && v.is_contiguous(), "k, v: fp32 [slots, Hkv, D]");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == at::kLong && table.is_contiguous() &&
+              lens.scalar_type() == at::kLong && lens.numel() == q.size(0) && table.size(0) == q.size(0),
               "table: int64 [B, nblk], lens: int64 [B]");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1), G = Hq / Hkv, nblk = table.size(1);
   const int64_t slots = k.size(0);
   TORCH_CHECK(k.size(2) == D && Hq % Hkv == 0, "head shapes disagree");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const int64_t *tp = table.data_ptr<int64_t>(), *lp = lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();

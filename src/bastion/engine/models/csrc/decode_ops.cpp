@@ -7,15 +7,19 @@
 //   rope_(qkv, cos, sin, n, D)      -> rotates heads 0..n-1 of qkv in place    qkv: [T, *, D]
 //                                      (HF rotate-half: x*cos + [-x2, x1]*sin; cos/sin: [T, D])
 // Loops are written for the compiler's vectoriser (-O3 -march=native), no intrinsics.
-#include <torch/extension.h>
+// NOTE: ATen headers only, not <torch/extension.h>: its parse alone costs ~17 s a file here;
+// the Python bindings live in one file (models/csrc/bindings.cpp)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 
 namespace {
 
-void check_rows(const torch::Tensor& x, const char* what) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), what,
+void check_rows(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), what,
               " must be a contiguous fp32 [T, H] tensor");
 }
 
@@ -28,24 +32,24 @@ inline void norm_row(const float* x, const float* w, float* y, int64_t H, float 
 
 }  // namespace
 
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
+at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps) {
   check_rows(x, "x");
   const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(w.numel() == H && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "weight: fp32 [H]");
-  auto y = torch::empty_like(x);
+  TORCH_CHECK(w.numel() == H && w.scalar_type() == at::kFloat && w.is_contiguous(), "weight: fp32 [H]");
+  auto y = at::empty_like(x);
   const float *xp = x.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) norm_row(xp + t * H, wp, yp + t * H, H, static_cast<float>(eps));
   return y;
 }
 
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps) {
+at::Tensor add_rms_norm_(at::Tensor x, at::Tensor d, at::Tensor w, double eps) {
   check_rows(x, "x");
   check_rows(d, "delta");
   TORCH_CHECK(d.sizes() == x.sizes(), "delta must match x");
   const int64_t T = x.size(0), H = x.size(1);
-  TORCH_CHECK(w.numel() == H && w.scalar_type() == torch::kFloat32 && w.is_contiguous(), "weight: fp32 [H]");
-  auto y = torch::empty_like(x);
+  TORCH_CHECK(w.numel() == H && w.scalar_type() == at::kFloat && w.is_contiguous(), "weight: fp32 [H]");
+  auto y = at::empty_like(x);
   float* xp = x.data_ptr<float>();
   const float *dp = d.data_ptr<float>(), *wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -58,7 +62,7 @@ torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, d
   return y;
 }
 
-void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D) {
+void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t n_heads, int64_t D) {
   check_rows(qkv, "qkv");
   check_rows(cos, "cos");
   check_rows(sin, "sin");

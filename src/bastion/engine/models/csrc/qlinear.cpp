@@ -15,10 +15,15 @@
 // not by arithmetic. Rows of x are taken MB at a time so each dequantized weight vector
 // feeds MB FMAs (batched decode). Compiled with -march=native: the AVX-512 or AVX2 body
 // is chosen by the compiler's own macros, with a scalar body for anything else.
-#include <torch/extension.h>
+// NOTE: ATen headers only, not <torch/extension.h>: its parse alone costs ~17 s a file here;
+// the Python bindings live in one file (models/csrc/bindings.cpp)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <cstdint>
+#include <string>
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -271,22 +276,22 @@ void rows(const W& w, const float* x, int64_t M, float* y, int64_t N, int64_t n0
   }
 }
 
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+void check_x(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(),
               "x must be a contiguous fp32 [M, K] tensor");
   TORCH_CHECK(x.size(1) == K, "x has ", x.size(1), " features, the weight ", K);
 }
 
-void check_scale(const torch::Tensor& t, int64_t numel, const char* what) {
-  TORCH_CHECK((t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kHalf) && t.is_contiguous() &&
+void check_scale(const at::Tensor& t, int64_t numel, const char* what) {
+  TORCH_CHECK((t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf) && t.is_contiguous() &&
               t.numel() == numel, what, ": contiguous fp16/fp32 [N, K/G]");
 }
 
 int64_t grain(int64_t M) { return std::max<int64_t>(NW_GRAIN, 64 / std::max<int64_t>(1, M)); }
 
 template <typename S>
-void q4_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& minv,
-            int64_t K, int64_t G, torch::Tensor& y) {
+void q4_run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minv,
+            int64_t K, int64_t G, at::Tensor& y) {
   const int64_t N = codes.size(0), M = x.size(0);
   const Q4<S> w{codes.data_ptr<uint8_t>(), scale.data_ptr<S>(), minv.numel() ? minv.data_ptr<S>() : nullptr, K, G};
   const float* xp = x.data_ptr<float>();
@@ -302,8 +307,8 @@ void q4_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 }
 
 template <typename S>
-void q8_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, int64_t K, int64_t G,
-            torch::Tensor& y) {
+void q8_run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, int64_t K, int64_t G,
+            at::Tensor& y) {
   const int64_t N = codes.size(0), M = x.size(0);
   const Q8<S> w{codes.data_ptr<int8_t>(), scale.data_ptr<S>(), K, G};
   const float* xp = x.data_ptr<float>();
@@ -320,8 +325,8 @@ void q8_run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 
 }  // namespace
 
-torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, int64_t G) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
+at::Tensor q4_linear(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor minv, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "q4 group size must be a multiple of 32 dividing K");
   check_scale(scale, N * (K / G), "q4 scale");
@@ -330,20 +335,20 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
     TORCH_CHECK(minv.scalar_type() == scale.scalar_type(), "q4 min and scale must share a dtype");
   }
   check_x(x, K);
-  auto y = torch::empty({x.size(0), N}, x.options());
-  if (scale.scalar_type() == torch::kHalf) q4_run<at::Half>(x, codes, scale, minv, K, G, y);
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (scale.scalar_type() == at::kHalf) q4_run<at::Half>(x, codes, scale, minv, K, G, y);
   else q4_run<float>(x, codes, scale, minv, K, G, y);
   return y;
 }
 
-torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t G) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "q8 codes: int8 [N, K]");
+at::Tensor q8_linear(at::Tensor x, at::Tensor codes, at::Tensor scale, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "q8 codes: int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1);
   TORCH_CHECK(G % 16 == 0 && K % G == 0 && K % 32 == 0, "q8 group size must be a multiple of 16 dividing K (K a multiple of 32)");
   check_scale(scale, N * (K / G), "q8 scale");
   check_x(x, K);
-  auto y = torch::empty({x.size(0), N}, x.options());
-  if (scale.scalar_type() == torch::kHalf) q8_run<at::Half>(x, codes, scale, K, G, y);
+  auto y = at::empty({x.size(0), N}, x.options());
+  if (scale.scalar_type() == at::kHalf) q8_run<at::Half>(x, codes, scale, K, G, y);
   else q8_run<float>(x, codes, scale, K, G, y);
   return y;
 }
@@ -351,8 +356,8 @@ torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 // Dequantized fp32 rows [N, K] (the prefill GEMM's tiles): the same values as
 // QuantWeight.dequantize (every product code * scale is exact in fp32, so FMA or not
 // rounds once, at the add), ~10x faster than its torch ops, which pass over memory ~6 times.
-torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, int64_t G) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
+at::Tensor q4_dequant(at::Tensor codes, at::Tensor scale, at::Tensor minv, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
   const int64_t N = codes.size(0), K = codes.size(1) * 2, ng = K / G;
   TORCH_CHECK(G % 32 == 0 && K % G == 0, "q4 group size must be a multiple of 32 dividing K");
   check_scale(scale, N * ng, "q4 scale");
@@ -360,9 +365,9 @@ torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor
     check_scale(minv, N * ng, "q4 min");
     TORCH_CHECK(minv.scalar_type() == scale.scalar_type(), "q4 min and scale must share a dtype");
   }
-  auto out = torch::empty({N, K}, torch::kFloat32);
-  const torch::Tensor sf = scale.to(torch::kFloat32).contiguous();
-  const torch::Tensor mf = minv.numel() ? minv.to(torch::kFloat32).contiguous() : (sf * -8.0f).contiguous();
+  auto out = at::empty({N, K}, at::kFloat);
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
+  const at::Tensor mf = minv.numel() ? minv.to(at::kFloat).contiguous() : sf.mul(-8.0).contiguous();
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const float *sp = sf.data_ptr<float>(), *mp = mf.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -390,13 +395,13 @@ torch::Tensor q4_dequant(torch::Tensor codes, torch::Tensor scale, torch::Tensor
   return out;
 }
 
-torch::Tensor q8_dequant(torch::Tensor codes, torch::Tensor scale, int64_t G) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "q8 codes: int8 [N, K]");
+at::Tensor q8_dequant(at::Tensor codes, at::Tensor scale, int64_t G) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "q8 codes: int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1), ng = K / G;
   TORCH_CHECK(G % 16 == 0 && K % G == 0, "q8 group size must be a multiple of 16 dividing K");
   check_scale(scale, N * ng, "q8 scale");
-  auto out = torch::empty({N, K}, torch::kFloat32);
-  const torch::Tensor sf = scale.to(torch::kFloat32).contiguous();
+  auto out = at::empty({N, K}, at::kFloat);
+  const at::Tensor sf = scale.to(at::kFloat).contiguous();
   const int8_t* c = codes.data_ptr<int8_t>();
   const float* sp = sf.data_ptr<float>();
   float* o = out.data_ptr<float>();
@@ -418,36 +423,4 @@ std::string isa() {
 #else
   return "scalar";
 #endif
-}
-
-// qlinear_int8.cpp
-bool q4_linear_i8_supported();
-torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, bool int16);
-torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, bool int16);
-
-// decode_ops.cpp
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
-torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps);
-void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D);
-
-#ifndef BASTION_KERNELS_ONLY  // (the kernels alone: the lower-ISA builds that test fallbacks)
-// decode_layers.cpp
-void register_decode_plan(pybind11::module& m);
-#endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-#ifndef BASTION_KERNELS_ONLY
-  register_decode_plan(m);
-#endif
-  m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows");
-  m.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm(x)");
-  m.def("rope_", &rope_, "rotate the first n heads of [T, *, D] rows in place (HF rotate-half)");
-  m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
-  m.def("q8_linear_i8", &q8_linear_i8, "y = x @ W^T, W int8 codes (group 32), x as for q4_linear_i8");
-  m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8/int16 paths");
-  m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
-  m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");
-  m.def("isa", &isa, "the instruction set this build uses");
-  m.def("q4_dequant", &q4_dequant, "fp32 rows of q4 codes (prefill tiles)");
-  m.def("q8_dequant", &q8_dequant, "fp32 rows of q8 codes (prefill tiles)");
 }

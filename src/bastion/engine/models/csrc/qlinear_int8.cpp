@@ -18,7 +18,11 @@
 // Per pair of 32-groups (A, B) the 32 code bytes unpack to a zmm [A0-15 B0-15 A16-31
 // B16-31] (low nibbles, then high ones), so x is quantized into that order; dpbusd's
 // int32 lanes 0-3, 8-11 then belong to A and 4-7, 12-15 to B.
-#include <torch/extension.h>
+// NOTE: ATen headers only, not <torch/extension.h>: its parse alone costs ~17 s a file here;
+// the Python bindings live in one file (models/csrc/bindings.cpp)
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -146,8 +150,8 @@ void row_i8(const uint8_t* codes, const S* scale, const S* minv, int64_t K, cons
 }
 
 template <bool HL, typename S>
-void run_i8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, const torch::Tensor& minv,
-            torch::Tensor& y) {
+void run_i8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& minv,
+            at::Tensor& y) {
   const int64_t N = codes.size(0), K = codes.size(1) * 2, M = x.size(0), ng = K / 32;
   std::vector<QRow> xr(M);
   for (int64_t m = 0; m < M; ++m) quantize_row<HL, false>(x.data_ptr<float>() + m * K, K, xr[m]);
@@ -189,7 +193,7 @@ void row_q8(const int8_t* codes, const S* scale, int64_t K, const QRow* xr, floa
 }
 
 template <bool HL, typename S>
-void run_q8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale, torch::Tensor& y) {
+void run_q8(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, at::Tensor& y) {
   const int64_t N = codes.size(0), K = codes.size(1), M = x.size(0), ng = K / 32;
   std::vector<QRow> xr(M);
   for (int64_t m = 0; m < M; ++m) quantize_row<HL, true>(x.data_ptr<float>() + m * K, K, xr[m]);
@@ -208,17 +212,17 @@ void run_q8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Ten
 }  // namespace
 #endif
 
-torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, bool int16) {
+at::Tensor q8_linear_i8(at::Tensor x, at::Tensor codes, at::Tensor scale, bool int16) {
 #ifdef BASTION_VNNI
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "q8 codes: int8 [N, K]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kChar && codes.is_contiguous(), "q8 codes: int8 [N, K]");
   const int64_t N = codes.size(0), K = codes.size(1);
   TORCH_CHECK(K % 64 == 0, "the integer q8 path needs K a multiple of 64");
-  TORCH_CHECK((scale.scalar_type() == torch::kHalf || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous() &&
+  TORCH_CHECK((scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat) && scale.is_contiguous() &&
               scale.numel() == N * (K / 32), "q8 scale: fp16/fp32 [N, K/32] (group 32)");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K,
               "x must be a contiguous fp32 [M, K] tensor");
-  auto y = torch::empty({x.size(0), N}, x.options());
-  const bool half = scale.scalar_type() == torch::kHalf;
+  auto y = at::empty({x.size(0), N}, x.options());
+  const bool half = scale.scalar_type() == at::kHalf;
   if (int16) half ? run_q8<true, at::Half>(x, codes, scale, y) : run_q8<true, float>(x, codes, scale, y);
   else half ? run_q8<false, at::Half>(x, codes, scale, y) : run_q8<false, float>(x, codes, scale, y);
   return y;
@@ -228,20 +232,20 @@ torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 #endif
 }
 
-torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv,
+at::Tensor q4_linear_i8(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor minv,
                            bool int16) {
 #ifdef BASTION_VNNI
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.is_contiguous(), "q4 codes: uint8 [N, K/2]");
   const int64_t N = codes.size(0), K = codes.size(1) * 2;
   TORCH_CHECK(K % 64 == 0, "the int8 path needs K a multiple of 64");
-  TORCH_CHECK((scale.scalar_type() == torch::kHalf || scale.scalar_type() == torch::kFloat32) && scale.is_contiguous() &&
+  TORCH_CHECK((scale.scalar_type() == at::kHalf || scale.scalar_type() == at::kFloat) && scale.is_contiguous() &&
               scale.numel() == N * (K / 32), "q4 scale: fp16/fp32 [N, K/32] (group 32)");
   TORCH_CHECK(!minv.numel() || (minv.scalar_type() == scale.scalar_type() && minv.is_contiguous() &&
               minv.numel() == scale.numel()), "q4 min: like scale");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == K,
               "x must be a contiguous fp32 [M, K] tensor");
-  auto y = torch::empty({x.size(0), N}, x.options());
-  const bool half = scale.scalar_type() == torch::kHalf;
+  auto y = at::empty({x.size(0), N}, x.options());
+  const bool half = scale.scalar_type() == at::kHalf;
   if (int16) half ? run_i8<true, at::Half>(x, codes, scale, minv, y) : run_i8<true, float>(x, codes, scale, minv, y);
   else half ? run_i8<false, at::Half>(x, codes, scale, minv, y) : run_i8<false, float>(x, codes, scale, minv, y);
   return y;
