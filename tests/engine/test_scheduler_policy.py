@@ -212,3 +212,37 @@ def test_fair_mode_never_preempts_between_tenants_at_their_share():
         loop.add(f"b{i}", [2, i], max_tokens=12, tenant="b")
     loop.run()
     assert loop.sched.num_preemptions == 0
+
+
+@pytest.mark.parametrize("policy", ["fair", "fcfs"])
+def test_fair_mode_prefills_a_quiet_tenant_without_the_floods_prompts(policy):
+    # "flood" has one request decoding and one long prompt in chunked prefill; the quiet
+    # tenant's prompt then arrives. Fair: its step carries the flood's decode but not the
+    # flood's next prompt chunk (the step lasts the quiet prompt, not the whole budget).
+    loop = FakeLoop(num_blocks=256, budget=64, max_num_seqs=8, policy=policy)
+    loop.add("flood-dec", [5, 6, 7, 8], max_tokens=30, tenant="flood")
+    loop.add("flood-long", list(range(100, 300)), max_tokens=4, tenant="flood")
+    loop.step()
+    loop.step()
+    loop.add("quiet", [9, 9, 9, 9, 9, 9], max_tokens=4, tenant="quiet")
+    batch = {r.request_id: n for r, n in loop.sched.schedule().items}
+    if policy == "fair":
+        assert batch == {"quiet": 6, "flood-dec": 1}
+    else:  # fcfs: the flood's chunk takes the rest of the budget and the quiet prompt waits
+        assert batch == {"flood-dec": 1, "flood-long": 63}
+    loop2 = FakeLoop(num_blocks=256, budget=64, max_num_seqs=8, policy=policy)
+    loop2.add("flood-dec", [5, 6, 7, 8], max_tokens=30, tenant="flood")
+    loop2.add("flood-long", list(range(100, 300)), max_tokens=4, tenant="flood")
+    loop2.add("quiet", [9, 9, 9, 9, 9, 9], max_tokens=4, tenant="quiet")
+    loop2.run()  # nothing starves, nothing is lost
+    assert loop2.finished["flood-long"].output_token_ids == reference_output(list(range(100, 300)), 4)
+    assert loop2.finished["quiet"].output_token_ids == reference_output([9] * 6, 4)
+    assert_pool_clean(loop2.bm)
+
+
+def test_fair_mode_tenants_at_their_share_still_share_prefill_steps():
+    loop = FakeLoop(num_blocks=256, budget=64, max_num_seqs=4, policy="fair")
+    loop.add("a", list(range(10, 40)), max_tokens=4, tenant="a")
+    loop.add("b", list(range(40, 70)), max_tokens=4, tenant="b")
+    batch = {r.request_id: n for r, n in loop.sched.schedule().items}
+    assert batch == {"a": 30, "b": 30}  # two equal tenants: neither excludes the other

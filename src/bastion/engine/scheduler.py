@@ -61,10 +61,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
         self.running.sort(key=self.policy.rank)  # fcfs: by arrival (a re-admitted request is old)
+        alone = self._prefills_alone()  # a tenant whose prefill this step carries alone, or None
         # 1) running requests, most deserving first; on memory pressure evict from the back
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if alone is not None and req.scheduling.tenant != alone and _prefilling(req):
+                i += 1  # its chunk waits a step: only other tenants' decodes share `alone`'s prefill
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.bm.allocate(req, n):
                 victim = self.running.pop()
@@ -80,6 +84,8 @@ class Scheduler:
         # 2) admit waiting requests (not in a step that had to preempt: memory is tight)
         while self.waiting and budget > 0 and not preempted:
             req = self._best_waiting()
+            if alone is not None and req.scheduling.tenant != alone:
+                break
             if len(self.running) >= self.config.max_num_seqs:
                 freed = self._displace(req, batch)
                 if freed < 0:
@@ -100,6 +106,17 @@ class Scheduler:
             self.policy.charge(req, n)
             budget -= n
         return batch
+
+    def _prefills_alone(self) -> str | None:
+        """The tenant of the most deserving prefill (running, or the best waiting request)
+        that the policy says should not share its step with other tenants' prefills."""
+        candidates = [r for r in self.running if _prefilling(r)]
+        if self.waiting:
+            candidates.append(self._best_waiting())
+        for req in sorted(candidates, key=self.policy.rank):
+            if self.policy.prefills_alone(req, self.running):
+                return req.scheduling.tenant
+        return None
 
     def _best_waiting(self) -> Request:
         return self.waiting[0] if self.policy.name == "fcfs" else min(self.waiting, key=self.policy.rank)
@@ -174,3 +191,8 @@ class Scheduler:
         self.policy.on_finish(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
+
+
+def _prefilling(req: Request) -> bool:
+    """More than the one next token to compute: a prompt (or a recompute) in progress."""
+    return req.num_tokens - req.num_computed_tokens > 1

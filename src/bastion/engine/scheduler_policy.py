@@ -8,6 +8,9 @@ The scheduler asks a policy three things and tells it one:
 * `displaces(waiting, victim, running)`: may `waiting` preempt `victim` (the least
   deserving of the `running` requests) to be admitted now (memory or the running-request
   limit says no otherwise)?
+* `prefills_alone(req, running)`: should a step that prefills `req` carry no other
+  tenant's prefill (only their decodes)? The step then lasts about as long as `req`'s
+  own prompt, not the step budget (fair mode: the tenant most behind).
 * `charge(req, n)`: `n` tokens of `req` were scheduled (fair mode counts service).
 
 fcfs: arrival order (what the scheduler did before policies existed).
@@ -25,7 +28,10 @@ fair: the Virtual Token Counter of "Fairness in Serving Large Language Models" (
   requests may also preempt one of a tenant above its share (by recompute; the prefix
   cache usually keeps the victim's prompt), so its first token comes within a step or two.
   The rule is one-way (below share takes from above share), so two tenants never preempt
-  each other back and forth.
+  each other back and forth. And a step that prefills a request of a tenant below its
+  share carries only decodes of the other tenants, not their prefill chunks: the quiet
+  tenant's first token then costs its own prompt plus a few decodes, not a full step
+  budget of someone else's prompts (measured in docs/BENCHMARKS.md, fairness).
 """
 
 from __future__ import annotations
@@ -49,6 +55,9 @@ class FcfsPolicy:
 
     def on_add(self, req: Request) -> None:
         pass
+
+    def prefills_alone(self, req: Request, running: list[Request]) -> bool:
+        return False
 
     def charge(self, req: Request, n: int) -> None:
         pass
@@ -96,6 +105,17 @@ class FairPolicy(FcfsPolicy):
         total_weight = sum(self._weights[t] for t in self._active)
         share = {t: len(running) * self._weights[t] / total_weight for t in (mine, theirs)}
         return held[mine] + 1 <= share[mine] + 1e-9 and held[theirs] - 1 >= share[theirs] - 1e-9
+
+    def prefills_alone(self, req: Request, running: list[Request]) -> bool:
+        """Below its weighted share of the running requests, counting `req` itself (so a
+        tenant at its share, e.g. two equal tenants 8 + 8, never excludes the other)."""
+        if len(self._active) < 2:
+            return False
+        mine = req.scheduling.tenant
+        joining = req not in running
+        held = sum(r.scheduling.tenant == mine for r in running) + joining
+        share = (len(running) + joining) * self._weights[mine] / sum(self._weights[t] for t in self._active)
+        return held < share - 1e-9
 
     def charge(self, req: Request, n: int) -> None:
         # NOTE: tokens recomputed after a preemption are not service the tenant asked for:
