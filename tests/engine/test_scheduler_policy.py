@@ -246,3 +246,22 @@ def test_fair_mode_tenants_at_their_share_still_share_prefill_steps():
     loop.add("b", list(range(40, 70)), max_tokens=4, tenant="b")
     batch = {r.request_id: n for r, n in loop.sched.schedule().items}
     assert batch == {"a": 30, "b": 30}  # two equal tenants: neither excludes the other
+
+
+def test_fair_mode_quiet_prompt_mid_burst_is_prefilled_alone():
+    # The flood's first 32 prompts are still being admitted (4 per step) when the quiet
+    # tenant arrives; its counter is lifted to the flood's, so ranks tie and the flood's
+    # older requests come first in arrival order: the quiet prompt must still get a step
+    # with no flood prompt in it (the flood's decodes ride along).
+    loop = FakeLoop(num_blocks=4096, block_size=16, budget=512, max_num_seqs=16, policy="fair")
+    for i in range(32):
+        loop.add(f"f{i}", [i, *range(1, 128)], max_tokens=64, tenant="flood")
+    for _ in range(3):
+        loop.step()
+    loop.add("quiet", [999, *range(500, 627)], max_tokens=8, tenant="quiet")
+    loop.step()
+    assert [(rid, n) for rid, _, n in loop.batches[-1] if n > 1] == [("quiet", 128)]
+    loop.run()
+    assert loop.finished["quiet"].output_token_ids == reference_output([999, *range(500, 627)], 8)
+    assert len(loop.finished) == 33
+    assert_pool_clean(loop.bm)

@@ -15,6 +15,7 @@ the running-request limit would otherwise keep it out.
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -83,8 +84,8 @@ class Scheduler:
                 i += 1
         # 2) admit waiting requests (not in a step that had to preempt: memory is tight)
         while self.waiting and budget > 0 and not preempted:
-            req = self._best_waiting()
-            if alone is not None and req.scheduling.tenant != alone:
+            req = self._best_waiting(alone)
+            if req is None:
                 break
             if len(self.running) >= self.config.max_num_seqs:
                 freed = self._displace(req, batch)
@@ -108,18 +109,26 @@ class Scheduler:
         return batch
 
     def _prefills_alone(self) -> str | None:
-        """The tenant of the most deserving prefill (running, or the best waiting request)
-        that the policy says should not share its step with other tenants' prefills."""
-        candidates = [r for r in self.running if _prefilling(r)]
-        if self.waiting:
-            candidates.append(self._best_waiting())
-        for req in sorted(candidates, key=self.policy.rank):
+        """The tenant whose prefill this step carries without other tenants' prefills, if
+        the policy names one: of each tenant's most deserving prefill (running or waiting),
+        the first in rank order the policy says so of."""
+        if self.policy.name == "fcfs":
+            return None
+        best: dict[str, Request] = {}
+        for req in itertools.chain((r for r in self.running if _prefilling(r)), self.waiting):
+            tenant = req.scheduling.tenant
+            if tenant not in best or self.policy.rank(req) < self.policy.rank(best[tenant]):
+                best[tenant] = req
+        for req in sorted(best.values(), key=self.policy.rank):
             if self.policy.prefills_alone(req, self.running):
                 return req.scheduling.tenant
         return None
 
-    def _best_waiting(self) -> Request:
-        return self.waiting[0] if self.policy.name == "fcfs" else min(self.waiting, key=self.policy.rank)
+    def _best_waiting(self, tenant: str | None = None) -> Request | None:
+        """The waiting request to admit next (of `tenant` only, when given)."""
+        if tenant is None:
+            return self.waiting[0] if self.policy.name == "fcfs" else min(self.waiting, key=self.policy.rank)
+        return min((r for r in self.waiting if r.scheduling.tenant == tenant), key=self.policy.rank, default=None)
 
     def _displace(self, req: Request, batch: ScheduledBatch) -> int:
         """Preempt the least deserving running request if the policy lets `req` displace
