@@ -15,14 +15,13 @@ the running-request limit would otherwise keep it out.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from bastion.config import SchedulerConfig
 from bastion.engine.kv_cache.block_manager import BlockManager
 from bastion.engine.request import Request, Status
-from bastion.engine.scheduler_policy import make_policy
+from bastion.engine.scheduler_policy import make_policy, prefilling
 
 
 @dataclass
@@ -62,12 +61,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         preempted = False
         self.running.sort(key=self.policy.rank)  # fcfs: by arrival (a re-admitted request is old)
-        alone = self._prefills_alone()  # a tenant whose prefill this step carries alone, or None
+        alone = self.policy.prefill_alone_tenant(self.running, self.waiting)  # or None
         # 1) running requests, most deserving first; on memory pressure evict from the back
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if alone is not None and req.scheduling.tenant != alone and _prefilling(req):
+            if alone is not None and req.scheduling.tenant != alone and prefilling(req):
                 i += 1  # its chunk waits a step: only other tenants' decodes share `alone`'s prefill
                 continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -107,22 +106,6 @@ class Scheduler:
             self.policy.charge(req, n)
             budget -= n
         return batch
-
-    def _prefills_alone(self) -> str | None:
-        """The tenant whose prefill this step carries without other tenants' prefills, if
-        the policy names one: of each tenant's most deserving prefill (running or waiting),
-        the first in rank order the policy says so of."""
-        if self.policy.name == "fcfs":
-            return None
-        best: dict[str, Request] = {}
-        for req in itertools.chain((r for r in self.running if _prefilling(r)), self.waiting):
-            tenant = req.scheduling.tenant
-            if tenant not in best or self.policy.rank(req) < self.policy.rank(best[tenant]):
-                best[tenant] = req
-        for req in sorted(best.values(), key=self.policy.rank):
-            if self.policy.prefills_alone(req, self.running):
-                return req.scheduling.tenant
-        return None
 
     def _best_waiting(self, tenant: str | None = None) -> Request | None:
         """The waiting request to admit next (of `tenant` only, when given)."""
@@ -201,7 +184,3 @@ class Scheduler:
         req.status = Status.FINISHED
         req.finish_reason = reason
 
-
-def _prefilling(req: Request) -> bool:
-    """More than the one next token to compute: a prompt (or a recompute) in progress."""
-    return req.num_tokens - req.num_computed_tokens > 1

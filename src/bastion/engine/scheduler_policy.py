@@ -8,9 +8,9 @@ The scheduler asks a policy three things and tells it one:
 * `displaces(waiting, victim, running)`: may `waiting` preempt `victim` (the least
   deserving of the `running` requests) to be admitted now (memory or the running-request
   limit says no otherwise)?
-* `prefills_alone(req, running)`: should a step that prefills `req` carry no other
-  tenant's prefill (only their decodes)? The step then lasts about as long as `req`'s
-  own prompt, not the step budget (fair mode: the tenant most behind).
+* `prefill_alone_tenant(running, waiting)`: a tenant whose prefill this step should carry
+  without other tenants' prefills (only their decodes), or None. The step then lasts
+  about as long as that tenant's own prompt, not the step budget (fair mode).
 * `charge(req, n)`: `n` tokens of `req` were scheduled (fair mode counts service).
 
 fcfs: arrival order (what the scheduler did before policies existed).
@@ -36,7 +36,9 @@ fair: the Virtual Token Counter of "Fairness in Serving Large Language Models" (
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
+from collections.abc import Iterable
 
 from bastion.engine.request import Request
 
@@ -56,8 +58,8 @@ class FcfsPolicy:
     def on_add(self, req: Request) -> None:
         pass
 
-    def prefills_alone(self, req: Request, running: list[Request]) -> bool:
-        return False
+    def prefill_alone_tenant(self, running: list[Request], waiting: Iterable[Request]) -> str | None:
+        return None
 
     def charge(self, req: Request, n: int) -> None:
         pass
@@ -106,6 +108,19 @@ class FairPolicy(FcfsPolicy):
         share = {t: len(running) * self._weights[t] / total_weight for t in (mine, theirs)}
         return held[mine] + 1 <= share[mine] + 1e-9 and held[theirs] - 1 >= share[theirs] - 1e-9
 
+    def prefill_alone_tenant(self, running: list[Request], waiting: Iterable[Request]) -> str | None:
+        """Of each tenant's most deserving prefill (running or waiting), the first in rank
+        order whose tenant is below its share."""
+        best: dict[str, Request] = {}
+        for req in itertools.chain((r for r in running if prefilling(r)), waiting):
+            tenant = req.scheduling.tenant
+            if tenant not in best or self.rank(req) < self.rank(best[tenant]):
+                best[tenant] = req
+        for req in sorted(best.values(), key=self.rank):
+            if self.prefills_alone(req, running):
+                return req.scheduling.tenant
+        return None
+
     def prefills_alone(self, req: Request, running: list[Request]) -> bool:
         """Below its weighted share of the running requests, counting `req` itself (so a
         tenant at its share, e.g. two equal tenants 8 + 8, never excludes the other)."""
@@ -135,6 +150,11 @@ class FairPolicy(FcfsPolicy):
         self._active[tenant] -= 1
         if self._active[tenant] <= 0:
             del self._active[tenant]
+
+
+def prefilling(req: Request) -> bool:
+    """More than the one next token to compute: a prompt (or a recompute) in progress."""
+    return req.num_tokens - req.num_computed_tokens > 1
 
 
 def make_policy(name: str) -> FcfsPolicy:
