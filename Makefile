@@ -30,8 +30,11 @@ browser:
 	  { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium) \
 	    >/tmp/bastion-chromium-install.log 2>&1 || echo "chromium not installed: see /tmp/bastion-chromium-install.log"; }
 
+# Two pytest workers (pytest-xdist), one test file each at a time (--dist loadfile: a
+# module's servers, Ray cluster and model fixtures stay in one process). Much of the suite
+# waits on subprocesses and servers, so two workers on two cores took it 1126 -> 747 s.
 test: install browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile $(ARGS)
 
 clean:
 	rm -rf $(VENV)
