@@ -46,7 +46,9 @@ class FairnessConfig:
     quiet_gap_s: float = 0.25  # pause between two quiet requests
     input_len: int = 128
     max_num_seqs: int = 16
-    max_num_batched_tokens: int = 512  # the step budget: a smaller one bounds how long one step (and a wait) lasts
+    # the step budget: a smaller one bounds how long one step (and a wait for it) lasts;
+    # 256 is what docs/DEPLOY.md advises with --scheduling-policy fair (512 is the server's default)
+    max_num_batched_tokens: int = 256
     repeats: int = 3
     threads: int = 2
     settle_s: float = 3.0  # flood running before the quiet tenant starts (queues full)
@@ -223,7 +225,8 @@ def add_fairness_parser(subparsers: Any) -> None:
     p.add_argument("--flood-concurrency", type=int, default=32)
     p.add_argument("--quiet-requests", type=int, default=20)
     p.add_argument("--max-num-seqs", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="the server's step budget")
+    p.add_argument("--max-num-batched-tokens", type=int, default=FairnessConfig.max_num_batched_tokens,
+                   help="the server's step budget (default: 256, as docs/DEPLOY.md advises for fair mode)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="GGUF file or HF dir (default: the embedded SmolLM2)")
