@@ -59,6 +59,9 @@ struct Q8 {
 #if defined(__AVX512F__)
 inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+// software prefetch distance into W's codes, as in qlinear_int8.cpp (measured there)
+constexpr int PF_BYTES = 1024;
+
 // One weight row n against rows x[0..mb) -> y[r * ldy]
 template <int R, typename S>
 inline void q4_row(const Q4<S>& w, int64_t n, const float* x, int64_t ldx, float* y, int64_t ldy) {
@@ -70,6 +73,9 @@ inline void q4_row(const Q4<S>& w, int64_t n, const float* x, int64_t ldx, float
   const __m128i low = _mm_set1_epi8(0x0f);
   for (int64_t k = 0; k < w.K; k += 32) {
     const int64_t g = k / w.G;
+    _mm_prefetch(reinterpret_cast<const char*>(c + k / 2) + PF_BYTES, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(s + g) + PF_BYTES / 8, _MM_HINT_T0);
+    if (m) _mm_prefetch(reinterpret_cast<const char*>(m + g) + PF_BYTES / 8, _MM_HINT_T0);
     const __m512 d = _mm512_set1_ps(tof(s[g]));
     const __m512 mn = _mm512_set1_ps(m ? tof(m[g]) : -8.0f * tof(s[g]));
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + k / 2));
@@ -93,6 +99,7 @@ inline void q8_row(const Q8<S>& w, int64_t n, const float* x, int64_t ldx, float
   __m512 acc0[R], acc1[R];
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < w.K; k += 32) {  // K is a multiple of 32 (checked)
+    _mm_prefetch(reinterpret_cast<const char*>(c + k) + PF_BYTES, _MM_HINT_T0);
     const __m512 d0 = _mm512_set1_ps(tof(s[k / w.G]));
     const __m512 d1 = _mm512_set1_ps(tof(s[(k + 16) / w.G]));
     const __m512 w0 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(

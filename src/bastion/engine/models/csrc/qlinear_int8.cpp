@@ -47,6 +47,11 @@ bool q4_linear_i8_supported() {
 namespace {
 
 constexpr int RB = 4;  // rows of x per pass over a weight row
+// Software prefetch distance into W's codes (bytes ahead; the scales follow at 1/8 of it for
+// q4). Measured on Zen 4 (1.2B Q4_0, every linear of a decode step in order, medians of 3,
+// ms): int16 36.3 -> 27.9, int8 31.3 -> 26.5; the hardware prefetcher alone left the code
+// loads stalled (perf: ~35% of the kernel's samples on their first use).
+constexpr int PF_BYTES = 1024;
 
 // One row of x, quantized and laid out for the kernel (per pair p of 32-groups)
 struct QRow {
@@ -132,6 +137,9 @@ void row_i8(const uint8_t* codes, const S* scale, const S* minv, int64_t K, cons
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0f);
   for (int64_t p = 0; p < np; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(codes + p * 32) + PF_BYTES, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scale + 2 * p) + PF_BYTES / 8, _MM_HINT_T0);
+    if (minv) _mm_prefetch(reinterpret_cast<const char*>(minv + 2 * p) + PF_BYTES / 8, _MM_HINT_T0);
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
     const __m512i z = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
                                          _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
@@ -179,6 +187,8 @@ void row_q8(const int8_t* codes, const S* scale, int64_t K, const QRow* xr, floa
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t p = 0; p < np; ++p) {
+    _mm_prefetch(reinterpret_cast<const char*>(codes + p * 64) + PF_BYTES, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(scale + 2 * p) + PF_BYTES / 16, _MM_HINT_T0);
     const __m512i z = _mm512_xor_si512(_mm512_loadu_si512(codes + p * 64), flip);
     const __m512 wd = pair_lanes<S, true>(scale + 2 * p);
     for (int r = 0; r < R; ++r) {
