@@ -76,18 +76,25 @@ def _bastion(model: str, cfg: WeightsBenchConfig, extra: dict[str, Any]) -> dict
     load_s = time.perf_counter() - t0
     prompt = _prompt(tok.encode, cfg.prompt_len)
 
-    def run(n_seqs: int, plen: int, new: int, tag: str) -> float:
+    def run(n_seqs: int, plen: int, new: int, tag: str) -> tuple[float, float]:
+        """(seconds for the whole run, seconds after its first step). The first step prefills
+        every prompt (n_seqs * plen <= the step budget) and samples each one's first token,
+        so the rest is decode alone, timed in the same run (a difference of two runs can go
+        negative on a busy machine)."""
         for i in range(n_seqs):
             engine.add_request(f"{tag}{i}", prompt[i: i + plen], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
         t = time.perf_counter()
+        engine.step()
+        first = time.perf_counter()
         while engine.has_unfinished():
             engine.step()
-        return time.perf_counter() - t
+        end = time.perf_counter()
+        return end - t, end - first
 
     run(1, 32, 4, "warm")
-    prefill_s = run(1, cfg.prompt_len, 1, "p")
-    d1 = run(1, 16, cfg.new_tokens + 1, "d1") - run(1, 16, 1, "d1p")
-    d8 = run(cfg.batch, 16, cfg.new_tokens + 1, "d8") - run(cfg.batch, 16, 1, "d8p")
+    prefill_s = run(1, cfg.prompt_len, 1, "p")[0]
+    d1 = run(1, 16, cfg.new_tokens + 1, "d1")[1]
+    d8 = run(cfg.batch, 16, cfg.new_tokens + 1, "d8")[1]
     kv_bytes = engine.kv_cache.num_blocks * engine.kv_cache.block_size * engine.kv_cache.token_bytes
     return {"load_s": load_s, "prefill_tok_s": cfg.prompt_len / prefill_s, "decode_b1_tok_s": cfg.new_tokens / d1,
             f"decode_b{cfg.batch}_tok_s": cfg.batch * cfg.new_tokens / d8, "weight_bytes": engine.weight_bytes,
