@@ -183,4 +183,3 @@ class Scheduler:
         self.policy.on_finish(req)
         req.status = Status.FINISHED
         req.finish_reason = reason
-

@@ -40,7 +40,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable
 
-from bastion.engine.request import Request
+from bastion.engine.request import Request, Status
 
 PROMPT_TOKEN_COST = 1.0  # VTC's w_p
 OUTPUT_TOKEN_COST = 2.0  # VTC's w_q: a generated token costs a step of its own
@@ -111,6 +111,8 @@ class FairPolicy(FcfsPolicy):
     def prefill_alone_tenant(self, running: list[Request], waiting: Iterable[Request]) -> str | None:
         """Of each tenant's most deserving prefill (running or waiting), the first in rank
         order whose tenant is below its share."""
+        if len(self._active) < 2:  # one tenant has all the share: skip the pass over the queue
+            return None
         best: dict[str, Request] = {}
         for req in itertools.chain((r for r in running if prefilling(r)), waiting):
             tenant = req.scheduling.tenant
@@ -124,10 +126,8 @@ class FairPolicy(FcfsPolicy):
     def prefills_alone(self, req: Request, running: list[Request]) -> bool:
         """Below its weighted share of the running requests, counting `req` itself (so a
         tenant at its share, e.g. two equal tenants 8 + 8, never excludes the other)."""
-        if len(self._active) < 2:
-            return False
         mine = req.scheduling.tenant
-        joining = req not in running
+        joining = req.status is Status.WAITING  # (not `req in running`: a dataclass compares by fields)
         held = sum(r.scheduling.tenant == mine for r in running) + joining
         share = (len(running) + joining) * self._weights[mine] / sum(self._weights[t] for t in self._active)
         return held < share - 1e-9
