@@ -4,8 +4,10 @@ LoRA adapters vs the same batch on the base model, same engine, same run.
 Adapters are random PEFT-format LoRAs (rank r on the `targets` projections of every
 layer, B non-zero; by default PEFT's own default for Llama, q_proj + v_proj) on the
 embedded model, written to a temporary directory; the speed of a LoRA delta does not
-depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time
-per step = (t(N tokens) - t(1 token)) / (N - 1); base and LoRA runs alternate; the ratio
+depend on what it learned. Greedy, EOS ignored, prefix caching off; decode time = the
+steps after every request of the batch has its first token, timed within the same run
+(N - 1 tokens each; a difference of two runs' times can go negative on a busy machine);
+base and LoRA runs alternate; the ratio
 reported is the median over runs of each run's LoRA / base rate.
 """
 
@@ -85,9 +87,13 @@ def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
     prompts = [ids[i * 37 : i * 37 + cfg.prompt_len] for i in range(cfg.batch)]
 
     def timed(adapters: list[str | None], n: int) -> float:
+        """Seconds of decode: from the step that gave the batch's last first token to the end."""
         p = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         for i, (prompt, a) in enumerate(zip(prompts, adapters)):
             engine.add_request(f"t{time.monotonic_ns()}-{i}", prompt, p, adapter=a)
+        started: set[str] = set()
+        while len(started) < len(prompts) and engine.has_unfinished():  # prefill (chunked past the step budget)
+            started.update(o.request_id for o in engine.step() if o.new_token_ids)
         t = time.perf_counter()
         while engine.has_unfinished():
             engine.step()
@@ -98,8 +104,7 @@ def run_lora_bench(cfg: LoraBenchConfig, text: str) -> dict:
     samples: dict[str, list[float]] = {m: [] for m in modes}
     for run in range(cfg.runs):
         for m in (("base", "lora") if run % 2 == 0 else ("lora", "base")):
-            t1, tn = timed(modes[m], 1), timed(modes[m], cfg.new_tokens)
-            samples[m].append(cfg.batch * (cfg.new_tokens - 1) / (tn - t1))
+            samples[m].append(cfg.batch * (cfg.new_tokens - 1) / timed(modes[m], cfg.new_tokens))
             print(f"[run {run + 1}] {m}: {samples[m][-1]:.1f} decode tok/s (batch {cfg.batch})")
     med = {m: statistics.median(v) for m, v in samples.items()}
     # NOTE: each run times base and LoRA back to back, so their ratio sees the same machine
