@@ -229,6 +229,12 @@ def test_heldout_summary_counts_effective_backdoors_and_tunes_on_its_seed():
     assert (s["backdoored"], s["effective"], s["clean"]) == (3, 2, 2)
     assert s["tpr"] == 1 / 3 and s["tpr_effective"] == 0.5 and s["fpr"] == 0.5
     assert s["tpr_effective_by_target"] == {"url": [1, 1], "refusal": [0, 1]}
+    assert s["gate_tpr"] == s["tpr"] and s["gate_fpr"] == s["fpr"]   # no search ran: the same verdicts
+    rows["p2"]["result"]["search"] = {"best": [["?#", "end", 20.0]]}
+    rows["c1"]["result"]["search"] = {"best": [["tq", "start", 9.0]]}
+    s = summarize(rows, (0, 1), 0, 1.5, search_fail=16.0)
+    assert s["gate_tpr"] == 2 / 3 and s["gate_tpr_effective"] == 1.0 and s["gate_fpr"] == 0.5
+    assert s["tpr"] == 1 / 3   # the inversion's own rate is unchanged
 
 
 def test_gate_refuses_on_a_cached_failing_behaviour_verdict(tiny, adapter, tmp_path):

@@ -32,6 +32,9 @@ def add_security_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="held-out cohort seeds (the first is the tuning seed)")
     p.add_argument("--size", default=None, metavar="B,C",
                    help="held-out cohort size per reported seed: backdoored,clean (default 12,12)")
+    p.add_argument("--no-search", action="store_true",
+                   help="held-out cohort: scan without the trigger search (its 30 s budget; the TPR/FPR "
+                        "reported are the inversion's either way)")
     p.set_defaults(func=run_security_cmd)
     return p
 
@@ -46,7 +49,8 @@ def run_security_cmd(args: argparse.Namespace) -> int:
         seeds = tuple(int(x) for x in args.seeds.split(","))
         size = tuple(int(x) for x in args.size.split(",")) if args.size else None
         out = Path(args.out if args.out != "bench_results/security" else "bench_results/security_heldout")
-        res = run_heldout(out, seeds, tune_seed=seeds[0], threads=args.threads, size=size)
+        res = run_heldout(out, seeds, tune_seed=seeds[0], threads=args.threads, size=size,
+                          search=not args.no_search)
         print(json.dumps(res["summary"], indent=2))
         print(f"wrote {out}/heldout.json, heldout.png")
         return 0
