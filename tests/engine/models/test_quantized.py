@@ -14,10 +14,15 @@ import pytest
 import torch
 
 from bastion.engine.models.loader import embedded_model_path, load_checkpoint
-from bastion.engine.models.qweights import QuantWeight, from_gguf, quantize
-from bastion.engine.models.quant_linear import INT_MAX_ROWS, KERNEL_MAX_ROWS, QuantEmbedding, QuantLinear, load_qkernel
+from bastion.engine.models.quant_linear import (
+    INT_MAX_ROWS,
+    KERNEL_MAX_ROWS,
+    QuantEmbedding,
+    QuantLinear,
+    load_qkernel,
+)
 from bastion.engine.models.quantized_model import build_quantized, resident_bytes
-
+from bastion.engine.models.qweights import PackedQ4, QuantWeight, from_gguf, quantize
 from tests.support.engines import decode_one_by_one, one_shot_logits
 
 
@@ -155,7 +160,12 @@ def test_smollm2_kept_quantized_matches_hf_fp32(smol_quantized, gpl_ids, hf_smol
     ours = one_shot_logits(m, gpl_ids)  # 64 rows: the tile path
     assert float((ours - hf_smol_logits).abs().max()) <= 1e-3
     short = one_shot_logits(m, gpl_ids[:KERNEL_MAX_ROWS])  # the kernel path
-    assert float((short - hf_smol_logits[:KERNEL_MAX_ROWS]).abs().max()) <= 1e-3
+    # NOTE: packed q4 projections (VNNI) take int16 activations at every decode batch size
+    # (measured 0.01, as batch 1's); the fp32 kernels are exact to 1e-3
+    packed = any(isinstance(w, PackedQ4) for mod in m.modules() if isinstance(mod, QuantLinear) for w in mod.parts)
+    diff = float((short - hf_smol_logits[:KERNEL_MAX_ROWS]).abs().max())
+    assert diff <= (0.05 if packed else 1e-3), diff
+    assert torch.equal(short.argmax(-1), hf_smol_logits[:KERNEL_MAX_ROWS].argmax(-1))
     file_bytes = embedded_model_path().stat().st_size
     assert resident_bytes(m) <= 1.25 * file_bytes
 
@@ -190,6 +200,49 @@ def test_integer_activation_kernels_match_their_oracle(activations, levels):
         x = torch.randn(INT_MAX_ROWS + 3, 512)
         exact = x.double() @ qq.dequantize().double().T
         assert ((lin(x).double() - exact).abs() <= 1e-5 * (x.double().abs() @ qq.dequantize().double().abs().T) + 1e-6).all()
+
+
+def _q4_layouts() -> list[QuantWeight]:
+    torch.manual_seed(1)
+    q = quantize(torch.randn(48, 512), 4, 32)
+    return [q, QuantWeight("q4", q.codes, q.scale, None, 32, "Q4_0-like"),
+            from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, np.random.default_rng(3)), 48, 512)]
+
+
+def test_packed_q4_holds_the_same_weight():
+    kernel = load_qkernel()
+    for w in _q4_layouts():
+        p = PackedQ4.pack(w, kernel)
+        u = p.unpack()
+        assert p.nbytes == w.nbytes and p.shape == w.shape
+        assert torch.equal(u.codes, w.codes) and torch.equal(u.scale, w.scale), w.source
+        assert (u.minv is None) == (w.minv is None) and (u.minv is None or torch.equal(u.minv, w.minv))
+        assert torch.equal(kernel.q4p_dequant(p.packed, 1, 3, p.has_min, p.f32), w.dequantize(slice(16, 48)))
+
+
+@pytest.mark.parametrize("activations,levels", [("int8", 127.0), ("int16", 127.0 * 256), ("auto", 127.0 * 256)])
+def test_packed_kernel_matches_its_oracle_at_every_batch_size(activations, levels, monkeypatch):
+    import bastion.engine.models.quant_linear as ql
+
+    kernel = load_qkernel()
+    if not kernel.q4_linear_i8_supported():
+        pytest.skip("this CPU has no AVX512-VNNI: nothing is packed (the per-row kernels serve)")
+    monkeypatch.setattr(ql, "TILE_BYTES", 16 * 512 * 4)  # prefill: several packed tiles
+    for w in _q4_layouts():
+        lin = QuantLinear([w], kernel=kernel, activations=activations, pack=True)
+        assert isinstance(lin.parts[0], PackedQ4) and lin.activations == [activations.replace("auto", "int16")]
+        ref_w = w.dequantize().double()
+        for m in (1, 2, 3, 4, 7, KERNEL_MAX_ROWS):
+            x = torch.randn(m, 512) * torch.linspace(0.01, 30, 512)
+            ref = _int_rows(x, levels) @ ref_w.T
+            bound = 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5
+            assert ((lin(x).double() - ref).abs() <= bound).all(), (w.source, m)
+        # prefill rows: auto, fp32 GEMM on dequantized tiles; integer activations asked by name, the kernel
+        x = torch.randn(KERNEL_MAX_ROWS + 5, 512)
+        ref = (x.double() if activations == "auto" else _int_rows(x, levels)) @ ref_w.T
+        assert ((lin(x).double() - ref).abs() <= 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5).all()
+    fp = QuantLinear([_q4_layouts()[0]], kernel=kernel, activations="fp32", pack=True)
+    assert isinstance(fp.parts[0], QuantWeight)  # fp32 activations: nothing packed
 
 
 def test_fp32_activations_never_take_the_integer_kernel():

@@ -19,7 +19,12 @@ import torch
 from torch import nn
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
-from bastion.engine.models.quant_linear import INT_MAX_ROWS, KERNEL_MAX_ROWS, QuantLinear
+from bastion.engine.models.quant_linear import (
+    INT_MAX_ROWS,
+    KERNEL_MAX_ROWS,
+    QuantLinear,
+)
+from bastion.engine.models.qweights import PackedQ4
 
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # the plan's order
 _MODES = {"fp32": 0, "int16": 1, "int8": 2}
@@ -46,6 +51,9 @@ class FusedDecode:
                 if not isinstance(m, QuantLinear) or any(fp32 is None for fp32, _, _ in m._calls):
                     return None
                 for w, (_, integer, act) in zip(m.parts, m._calls):
+                    if isinstance(w, PackedQ4):  # its kernel runs every batch size on the integer path
+                        plan.add_packed(i, j, w.packed, w.has_min, w.f32, _MODES[act])
+                        continue
                     minv = w.scale.new_empty(0) if w.minv is None else w.minv
                     mode = _MODES[act] if integer is not None else 0
                     plan.add_part(i, j, w.codes, w.scale, minv, w.kind == "q4", w.group, mode)

@@ -32,10 +32,10 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
                     activations: str = "auto") -> LlamaForCausalLM:
     """The model (fp32 everywhere but the swapped modules) with `weights` loaded.
     NOTE: consumes `weights` (entries are popped as they are installed)."""
-    def swap(parts: list, bias: list | None) -> QuantLinear | None:
+    def swap(parts: list, bias: list | None, pack: bool = False) -> QuantLinear | None:
         if not all(isinstance(p, QuantWeight) for p in parts):
             return None
-        return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel, activations)
+        return QuantLinear(parts, None if bias is None else torch.cat(bias), kernel, activations, pack=pack)
 
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, max_len)
@@ -48,7 +48,7 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
                 continue
             parts = [weights.get(p + n + ".weight") for n in names]
             biases = [weights.get(p + n + ".bias") for n in names]
-            q = swap(parts, biases if getattr(layer, attr).bias is not None else None)
+            q = swap(parts, biases if getattr(layer, attr).bias is not None else None, pack=True)
             if q is not None:
                 setattr(layer, attr, q)
                 for n in names:

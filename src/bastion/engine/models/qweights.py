@@ -79,6 +79,58 @@ class QuantWeight:
                            minv, a.group, "+".join(sources))
 
 
+PACK_ROWS = 16  # rows per tile of the packed q4 layout (csrc/qlinear_packed.cpp)
+
+
+@dataclass
+class PackedQ4:
+    """A q4 QuantWeight of group 32 repacked for the VNNI kernel of every decode batch
+    (csrc/qlinear_packed.cpp): tiles of 16 interleaved rows, each 32-group's codes, scales
+    and mins in one record, W read as one stream. It replaces the QuantWeight (same bytes)."""
+    packed: torch.Tensor  # uint8 [N/16, K/32, record]
+    has_min: bool
+    f32: bool  # fp32 scales (Q4_K) rather than fp16
+    source: str
+    kind = "q4p"
+    group = 32
+
+    @staticmethod
+    def can_pack(w: QuantWeight) -> bool:
+        return w.kind == "q4" and w.group == 32 and w.shape[0] % PACK_ROWS == 0 and w.shape[1] % 64 == 0
+
+    @classmethod
+    def pack(cls, w: QuantWeight, kernel) -> "PackedQ4":
+        minv = w.scale.new_empty(0) if w.minv is None else w.minv
+        return cls(kernel.q4p_pack(w.codes, w.scale, minv), w.minv is not None, w.scale.dtype == torch.float32,
+                   w.source)
+
+    @property
+    def codes(self) -> torch.Tensor:  # the one tensor that holds it (resident_bytes dedupes by it)
+        return self.packed
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.packed.shape[0] * PACK_ROWS, self.packed.shape[1] * 32
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def unpack(self) -> QuantWeight:
+        """The QuantWeight it was packed from (tests; pure torch)."""
+        t, nb, _ = self.packed.shape
+        ss = 4 if self.f32 else 2
+        dt = torch.float32 if self.f32 else torch.float16
+        rec = self.packed
+        # codes: [t, nb, 4 chunks, 16 rows, 4 bytes] -> [t, 16 rows, nb, 4 chunks * 4 bytes]
+        codes = rec[..., :256].reshape(t, nb, 4, PACK_ROWS, 4).permute(0, 3, 1, 2, 4).reshape(t * PACK_ROWS, nb * 16)
+        side = lambda o: rec[..., 256 + o:256 + o + PACK_ROWS * ss].contiguous().view(dt).permute(0, 2, 1) \
+            .reshape(t * PACK_ROWS, nb)
+        scale = side(0).contiguous()
+        minv = side(PACK_ROWS * ss).contiguous() if self.has_min else None
+        return QuantWeight("q4", codes.contiguous(), scale, minv, 32, self.source)
+
+
 # ---------------------------------------------------------------- GGUF blocks -> layouts
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)

@@ -18,6 +18,11 @@ bool q4_linear_i8_supported();
 at::Tensor q4_linear_i8(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor minv, bool int16);
 at::Tensor q8_linear_i8(at::Tensor x, at::Tensor codes, at::Tensor scale, bool int16);
 
+// qlinear_packed.cpp
+at::Tensor q4p_pack(at::Tensor codes, at::Tensor scale, at::Tensor minv);
+at::Tensor q4p_linear(at::Tensor x, at::Tensor P, bool has_min, bool f32, bool int16);
+at::Tensor q4p_dequant(at::Tensor P, int64_t t0, int64_t t1, bool has_min, bool f32);
+
 // decode_ops.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 at::Tensor add_rms_norm_(at::Tensor x, at::Tensor d, at::Tensor w, double eps);
@@ -38,6 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
   m.def("q8_linear_i8", &q8_linear_i8, "y = x @ W^T, W int8 codes (group 32), x as for q4_linear_i8");
   m.def("q4_linear_i8_supported", &q4_linear_i8_supported, "whether this build has the int8/int16 paths");
+  m.def("q4p_pack", &q4p_pack, "q4 codes/scales/mins (group 32) -> tiles of 16 interleaved rows");
+  m.def("q4p_linear", &q4p_linear, "y = x @ W^T, W packed by q4p_pack, x as for q4_linear_i8 (VNNI)");
+  m.def("q4p_dequant", &q4p_dequant, "fp32 rows of the packed tiles [t0, t1) (prefill tiles)");
   m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
   m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");
   m.def("isa", &isa, "the instruction set this build uses");

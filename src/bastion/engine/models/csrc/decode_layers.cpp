@@ -18,6 +18,7 @@ torch::Tensor q4_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 torch::Tensor q8_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, int64_t G);
 torch::Tensor q4_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor minv, bool int16);
 torch::Tensor q8_linear_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, bool int16);
+torch::Tensor q4p_linear(torch::Tensor x, torch::Tensor P, bool has_min, bool f32, bool int16);
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D);
@@ -33,6 +34,8 @@ struct Part {  // one QuantWeight of a projection (a fused projection may hold s
   bool q4;
   int64_t group;
   int64_t mode;  // the activations its integer call uses; kFp32: it has none
+  bool packed = false;  // codes are q4p_pack's tiles (every batch size on the integer path)
+  bool has_min = false, f32 = false;
 };
 
 struct Linear {
@@ -46,6 +49,7 @@ struct Layer {
 };
 
 torch::Tensor apply(const Part& p, const torch::Tensor& x, bool integer) {
+  if (p.packed) return q4p_linear(x, p.codes, p.has_min, p.f32, p.mode == kInt16);
   if (integer && p.mode != kFp32)
     return p.q4 ? q4_linear_i8(x, p.codes, p.scale, p.minv, p.mode == kInt16)
                 : q8_linear_i8(x, p.codes, p.scale, p.mode == kInt16);
@@ -81,6 +85,14 @@ class DecodePlan {
     TORCH_CHECK(layer >= 0 && layer < (int64_t)layers_.size() && which >= 0 && which < 4, "add_part: bad index");
     TORCH_CHECK(mode >= kFp32 && mode <= kInt8, "add_part: bad mode");
     layers_[layer].proj[which].parts.push_back(Part{codes, scale, minv, q4, group, mode});
+  }
+
+  void add_packed(int64_t layer, int64_t which, torch::Tensor packed, bool has_min, bool f32, int64_t mode) {
+    TORCH_CHECK(layer >= 0 && layer < (int64_t)layers_.size() && which >= 0 && which < 4, "add_packed: bad index");
+    TORCH_CHECK(mode == kInt16 || mode == kInt8, "add_packed: packed parts take int16 or int8 activations");
+    Part p{packed, torch::Tensor(), torch::Tensor(), true, 32, mode};
+    p.packed = true, p.has_min = has_min, p.f32 = f32;
+    layers_[layer].proj[which].parts.push_back(p);
   }
 
   void set_bias(int64_t layer, int64_t which, torch::Tensor bias) {
@@ -137,6 +149,7 @@ void register_decode_plan(pybind11::module& m) {
       .def(pybind11::init<int64_t, int64_t, int64_t, double>())
       .def("add_layer", &DecodePlan::add_layer)
       .def("add_part", &DecodePlan::add_part)
+      .def("add_packed", &DecodePlan::add_packed)
       .def("set_bias", &DecodePlan::set_bias)
       .def("num_layers", &DecodePlan::num_layers)
       .def("run", &DecodePlan::run, pybind11::call_guard<pybind11::gil_scoped_release>());
