@@ -22,8 +22,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-QUALITY_ENGINES = ("hf-fp32", "hf-bf16", "bastion", "bastion-fp32", "bastion-int8", "llamacpp")
-_BASTION_EXTRA = {"bastion": {}, "bastion-fp32": {"activations": "fp32"}, "bastion-int8": {"activations": "int8"}}
+QUALITY_ENGINES = ("hf-fp32", "hf-bf16", "bastion", "bastion-fp32", "bastion-int16", "bastion-int8", "llamacpp")
+_BASTION_EXTRA = {"bastion": {}, "bastion-fp32": {"activations": "fp32"}, "bastion-int16": {"activations": "int16"},
+                  "bastion-int8": {"activations": "int8"}}
 _TEXTS = ("GPL-3", "Apache-2.0", "MPL-2.0", "Artistic")
 
 
