@@ -71,6 +71,14 @@ def test_fp32_activation_path_answers_as_hf_fp32(hf_answers):
     assert "Paris" in paris, paris
 
 
+def test_int16_activation_path_answers_as_hf_fp32(hf_answers):
+    """--activations int16 named: prompts too through the packed integer kernel (where VNNI is)."""
+    agree, differ, paris = _agreement(_llm("int16"), hf_answers)
+    print(f"int16 activations: {agree:.0%} of the answers equal HF fp32's")
+    assert agree >= 0.9, differ
+    assert "Paris" in paris, paris
+
+
 def test_int8_activation_path_answers_as_hf_fp32(hf_answers):
     agree, differ, paris = _agreement(_llm("int8"), hf_answers)
     print(f"int8 activations: {agree:.0%} of the answers equal HF fp32's")

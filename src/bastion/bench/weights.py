@@ -25,7 +25,7 @@ from typing import Any
 from bastion.bench.weights_quality import llamacpp_available, run_json_child
 
 # bastion: the defaults; bastion-fp32 / -int16 / -int8: --activations fp32 (exact) / int16 / int8 (opt-in;
-# int16 and int8 named also take prefill through the packed integer kernel)
+# int16 named also takes prefill through the packed integer kernel)
 ENGINES = ("bastion", "bastion-fp32", "bastion-int16", "bastion-int8", "llamacpp")
 _EXTRA = {"bastion-int8": {"activations": "int8"}, "bastion-int16": {"activations": "int16"},
           "bastion-fp32": {"activations": "fp32"}}

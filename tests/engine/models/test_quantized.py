@@ -237,9 +237,9 @@ def test_packed_kernel_matches_its_oracle_at_every_batch_size(activations, level
             ref = _int_rows(x, levels) @ ref_w.T
             bound = 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5
             assert ((lin(x).double() - ref).abs() <= bound).all(), (w.source, m)
-        # prefill rows: auto, fp32 GEMM on dequantized tiles; integer activations asked by name, the kernel
+        # prefill rows: fp32 GEMM on dequantized tiles; int16 asked by name: the kernel
         x = torch.randn(KERNEL_MAX_ROWS + 5, 512)
-        ref = (x.double() if activations == "auto" else _int_rows(x, levels)) @ ref_w.T
+        ref = (_int_rows(x, levels) if activations == "int16" else x.double()) @ ref_w.T
         assert ((lin(x).double() - ref).abs() <= 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-5).all()
     fp = QuantLinear([_q4_layouts()[0]], kernel=kernel, activations="fp32", pack=True)
     assert isinstance(fp.parts[0], QuantWeight)  # fp32 activations: nothing packed
