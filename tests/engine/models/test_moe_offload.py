@@ -70,8 +70,10 @@ def test_every_policy_equals_resident_and_the_in_memory_model(tiny_mixtral):
         else:  # half the experts fit: misses happened and were read or streamed
             assert s["hit_rate"] < 1.0 and s["bytes_read"] > 0 and s["streamed"] + s["fetched"] > 0
             assert off.tier.used <= off.budget
-        if policy == "bastion":
-            assert s["prefetch_issued"] > 0 and s["predicted"] > 0
+        if policy == "bastion":  # the look-ahead ran; whether it issued reads depends on when the
+            # I/O thread's reads landed in the tier (timing), so that is asserted where it is forced
+            # (test_wrong_prefetches_cost_time_never_numbers)
+            assert s["predicted"] > 0
     for policy in POLICIES:
         assert torch.equal(got[policy], got["resident"]), policy
     assert float((got["resident"] - ref).abs().max()) <= 1e-5
