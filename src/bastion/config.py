@@ -40,8 +40,9 @@ class ModelConfig:
     weight_kernel: str = "auto"
     # activations of quantized decode matmuls (engine/models/quant_linear.py): auto = int16
     # where the CPU has AVX512-VNNI (x per 32-block to 16-bit codes: ~1e-5 relative to
-    # fp32, faster batch-1 decode), else fp32; fp32 = the exact oracle path; int16; int8
-    # (opt-in, llama.cpp's way: fastest, answers measurably differ: docs/BENCHMARKS.md)
+    # fp32, faster decode and prefill), else fp32; fp32 = the exact oracle path; int16; int8
+    # (opt-in, llama.cpp's way for decode: fastest, answers measurably differ:
+    # docs/BENCHMARKS.md; prompts stay int16 on packed weights)
     activations: str = "auto"
     device: str = "auto"  # "auto" picks cuda when present, else cpu
     served_name: str | None = None  # id in /v1/models; default: derived from the path

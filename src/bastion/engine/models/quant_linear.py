@@ -14,9 +14,10 @@ Decoder projections of q4 weights with group 32 are packed at load where the int
 path runs (`pack=True`; qweights.PackedQ4, csrc/qlinear_packed.cpp): 16 rows interleaved
 per tile, so every decode batch (1..KERNEL_MAX_ROWS rows) takes integer activations
 through one VNNI kernel that unpacks each tile once for all rows (measured, 1 thread,
-[11264, 2048] Q4_0, ms: 1 row int16 1.05 -> 0.63; 8 rows fp32 7.81 -> int16 3.36).
-Larger inputs (prefill chunks) dequantize W a tile of rows at a time into a small fp32
-buffer and multiply with torch's GEMM, so no full-precision copy of W ever exists.
+[11264, 2048] Q4_0, ms: 1 row int16 1.05 -> 0.63; 8 rows fp32 7.81 -> int16 3.36), and so
+do prefill rows, in int16 whatever decode takes. Larger inputs on other layouts (prefill
+chunks) dequantize W a tile of rows at a time into a small fp32 buffer and multiply with
+torch's GEMM, so no full-precision copy of W ever exists.
 Without the compiled kernel (no compiler), every size takes the tile path: the fp32
 numbers, slower decode.
 """
@@ -86,11 +87,6 @@ class QuantLinear(nn.Module):
         self.out_features = sum(p.shape[0] for p in parts)
         # per part: (fp32 kernel call, integer-activation call, its name); None: not here
         self._calls = [_kernel_calls(w, kernel, activations) for w in self.parts]
-        # prefill rows of packed parts on the integer kernel too where the user named int16
-        # (auto: exact fp32 prefill; measured, 1 thread, [11264, 2048] Q4_0, 64 rows: fp32 tiles
-        # 119 ms, int16 55, int8 32; 256 rows: 304 / 211 / 121). Not int8: its prompt rounding
-        # took SmolLM2's greedy agreement with HF from 75% to 44% (tests/serving)
-        self._int_prefill = activations == "int16"
         self.activations = sorted({a for *_, a in self._calls})
 
     @property
@@ -103,12 +99,18 @@ class QuantLinear(nn.Module):
 
     def _one(self, x: torch.Tensor, i: int) -> torch.Tensor:
         fp32, integer, _ = self._calls[i]
-        if integer is not None and (x.shape[0] <= INT_MAX_ROWS or
-                                    (self._int_prefill and isinstance(self.parts[i], PackedQ4))):
+        w = self.parts[i]
+        if isinstance(w, PackedQ4) and x.shape[0] > KERNEL_MAX_ROWS:
+            # prefill rows of packed parts: int16 activations whatever decode takes, as precise as
+            # fp32 for the answers (tests/serving: 100% of HF fp32's greedy answers) and faster than
+            # fp32 GEMMs over dequantized tiles (measured, 1 thread, Zen 4, [11264, 2048] Q4_0, 256
+            # rows: tiles 137 ms, int16 63). Not int8 even where named: its prompt rounding took
+            # SmolLM2's greedy agreement with HF from 75% to 44%.
+            return self.kernel.q4p_linear(x, w.packed, w.has_min, w.f32, True)
+        if integer is not None and x.shape[0] <= INT_MAX_ROWS:
             return integer(x)
         if fp32 is not None and x.shape[0] <= KERNEL_MAX_ROWS:
             return fp32(x)
-        w = self.parts[i]
         n, k = w.shape
         tile = max(PACK_ROWS, TILE_BYTES // (4 * k)) // PACK_ROWS * PACK_ROWS  # whole packed tiles
         if tile >= n:

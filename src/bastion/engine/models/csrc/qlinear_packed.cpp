@@ -148,9 +148,13 @@ void quantize(const float* x, int64_t K, XRow& r) {
 }
 
 // sum over one record of the 16 rows' code . x bytes (8 dpbusd; two chains for latency)
+// NOTE: x's 4-byte groups are read as broadcast memory operands (vpdpbusd m32{1to16}): the
+// load unit does the broadcast. Read through a GPR (memcpy) they cost a vpbroadcastd each on
+// the vector pipes the dot products need (measured, 1 thread, Zen 4, [11264, 2048] Q4_0, 256
+// rows: int16 57 -> 93 GMAC/s, int8 106 -> 164).
+typedef int32_t __attribute__((may_alias, aligned(1))) i32u;
 inline __m512i dot16(const __m512i* w, const int8_t* xb) {
-  int32_t xi[8];
-  std::memcpy(xi, xb, 32);
+  const i32u* xi = reinterpret_cast<const i32u*>(xb);
   __m512i a = _mm512_setzero_si512(), b = _mm512_setzero_si512();
   for (int i = 0; i < 4; ++i) {
     a = _mm512_dpbusd_epi32(a, w[i], _mm512_set1_epi32(xi[i]));          // elements 4i..4i+3
@@ -204,6 +208,9 @@ void run(const at::Tensor& x, const at::Tensor& P, at::Tensor& y) {
       const uint8_t* pt = p + t * nb * REC;
       float* yt = yp + t * TR;
       int64_t m = 0;
+      // 8 rows per pass where there are 8: each record unpacked once for all (8 rows int16:
+      // 2.3 -> 1.9 ms); the r loop stays rolled (unrolled, its accumulators spill)
+      for (; m + 8 <= M; m += 8) tile<8, HL, MIN, F32>(pt, nb, REC, xr.data() + m, yt + m * N, N);
       for (; m + 4 <= M; m += 4) tile<4, HL, MIN, F32>(pt, nb, REC, xr.data() + m, yt + m * N, N);
       switch (M - m) {
         case 3: tile<3, HL, MIN, F32>(pt, nb, REC, xr.data() + m, yt + m * N, N); break;
