@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import gguf
@@ -39,11 +39,17 @@ class GGUFHeaderError(ValueError):
 class TensorInfo:
     name: str
     type_name: str  # GGMLQuantizationType name (F32, Q4_1, Q6_K, ...) or "type N" if unknown
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # GGUF order: the row (ne0) first
+    offset: int = -1  # absolute file offset of the data
+    nbytes: int | None = None  # None: a type this gguf version does not know
 
     @property
     def n_elements(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def qtype(self) -> gguf.GGMLQuantizationType | None:
+        return gguf.GGMLQuantizationType.__members__.get(self.type_name)
 
 
 @dataclass(frozen=True)
@@ -217,4 +223,6 @@ def read_gguf_header(path: Path | str) -> GGUFHeader:
             if end > size:
                 raise GGUFHeaderError(f"truncated: tensor {name!r} ends at byte {end}, past the end of the "
                                       f"file ({size} bytes)")
+        tensors = [replace(t, offset=data_start + offset, nbytes=nbytes)
+                   for t, (_, offset, nbytes) in zip(tensors, extents)]
     return GGUFHeader(version=version, metadata=metadata, tensors=tensors)

@@ -58,3 +58,33 @@ def test_fp_file_stays_dense_under_auto_and_quantizes_when_asked(gguf_dir, mode,
     ref, got = one_shot_logits(dense, IDS), one_shot_logits(quant, IDS)
     rel = float((got - ref).norm() / ref.norm())
     assert 0 < rel <= tol, rel
+
+
+
+def test_the_loader_reads_the_header_not_gguf_pys_reader(gguf_dir, monkeypatch):
+    """gguf.GGUFReader holds every metadata array element as its own numpy object (SmolLM2's
+    vocabulary: +320 MB at the load's peak); the loader reads the header and each tensor by
+    offset instead. Oracle: gguf-py's reader and its dequantization of the same file (the
+    values end to end: test_logits_oracle, against HF's own GGUF loading)."""
+    import gguf
+    import numpy as np
+
+    path = str(_file(gguf_dir, "Q4_1"))
+    reader = gguf.GGUFReader(path)
+    vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    norm = next(t for t in reader.tensors if t.name == "blk.0.ffn_norm.weight")
+    down = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    want_norm = torch.from_numpy(np.array(norm.data, dtype=np.float32))
+    want_down = torch.from_numpy(gguf.quants.dequantize(down.data, down.tensor_type).copy())
+    del reader
+
+    def refuse(*a, **k):
+        raise AssertionError("the loader must not build a gguf.GGUFReader")
+
+    monkeypatch.setattr(gguf, "GGUFReader", refuse)
+    dense = load_checkpoint(path, show_progress=False, quantize="none")
+    assert dense.arch.vocab_size == vocab
+    assert torch.equal(dense.weights["model.layers.0.post_attention_layernorm.weight"], want_norm)
+    assert torch.equal(dense.weights["model.layers.1.mlp.down_proj.weight"], want_down.reshape(TINY["hidden"], -1))
+    kept = load_checkpoint(path, show_progress=False, quantize="auto").weights["model.layers.1.mlp.down_proj.weight"]
+    assert torch.equal(kept.dequantize(), want_down.reshape(TINY["hidden"], -1))

