@@ -106,6 +106,9 @@ def test_kernel_matches_the_dequantized_reference(isa):
             ref = x.double() @ ref_w.T
             bound = 1e-5 * (x.double().abs() @ ref_w.abs().T) + 1e-6  # fp32 summation error
             assert ((y.double() - ref).abs() <= bound).all(), (w.source, m, float((y - ref).abs().max()))
+    gu = torch.randn(3, 2 * 100) * 8  # the layer ops built for this ISA too (SwiGLU's exp)
+    want = torch.nn.functional.silu(gu[:, :100].double()) * gu[:, 100:].double()
+    assert ((kernel.silu_mul(gu).double() - want).abs() <= 1e-6 * want.abs() + 1e-30).all()
 
 
 def test_native_dequantization_equals_the_reference():

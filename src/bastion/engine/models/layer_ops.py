@@ -3,7 +3,8 @@
 A decode step of a small model is bound by op dispatch, not arithmetic: SmolLM2 at batch 1
 made ~5000 aten calls per step (RMSNorm alone decomposes into ~8 ops, RoPE into ~7). With
 the model's native module (csrc/decode_ops.cpp, built with the quantized-linear kernel)
-each of RMSNorm, residual add + RMSNorm and RoPE is one call on fp32 CPU tensors; anything
+each of RMSNorm, residual add + RMSNorm, RoPE and SwiGLU's silu * up is one call on fp32
+CPU tensors (silu's exp to ~3e-7 relative, as torch's to ~2e-7); anything
 else (bf16, CUDA, no compiler) takes the torch ops, which are the oracle in the tests.
 """
 
@@ -40,6 +41,14 @@ class LayerOps:
             return self.native.add_rms_norm_(x, delta.contiguous(), w, eps)
         x.add_(delta)
         return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """gate_up [T, 2I] -> silu(gate) * up [T, I] (SwiGLU's activation; one native pass:
+        measured [256, 2 x 8192] 1.0 -> 0.38 ms, 2 threads)."""
+        if self._fast(gate_up):
+            return self.native.silu_mul(gate_up)
+        i = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :i]) * gate_up[:, i:]
 
     def rope_qk(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

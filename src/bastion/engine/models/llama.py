@@ -11,7 +11,6 @@ memory layout, so this file never sees blocks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
@@ -79,9 +78,7 @@ class DecoderLayer(nn.Module):
         h = ops.add_rms_norm_(x, self.o_proj(attn.reshape(t, self.q_size)), self.post_attention_layernorm, self.eps)
         if self.mlp is not None:
             return x.add_(self.mlp(h))
-        gate_up = self.gate_up_proj(h)
-        i = gate_up.shape[-1] // 2
-        return x.add_(self.down_proj(F.silu(gate_up[:, :i]) * gate_up[:, i:]))
+        return x.add_(self.down_proj(ops.silu_mul(self.gate_up_proj(h))))
 
     def _norm_clip_qkv(self, qkv: torch.Tensor, ops: LayerOps) -> None:
         """In place on qkv [T, q + 2 kv] (a fresh projection output): q and k RMSNormed, per

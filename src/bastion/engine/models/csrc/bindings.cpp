@@ -27,6 +27,7 @@ at::Tensor q4p_dequant(at::Tensor P, int64_t t0, int64_t t1, bool has_min, bool 
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
 at::Tensor add_rms_norm_(at::Tensor x, at::Tensor d, at::Tensor w, double eps);
 void rope_(at::Tensor qkv, at::Tensor cos, at::Tensor sin, int64_t n_heads, int64_t D);
+at::Tensor silu_mul(at::Tensor gu);
 
 #ifndef BASTION_KERNELS_ONLY  // (the kernels alone: the lower-ISA builds that test fallbacks)
 // decode_layers.cpp
@@ -39,6 +40,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm of fp32 rows");
   m.def("add_rms_norm_", &add_rms_norm_, "x += delta in place, then RMSNorm(x)");
+  m.def("silu_mul", &silu_mul, "silu(gu[:, :I]) * gu[:, I:] of fp32 rows [T, 2I] -> [T, I]");
   m.def("rope_", &rope_, "rotate the first n heads of [T, *, D] rows in place (HF rotate-half)");
   m.def("q4_linear_i8", &q4_linear_i8, "y = x @ W^T with x quantized per 32-block to int8, or int16 as two bytes (VNNI)");
   m.def("q8_linear_i8", &q8_linear_i8, "y = x @ W^T, W int8 codes (group 32), x as for q4_linear_i8");

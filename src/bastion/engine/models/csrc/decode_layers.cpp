@@ -22,6 +22,7 @@ torch::Tensor q4p_linear(torch::Tensor x, torch::Tensor P, bool has_min, bool f3
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps);
 torch::Tensor add_rms_norm_(torch::Tensor x, torch::Tensor d, torch::Tensor w, double eps);
 void rope_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t n_heads, int64_t D);
+torch::Tensor silu_mul(torch::Tensor gu);
 torch::Tensor fp_decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor table,
                                   torch::Tensor lens, int64_t block, double scale);
 
@@ -131,8 +132,7 @@ class DecodePlan {
       auto attn = fp_decode_attention(q, kl, vl, table, lens, block, scale);  // [T, H, D]
       auto h = add_rms_norm_(x, apply(ly.proj[1], attn.view({T, H * D}), integer), ly.ln2, eps_);
       auto gu = apply(ly.proj[2], h, integer);  // [T, 2I]
-      const int64_t I = gu.size(1) / 2;
-      x.add_(apply(ly.proj[3], at::silu(gu.narrow(1, 0, I)) * gu.narrow(1, I, I), integer));
+      x.add_(apply(ly.proj[3], silu_mul(gu), integer));  // as LayerOps.silu_mul (bit-identical)
     }
   }
 
