@@ -141,9 +141,10 @@ def load_base_info(model: str | None, *, name: str | None = None, weight_norms: 
         import gguf
 
         from bastion.engine.models.loader import gguf_config
+        from bastion.gguf_header import read_gguf_header
 
-        reader = gguf.GGUFReader(str(p))
-        arch = ModelArch.from_hf_config(gguf_config(reader))
+        arch = ModelArch.from_hf_config(gguf_config(read_gguf_header(p)))
+        reader = gguf.GGUFReader(str(p))  # the chat template (any length) and the norms' data
         tpl = reader.fields.get("tokenizer.chat_template")
         template = tpl.contents() if tpl is not None else None
         norms = _gguf_norms(reader) if weight_norms else None

@@ -32,6 +32,7 @@ import torch
 
 from bastion.engine.models.arch import UnsupportedModelError
 from bastion.engine.models.moe import canonical_name
+from bastion.gguf_header import read_gguf_header
 
 _PAGE = mmap.PAGESIZE
 _ALIGN = 64  # bytes: the widest SIMD alignment a kernel may branch on
@@ -152,23 +153,22 @@ def _pread_into(fd: int, dst: memoryview, offset: int) -> None:
 
 
 def _gguf_spans(path: Path) -> dict[Key, tuple[Span, Span, Span]]:
-    import gguf
-
-    reader = gguf.GGUFReader(str(path))
+    # NOTE: the header alone (gguf_header.py), not gguf.GGUFReader and its per-element
+    # metadata objects: only names, types, shapes and offsets are needed here
     parts: dict[Key, list] = {}
-    for t in reader.tensors:
+    for t in read_gguf_header(path).tensors:
         base = t.name.rpartition(".")[0]
         if not base.startswith("blk.") or base.split(".", 2)[2] not in _GGUF_PROJ:
             continue
         layer, proj = int(base.split(".")[1]), _GGUF_PROJ[base.split(".", 2)[2]]
-        kind = t.tensor_type.name
+        kind = t.type_name
         if kind not in _GGUF_DTYPES:
             raise UnsupportedModelError(f"expert offload needs F32/F16/BF16 experts; {t.name} is {kind} "
                                         "(run without --moe-memory, or convert the experts to F16/BF16)")
         e, n, k = (int(x) for x in reversed(t.shape))
         dtype = _GGUF_DTYPES[kind]
         for i in range(e):
-            off = int(t.data_offset) + i * n * k * dtype.itemsize
+            off = t.offset + i * n * k * dtype.itemsize
             parts.setdefault((layer, i), [None] * 3)[proj] = Span(0, off, (n, k), dtype)
     return _complete(parts)
 

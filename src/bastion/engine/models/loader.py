@@ -101,28 +101,18 @@ def _requantize(w: torch.Tensor, mode: str, group: int, name: str = "") -> torch
 
 
 # ---------------------------------------------------------------- GGUF
-def gguf_config(source) -> object:
-    """The transformers config a GGUF's metadata describes. source: a GGUFHeader (what the
-    loader reads) or a gguf.GGUFReader."""
+def gguf_config(header: GGUFHeader) -> object:
+    """The transformers config a GGUF's metadata describes (gguf_header.read_gguf_header)."""
     import transformers
 
-    if isinstance(source, GGUFHeader):
-        meta = source.metadata  # NOTE: arrays are held as their length
+    meta = header.metadata  # NOTE: arrays are held as their length
 
-        def field(key, default=None):
-            v = meta.get(key)
-            return default if v is None else v
+    def field(key, default=None):
+        v = meta.get(key)
+        return default if v is None else v
 
-        names = {t.name for t in source.tensors}
-        n_tokens = meta.get("tokenizer.ggml.tokens")
-    else:
-        def field(key, default=None):
-            f = source.fields.get(key)
-            return default if f is None else f.contents()
-
-        names = {t.name for t in source.tensors}
-        f = source.fields.get("tokenizer.ggml.tokens")
-        n_tokens = None if f is None else len(f.data)
+    names = {t.name for t in header.tensors}
+    n_tokens = meta.get("tokenizer.ggml.tokens")
     arch = field("general.architecture")
     if arch not in _GGUF_CONFIGS:
         raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported ({', '.join(_GGUF_CONFIGS)})")
@@ -230,10 +220,9 @@ def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int =
     return arch, weights
 
 
-def _raw(path: Path, t: TensorInfo, start: int = 0, count: int | None = None) -> np.ndarray:
-    """Bytes [start, start + count) of tensor t's data, read (not mapped)."""
-    n = t.nbytes - start if count is None else count
-    return np.fromfile(path, dtype=np.uint8, count=n, offset=t.offset + start)
+def _raw(path: Path, t: TensorInfo) -> np.ndarray:
+    """Tensor t's data bytes, read (not mapped)."""
+    return np.fromfile(path, dtype=np.uint8, count=t.nbytes, offset=t.offset)
 
 
 def _gguf_name(name: str, base: str, kind: str) -> tuple[str, str | None]:
