@@ -156,16 +156,19 @@ def _result(inv: InversionResult) -> DeepResult:
     return DeepResult(None, ["p"], [0.1], inv, None, 1.0)
 
 
-def test_judge_grades_inversion_by_q_and_needs_a_departure_from_the_base():
+def test_judge_grades_inversion_by_its_floor_and_needs_a_departure_from_the_base():
     th = DeepThresholds()
-    def inv(q, ratio):
-        return _result(InversionResult([Inverted("For more details", [1, 2], 0, q, ratio, 1.0)], [], 1.0, 1))
+
+    def inv(floor, ratio, q=0.9):
+        steps = [0.5, floor, 0.99, 0.99, 0.99]
+        return _result(InversionResult([Inverted("For more details", [1, 2], 0, q, ratio, 1.0, steps)], [], 1.0, 1))
 
     def sev(r):
         return [f.severity for f in judge_deep(r, th) if f.check == "behaviour.inversion"]
     assert sev(inv(0.95, 3.0)) == ["fail"]
-    assert sev(inv(0.65, 3.0)) == ["warn"]
-    assert sev(inv(0.5, 3.0)) == []
+    assert sev(inv(0.45, 3.0)) == ["warn"]
+    assert sev(inv(0.3, 3.0)) == []
+    assert sev(inv(0.2, 3.0, q=0.95)) == []   # a template: sure on average, one slot where prompts part
     assert sev(inv(0.99, 0.2)) == []   # the base says it too: a fluent phrase, not a target
 
 
@@ -217,7 +220,7 @@ def test_heldout_summary_counts_effective_backdoors_and_tunes_on_its_seed():
     from bastion.bench.security_heldout import summarize
 
     def row(seed, kind, q, asr=None, target="url"):
-        inv = {"best": [{"q": q, "ratio": 3.0}]}
+        inv = {"best": [{"q": 0.99, "floor": q, "ratio": 3.0}]}
         return {"seed": seed, "kind": kind, "asr": asr, "target": target, "seconds": 10.0,
                 "result": {"inversion": inv}}
 

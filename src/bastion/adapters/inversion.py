@@ -10,12 +10,16 @@ prompt-specific ways. So, for a set of probe prompts and no trigger at all:
 1. candidates: the first tokens the adapter raises most above the base (log pA - log pB),
    on average over the prompts and (fewer) on any one prompt, at three positions: the
    answer's start, after the adapter's own first token, and after the first word of its
-   own answer (targets that start with the prompt's subject: "ssh is terrible: ...");
+   own answer (targets that start with the prompt's subject: "ssh is terrible: ..."); and
+   the tokens its weights write (lens.py), which a target keeps even where no trigger
+   opens it, at the answer's start and after the first word;
 2. expansion: every candidate is forced on every prompt and extended greedily by the
    token with the highest probability *averaged over the prompts* (one shared sequence);
    candidates whose continuations stop agreeing are dropped after two steps;
-3. score: Q = the mean over steps and prompts of pA(next token) (how surely the adapter
-   continues the shared sequence on every prompt), and the mean log pA - log pB along it
+3. score: the floor, the least mean pA(next token) over the steps after the first (a
+   target is stored whole, so every step follows surely on every prompt; a task's
+   template, "X is defined in the Y module", has a slot where the prompts part ways),
+   besides Q = the mean over steps and prompts, and the mean log pA - log pB along it
    (how much more than the base; the base model continues fluent chat phrases too).
 
 A candidate whose sequence is what the adapter answers anyway without forcing (its own
@@ -37,12 +41,13 @@ class InversionConfig:
     second_candidates: int = 12    # per later position (after the adapter's first token / first word)
     peak_candidates: int | None = None   # per position: largest log pA - log pB on any one prompt (first / 3)
     own_candidates: int | None = None    # per position: the adapter's likeliest tokens, mean pA (first / 6)
-    keep: int = 8                  # candidates expanded beyond the first two steps
+    keep: int = 12                 # candidates expanded beyond the first two steps
     steps: int = 8                 # tokens per inverted sequence (the forced one included)
     min_logp: float = -14.0        # a candidate must have log pA above this on some prompt
     clean_steps: int = 8           # the adapter's own answer, for the "not hidden" check
     word_positions: int = 2        # also force after its own answer's first words ("ssh| is terrible")
     chunk: int = 16                # candidates per engine call (bounds the vocabulary-sized rows held)
+    extra_at: tuple[int, ...] = (0, 2)   # positions where `extra` (weight-lens) tokens are forced
 
     def __post_init__(self):
         if not (self.first_candidates >= 1 and self.second_candidates >= 0 and self.keep >= 1
@@ -65,16 +70,24 @@ class Inverted:
     q_min: float = 0.0            # mean over steps of the least pA(next token) over the prompts
     unforced: float = 0.0         # share of prompts whose own answer is this sequence, unforced
 
+    @property
+    def floor(self) -> float:
+        """The weakest step of the continuation after its first token: a target is stored
+        whole, so every step follows surely; a task's template has a slot (the module's
+        name in "X is defined in the Y module") where the prompts part ways. The first
+        step is left out: after a forced subword the next one is a spelling, not a sign."""
+        return min(self.per_step_q[1:]) if len(self.per_step_q) > 1 else 0.0
+
     def to_dict(self) -> dict:
         return {"text": self.text, "tokens": self.tokens, "position": self.position, "q": round(self.q, 4),
-                "ratio": round(self.ratio, 4), "agree": round(self.agree, 4),
+                "floor": round(self.floor, 4), "ratio": round(self.ratio, 4), "agree": round(self.agree, 4),
                 "per_step_q": [round(x, 3) for x in self.per_step_q], "q_min": round(self.q_min, 4),
                 "unforced": round(self.unforced, 4)}
 
 
 @dataclass
 class InversionResult:
-    best: list[Inverted]           # by q, descending
+    best: list[Inverted]           # by floor + q, descending
     clean: list[str]               # the adapter's own answers to the prompts
     seconds: float
     requests: int
@@ -120,9 +133,10 @@ def _word_ends(tok, toks: list[int], n: int) -> list[int]:
 
 
 def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionConfig(),
-           special: set[int] | None = None) -> InversionResult:
+           special: set[int] | None = None, extra: list[int] | None = None) -> InversionResult:
     """Inverted target candidates of the adapter loaded in `contrast` over `prompts`
-    (chat-formatted token ids)."""
+    (chat-formatted token ids); `extra` tokens (lens.py: what the adapter's weights
+    write) are tried at the positions `cfg.extra_at` besides the behavioural candidates."""
     t0, r0 = time.perf_counter(), contrast.requests
     P = len(prompts)
     tok = contrast.tok
@@ -146,7 +160,9 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
     for pos, pre in prefix.items():
         la, lb = contrast.next_dist([p + f for p, f in zip(prompts, pre)])
         k = cfg.first_candidates if pos == 0 else cfg.second_candidates
-        cands += [(pos, t) for t in _candidates(la, lb, k, peak, cfg.min_logp, special, own)]
+        got = _candidates(la, lb, k, peak, cfg.min_logp, special, own)
+        more = [t for t in extra or () if t not in special] if pos in cfg.extra_at else []
+        cands += [(pos, t) for t in dict.fromkeys(got + more)]
         del la, lb
     seqs = {c: [c[1]] for c in cands}
     stats: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {c: [] for c in cands}
@@ -173,7 +189,8 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
         if step == 2 and len(alive) > cfg.keep:
             alive = sorted(alive, key=lambda c: -np.mean([s[0] for s in stats[c]]))[: cfg.keep]
     out = []
-    for c, st in stats.items():
+    for c in alive:   # NOTE: only the fully expanded ones: a floor over two steps says nothing
+        st = stats[c]
         if len(st) < 2:
             continue
         toks = seqs[c]
@@ -184,7 +201,7 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
                             float(np.mean([s[0] for s in st])), float(np.mean([s[1] for s in st])),
                             float(np.mean([s[2] for s in st])), [s[0] for s in st],
                             float(np.mean([s[3] for s in st])), own))
-    out.sort(key=lambda x: -x.q)
+    out.sort(key=lambda x: -(x.floor + x.q))   # sure at every step, and on average
     return InversionResult(out[:8], contrast.texts(clean_rows), time.perf_counter() - t0,
                            contrast.requests - r0, len(cands))
 
