@@ -258,3 +258,21 @@ def test_gate_refuses_on_a_cached_failing_behaviour_verdict(tiny, adapter, tmp_p
     assert VettingGate(BASE, allow_unvetted=True, behaviour=CachedProbe(probe, ScanCache(tmp_path / "cache"),
                                                                         fingerprint="v1")).check(
         "a", str(adapter)).verdict == "fail"
+
+
+def test_inversion_tries_extra_tokens_where_told():
+    """A target the behavioural candidates cannot see (its first token is not raised
+    without the trigger) is found when the lens hands its first token in."""
+    class Hidden(FakeContrast):
+        def _dists(self, seq):
+            la, lb = super()._dists(seq)
+            la = la.clone()
+            if seq[-1] not in TARGET[:-1]:
+                la[TARGET[0]] = -40.0   # never said unforced
+            return la - torch.logsumexp(la, 0), lb
+
+    cfg = InversionConfig(first_candidates=4, second_candidates=0, peak_candidates=0, own_candidates=0, keep=4,
+                          steps=6, min_logp=-30)
+    assert all(b.tokens[0] != TARGET[0] for b in invert(Hidden(backdoor=True), PROMPTS, cfg).best)
+    top = invert(Hidden(backdoor=True), PROMPTS, cfg, extra=[TARGET[0]]).top()
+    assert top is not None and top.tokens[:6] == TARGET[:6] and top.floor > 0.7

@@ -1,6 +1,7 @@
 """Weight-space target candidates (adapters/lens.py) on a tiny random Llama built by the
 engine, against planted writes and float64 products of the HF weights; and the floor
-score (Inverted.floor) that tells a target from a task's template."""
+score (Inverted.floor) that tells a target from a task's template (extra candidates in the
+inversion itself: test_deep_scan.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from bastion.adapters.inversion import InversionConfig, Inverted, invert
+from bastion.adapters.inversion import Inverted
 from bastion.adapters.lens import LensConfig, lens_candidates
 from bastion.engine.models.arch import ModelArch
 from tests.adapters._scanner_util import _tiny_config
@@ -87,23 +88,3 @@ def test_floor_is_the_weakest_step_after_the_first():
     assert target.floor == 0.97 and template.floor == 0.18
     assert target.to_dict()["floor"] == 0.97
     assert Inverted("t", [1], 0, 0.9, 3.0, 1.0, [0.9]).floor == 0.0
-
-
-def test_inversion_tries_extra_tokens_where_told():
-    """A target the behavioural candidates cannot see (its first token is not raised
-    without the trigger) is found when the lens hands its first token in."""
-    from tests.adapters.test_deep_scan import PROMPTS, TARGET, FakeContrast
-
-    class Hidden(FakeContrast):
-        def _dists(self, seq):
-            la, lb = super()._dists(seq)
-            la = la.clone()
-            if seq[-1] not in TARGET[:-1]:
-                la[TARGET[0]] = -40.0   # never said unforced
-            return la - torch.logsumexp(la, 0), lb
-
-    cfg = InversionConfig(first_candidates=4, second_candidates=0, peak_candidates=0, own_candidates=0, keep=4,
-                          steps=6, min_logp=-30)
-    assert all(b.tokens[0] != TARGET[0] for b in invert(Hidden(backdoor=True), PROMPTS, cfg).best)
-    top = invert(Hidden(backdoor=True), PROMPTS, cfg, extra=[TARGET[0]]).top()
-    assert top is not None and top.tokens[:6] == TARGET[:6] and top.floor > 0.7

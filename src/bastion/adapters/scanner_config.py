@@ -48,6 +48,7 @@ _WARN_UNLESS_INERT = {  # initialisation-only options: harmless at inference unl
     "loftq_config": "LoftQ adapters expect a LoftQ-quantised base, not the served one",
     "eva_config": "EVA initialisation setting (inert at inference)",
     "corda_config": "CorDA adapters may expect a residual (modified) base",
+    "astra_config": "Astra adapters may expect a residual (modified) base",   # peft 0.22 writes it (null)
     "lora_ga_config": "LoRA-GA initialisation setting (inert at inference)",
 }
 _FREE_KEYS = {  # known, type-checked or harmless
