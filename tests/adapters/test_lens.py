@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bastion.adapters.inversion import Inverted
-from bastion.adapters.lens import LensConfig, lens_candidates
+from bastion.adapters.lens import LensConfig, lens_candidates, output_row_norms
 from bastion.engine.models.arch import ModelArch
 from tests.adapters._scanner_util import _tiny_config
 from tests.support.engines import build_model
@@ -53,6 +53,9 @@ def test_lens_reads_a_planted_token_written_by_o_proj_and_down_proj(tiny_model):
         in_dim = 32 if module == "o_proj" else 64
         got = lens_candidates(model, {(7, module): _rank1(d, in_dim)}, LensConfig(directions=1, tokens=3))
         assert got[0] == want
+        # the base's output-row norms, computed once by the scan and handed in: the same answer
+        assert lens_candidates(model, {(7, module): _rank1(d, in_dim)}, LensConfig(directions=1, tokens=3),
+                               norms=output_row_norms(model)) == got
 
 
 def test_lens_takes_v_through_o_proj_with_the_query_group_and_gate_up_through_down(tiny_model):

@@ -62,10 +62,30 @@ def _residual(model, layer: int, module: str, u):
     return None
 
 
+def _head_logits(model, h):
+    """h: [n, hidden] -> [n, V], the output head without its bias."""
+    import torch
+
+    h = h.to(model.norm.dtype).contiguous()
+    return model.compute_logits(h) - model.compute_logits(torch.zeros_like(h[:1]))
+
+
+def output_row_norms(model):
+    """|w * E_t| per token [V]: the length of each output row as the lens reads it (the
+    final norm's weight applied). The base model's own, so one per model, not per scan."""
+    import torch
+
+    with torch.inference_mode():
+        eye = torch.diag(model.norm.float())
+        norms = torch.cat([_head_logits(model, eye[c:c + 64]) for c in range(0, eye.shape[0], 64)]).norm(dim=0)
+        return norms.clamp_min(norms.mean() * 1e-3)
+
+
 def lens_candidates(model, factors: dict, cfg: LensConfig = LensConfig(),
-                    exclude: set[int] | None = None) -> list[int]:
+                    exclude: set[int] | None = None, norms=None) -> list[int]:
     """Token ids the adapter's update writes most distinctly (see the module docstring):
-    `factors` are the scanner's (layer, module) -> (A [r, in], B [out, r], scale)."""
+    `factors` are the scanner's (layer, module) -> (A [r, in], B [out, r], scale); `norms`
+    = output_row_norms(model), computed here when not given."""
     import torch
 
     if cfg.tokens == 0 or not factors:
@@ -92,18 +112,11 @@ def lens_candidates(model, factors: dict, cfg: LensConfig = LensConfig(),
         d = d / d.norm(dim=0, keepdim=True).clamp_min(1e-12)
         d = (d * model.norm.float()[:, None]).T               # final norm's weight, as the logit lens
         d = torch.cat((d, -d))                                # both signs
-
-        def logits(h):   # h: [n, hidden] -> [n, V], the head without its bias
-            h = h.to(model.norm.dtype).contiguous()
-            return model.compute_logits(h) - model.compute_logits(torch.zeros_like(h[:1]))
-
         # NOTE: cosine, not dot product: a token whose output row is long (|w * E_t|) stands
         # out along *every* direction (" affili", " dismant" topped every adapter's list)
-        eye = torch.diag(model.norm.float())
-        norms = torch.cat([logits(eye[c:c + 64]) for c in range(0, eye.shape[0], 64)]).norm(dim=0)   # [V]
-        norms = norms.clamp_min(norms.mean() * 1e-3)
+        norms = output_row_norms(model) if norms is None else norms   # [V]
         for c in range(0, d.shape[0], 32):
-            lg = logits(d[c:c + 32]) / norms                  # [n, V]
+            lg = _head_logits(model, d[c:c + 32]) / norms      # [n, V]
             z = (lg - lg.mean(1, keepdim=True)) / lg.std(1, keepdim=True).clamp_min(1e-12)
             if exclude:
                 z[:, list(exclude)] = -torch.inf
