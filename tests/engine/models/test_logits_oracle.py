@@ -6,17 +6,18 @@ decodes, mixed batches, non-contiguous blocks) give the same logits as one shot.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import OrderedDict
 
 import pytest
 import torch
 
+from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.linear import packed_gemm_available
 from bastion.engine.models.loader import embedded_model_path, load_checkpoint
-from bastion.serving.tokenizer import load_tokenizer
 from bastion.engine.sampling_params import SamplingParams
-
+from bastion.serving.tokenizer import load_tokenizer
 from tests.support.engines import build_model, make_engine, one_shot_logits, randomize, teacher_force
 
 TOL = 1e-3
@@ -196,6 +197,9 @@ def test_tiny_gguf_q8_matches_hf(arch_name, tmp_path, gpl_ids):
     arch, weights = _load_gguf(p, show_progress=False)
     assert (arch.model_type, arch.num_kv_heads, arch.tie_word_embeddings, arch.vocab_size) == (arch_name, 2, False, 512)
     assert arch.qkv_bias == (arch_name == "qwen2")
+    # the light GGUF config reads as transformers' own class would (RoPE scaling included)
+    assert dataclasses.replace(arch, hf_config=None) == \
+        dataclasses.replace(ModelArch.from_hf_config(arch.hf_config.to_transformers()), hf_config=None)
     ours = build_model(types.SimpleNamespace(arch=arch, weights=weights), torch.float32, max_len=128)
     ids = [i % 512 for i in gpl_ids]
     with torch.no_grad():
@@ -227,7 +231,6 @@ def test_long_prompt_sdpa_path_and_chunked_offset(tmp_path, smol_tokenizer_files
     """q_len * ctx above the matmul threshold goes through torch SDPA (causal, and with an
     explicit mask when a prefix is cached): still the HF logits."""
     from bastion.engine.kv_cache.base import AttentionMetadata, PrefillSegment
-
     from tests.support.engines import make_kv
 
     hf, d = _hf_dir("llama-long", _llama(), tmp_path, smol_tokenizer_files)

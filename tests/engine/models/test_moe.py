@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import types
 
@@ -22,7 +23,6 @@ from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.moe import ModuleExperts, MoEMLP, StackedExperts
 from bastion.engine.sampling_params import SamplingParams
-
 from tests.support.engines import build_model, decode_one_by_one, make_engine, one_shot_logits, randomize
 
 TOL = 1e-4
@@ -294,6 +294,8 @@ def test_tiny_moe_gguf_matches_hf(name, tmp_path):
     dense = load_checkpoint(str(p), show_progress=False, quantize="none")
     a = dense.arch
     assert (a.model_type, a.num_experts, a.norm_topk_prob) == (name, cfg.num_experts, name in ("mixtral", "qwen3_moe"))
+    assert dataclasses.replace(a, hf_config=None) == \
+        dataclasses.replace(ModelArch.from_hf_config(a.hf_config.to_transformers()), hf_config=None)
     got = one_shot_logits(build_model(dense, torch.float32, max_len=128), ids)
     worst = float((got - ref).abs().max())
     kept = load_checkpoint(str(p), show_progress=False, quantize="auto")

@@ -35,7 +35,7 @@ class ModelArch:
     qkv_bias: bool
     o_bias: bool  # Llama's attention_bias also biases o_proj (Qwen2's q/k/v bias does not)
     sliding_window: int | None
-    hf_config: Any  # transformers.PretrainedConfig (RoPE parameters live here)
+    hf_config: Any  # transformers.PretrainedConfig, or a GGUF's GGUFModelConfig (RoPE parameters live here)
     # q/k normalisation before RoPE: "head" = RMSNorm over each head's D (Qwen3), "full" = over
     # the whole q / k projection (OLMoE); clip_qkv clamps q, k, v after it (OLMoE)
     qk_norm: str = "none"

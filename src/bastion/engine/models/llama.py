@@ -33,7 +33,8 @@ def rope_tables(arch: ModelArch, max_len: int, device: torch.device) -> tuple[to
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        hf = cfg.to_transformers() if hasattr(cfg, "to_transformers") else cfg  # a GGUF's light config
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf, torch.device("cpu"))
         inv_freq = inv_freq.double()
     t = torch.arange(max_len, dtype=torch.float64, device="cpu")  # NOTE: explicit: models may be built on meta
     freqs = torch.outer(t, inv_freq)
@@ -96,7 +97,11 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, arch: ModelArch, max_len: int):
         super().__init__()
         self.arch = arch
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        # NOTE: zeros handed in, not nn.Embedding's normal_ init: weights are loaded after, and
+        # under torch.device("meta") normal_ goes through torch._refs, importing dynamo and sympy
+        # (+40 MB resident for nothing).
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size,
+                                         _weight=torch.zeros(arch.vocab_size, arch.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = nn.Parameter(torch.ones(arch.hidden_size), requires_grad=False)
         # lm_head shares the embedding matrix when tied (SmolLM2); see load_hf_state_dict.

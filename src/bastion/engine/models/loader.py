@@ -40,7 +40,33 @@ _ROUTERS = ("mlp.gate.weight", "mlp.shared_expert_gate.weight")
 _GGUF_CONFIGS = {"llama": ("LlamaConfig", "MixtralConfig"), "qwen2": ("Qwen2Config", None),
                  "qwen2moe": (None, "Qwen2MoeConfig"), "qwen3moe": (None, "Qwen3MoeConfig"),
                  "olmoe": (None, "OlmoeConfig")}
+_MODEL_TYPES = {"LlamaConfig": "llama", "MixtralConfig": "mixtral", "Qwen2Config": "qwen2",
+                "Qwen2MoeConfig": "qwen2_moe", "Qwen3MoeConfig": "qwen3_moe", "OlmoeConfig": "olmoe"}
 _GGUF_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+class GGUFModelConfig:
+    """A GGUF's hyper-parameters under the attribute names of transformers' config class
+    for its architecture (what ModelArch.from_hf_config reads), without importing that
+    class: transformers' config modules pull in torch.distributed and sympy, +32 MB
+    resident for nothing the engine uses. `to_transformers()` builds the real one (RoPE
+    scaling functions, HF oracles). rope_parameters are transformers 5's."""
+
+    def __init__(self, class_name: str, **kwargs):
+        self.class_name, self.model_type, self.kwargs = class_name, _MODEL_TYPES[class_name], kwargs
+        theta, scaling = kwargs.get("rope_theta", 10000.0), kwargs.get("rope_scaling")
+        self.rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=theta)
+        for k, v in kwargs.items():
+            if k not in ("rope_theta", "rope_scaling"):
+                setattr(self, k, v)
+
+    def to_transformers(self):
+        import transformers
+
+        return getattr(transformers, self.class_name)(**self.kwargs)
+
+    def __repr__(self) -> str:
+        return f"GGUFModelConfig({self.class_name}, {self.kwargs})"
 
 
 @dataclass
@@ -101,10 +127,9 @@ def _requantize(w: torch.Tensor, mode: str, group: int, name: str = "") -> torch
 
 
 # ---------------------------------------------------------------- GGUF
-def gguf_config(header: GGUFHeader) -> object:
-    """The transformers config a GGUF's metadata describes (gguf_header.read_gguf_header)."""
-    import transformers
-
+def gguf_config(header: GGUFHeader) -> GGUFModelConfig:
+    """The config a GGUF's metadata describes (gguf_header.read_gguf_header), read as
+    transformers' config class for it would be."""
     meta = header.metadata  # NOTE: arrays are held as their length
 
     def field(key, default=None):
@@ -147,7 +172,7 @@ def gguf_config(header: GGUFHeader) -> object:
         kwargs.update(_gguf_moe_kwargs(arch, field, experts))
         if arch == "qwen2moe":
             kwargs["qkv_bias"] = "blk.0.attn_q.bias" in names
-    return getattr(transformers, _GGUF_CONFIGS[arch][bool(experts)])(**kwargs)
+    return GGUFModelConfig(_GGUF_CONFIGS[arch][bool(experts)], **kwargs)
 
 
 def _gguf_moe_kwargs(arch: str, field, experts: int) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import ModuleType
 
 import torch
+from torch import nn
 
 from bastion.engine.models.arch import ModelArch
 from bastion.engine.models.llama import LlamaForCausalLM, rope_tables
@@ -60,15 +61,23 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
     if isinstance(head, QuantWeight):
         model.lm_head = QuantLinear([head], None, kernel, activations)
         weights.pop("lm_head.weight", None)
-    # NOTE: to_empty re-allocates every parameter, the swapped modules' biases (Qwen2's q/k/v)
-    # included; those were set at the swap and are put back here.
-    biases = [(m, m.bias.data) for m in model.modules() if isinstance(m, QuantLinear) and m.bias is not None]
-    model.to_empty(device="cpu")
-    for m, b in biases:
-        m.bias.data = b
+    _materialize(model)
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))
     model.load_hf_state_dict(weights)
     return model.eval()
+
+
+def _materialize(model: nn.Module) -> None:
+    """Meta parameters and buffers -> uninitialized CPU tensors of their shape; tensors
+    already real (the swapped modules' biases) are kept. Module.to_empty does this for all
+    of them through torch._refs, whose first use imports dynamo and sympy (+40 MB resident)."""
+    for m in model.modules():
+        for name, t in list(m._parameters.items()):
+            if t is not None and t.is_meta:
+                m._parameters[name] = nn.Parameter(torch.empty(t.shape, dtype=t.dtype), requires_grad=t.requires_grad)
+        for name, t in list(m._buffers.items()):
+            if t is not None and t.is_meta:
+                m._buffers[name] = torch.empty(t.shape, dtype=t.dtype)
 
 
 def _swap_moe(mlp: MoEMLP, weights: dict, prefix: str, swap) -> None:
