@@ -87,12 +87,11 @@ def build_engine(config: Config, *, eos_token_id: int | None, show_progress: boo
         dtype = resolve_dtype(mc.dtype, device, quantized)
         max_len = min(mc.max_model_len or ckpt.arch.max_context(), ckpt.arch.max_context())
         if offload and ckpt.arch.num_experts:
-            if quantized:
-                raise ValueError("--moe-memory with quantized weights is not supported yet (use --quantize none)")
             from bastion.engine.models.moe_offload import build_offloaded
 
             model, moe = build_offloaded(ckpt, dtype=dtype, max_len=max_len, policy=config.moe.policy,
-                                         budget_bytes=int(config.moe.memory_gb * 2**30), prefetch=config.moe.prefetch)
+                                         budget_bytes=int(config.moe.memory_gb * 2**30), prefetch=config.moe.prefetch,
+                                         kernel=_weight_kernel(mc.weight_kernel), activations=mc.activations)
             log.info("experts offloaded (%s policy): %.0f of %.0f MiB resident at most; cost model %s",
                      config.moe.policy, moe.budget / 2**20, moe.store.total_bytes / 2**20, moe.cost.as_dict())
         elif quantized:

@@ -3,9 +3,10 @@
   bit, and the in-memory StackedExperts model's within 1e-5, on a tiny random Mixtral saved
   as an HF directory, under a budget of half the expert bytes, in prefill and in decode;
 - a look-ahead that predicts wrong experts only costs reads: same logits;
-- the store reads exactly the file's bytes (safetensors and GGUF F16/F32 stacked experts),
-  refuses quantized experts; the RAM tier's LRU / LFU-admission / static / pin rules; the
-  cost model's interpolation; the page-cache drop really drops (mincore)."""
+- the store reads exactly the file's bytes (safetensors and GGUF F16/F32/Q8_0 stacked
+  experts; quantized ones as their raw blocks, test_moe_offload_quantized.py runs them),
+  refuses types the weight path does not keep; the RAM tier's LRU / LFU-admission / static /
+  pin rules; the cost model's interpolation; the page-cache drop really drops (mincore)."""
 
 from __future__ import annotations
 
@@ -118,23 +119,29 @@ def test_store_reads_the_files_bytes_hf_and_gguf(tiny_mixtral, tmp_path):
 
     g = torch.Generator().manual_seed(0)
     exps = {n: torch.randn(4, *s, generator=g) for n, s in (("gate", (32, 64)), ("up", (32, 64)), ("down", (64, 32)))}
-    for dtype, kind in ((np.float16, "F16"), (np.float32, "F32"), (np.int8, "Q8_0")):
+    for dtype, kind in ((np.float16, "F16"), (np.float32, "F32"), (None, "Q8_0"), (None, "Q5_0")):
         w = gguf.GGUFWriter(str(tmp_path / f"e{kind}.gguf"), "llama")
         for n, t in exps.items():
-            if kind == "Q8_0":
-                q = gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType.Q8_0)
-                w.add_tensor(f"blk.0.ffn_{n}_exps.weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            if dtype is None:
+                qt = gguf.GGMLQuantizationType[kind]
+                w.add_tensor(f"blk.0.ffn_{n}_exps.weight", gguf.quants.quantize(t.numpy(), qt), raw_dtype=qt)
             else:
                 w.add_tensor(f"blk.0.ffn_{n}_exps.weight", t.numpy().astype(dtype))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        if kind == "Q8_0":
-            with pytest.raises(UnsupportedModelError, match="F32/F16/BF16"):
+        if kind == "Q5_0":  # not a type the weight path keeps quantized: refused, named
+            with pytest.raises(UnsupportedModelError, match="Q5_0"):
                 ExpertStore.open(tmp_path / f"e{kind}.gguf")
             continue
         st = ExpertStore.open(tmp_path / f"e{kind}.gguf")
+        if kind == "Q8_0":  # quantized: each expert's raw blocks, as the file has them
+            for e in range(4):
+                for got, n in zip(st.read((0, e)), ("gate", "up", "down")):
+                    want = gguf.quants.quantize(exps[n][e].numpy(), gguf.GGMLQuantizationType.Q8_0)
+                    assert st.spans[(0, e)][0].qtype == "Q8_0" and np.array_equal(got.numpy(), want.reshape(-1))
+            continue
         for e in range(4):
             for got, n in zip(st.read((0, e)), ("gate", "up", "down")):
                 assert torch.equal(got.float(), exps[n][e].to(torch.from_numpy(np.zeros(0, dtype)).dtype).float())

@@ -24,6 +24,7 @@ from bastion.engine.models.quant_linear import (
 from bastion.engine.models.quantized_model import build_quantized, resident_bytes
 from bastion.engine.models.qweights import PackedQ4, QuantWeight, from_gguf, quantize
 from tests.support.engines import decode_one_by_one, one_shot_logits
+from tests.support.gguf_blocks import gguf_bytes
 
 
 def _cpu_has(flag: str) -> bool:
@@ -33,33 +34,13 @@ def _cpu_has(flag: str) -> bool:
         return False
 
 
-def _gguf_bytes(type_name: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """Raw bytes of an [n, k] tensor of `type_name`: gguf-py's quantizer where it has one,
-    else random blocks with sane fp16 scales (any bytes are a valid K-quant block)."""
-    import gguf
-
-    qt = getattr(gguf.GGMLQuantizationType, type_name)
-    w = rng.standard_normal((n, k)).astype(np.float32)
-    try:
-        return gguf.quants.quantize(w, qt).reshape(n, -1)
-    except NotImplementedError:
-        block, size = gguf.GGML_QUANT_SIZES[qt]
-        raw = rng.integers(0, 256, size=(n * k // block, size), dtype=np.uint8)
-        d = rng.uniform(0.001, 0.05, size=(raw.shape[0], 2)).astype(np.float16).view(np.uint8)
-        if type_name == "Q4_K":
-            raw[:, 0:4] = d.reshape(-1, 4)
-        else:  # Q6_K: d is the block's last 2 bytes
-            raw[:, 208:210] = d[:, :2]
-        return raw.reshape(n, -1)
-
-
 @pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"])
 def test_repacked_gguf_dequantizes_to_ggufs_own_values(type_name):
     import gguf
 
     rng = np.random.default_rng(0)
     n, k = 8, 512
-    raw = _gguf_bytes(type_name, n, k, rng)
+    raw = gguf_bytes(type_name, n, k, rng)
     ref = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name)).reshape(n, k)
     q = from_gguf(type_name, raw, n, k)
     assert np.array_equal(q.dequantize().numpy(), ref.astype(np.float32))
@@ -84,7 +65,7 @@ def _layouts() -> list[QuantWeight]:
     sym = quantize(w, 4, 32)
     sym = QuantWeight("q4", sym.codes, sym.scale, None, 32, "Q4_0-like")
     rng = np.random.default_rng(1)
-    q6 = from_gguf("Q6_K", _gguf_bytes("Q6_K", 40, 256, rng), 40, 256)
+    q6 = from_gguf("Q6_K", gguf_bytes("Q6_K", 40, 256, rng), 40, 256)
     return [quantize(w, 4, 32), quantize(w, 4, 128), sym, quantize(w, 8, 32), quantize(w, 8, 128), q6]
 
 
@@ -191,8 +172,8 @@ def test_integer_activation_kernels_match_their_oracle(activations, levels):
     q = quantize(w, 4, 32)
     rng = np.random.default_rng(2)
     for qq in (q, QuantWeight("q4", q.codes, q.scale, None, 32, "sym"),
-               from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, rng), 48, 512),
-               from_gguf("Q8_0", _gguf_bytes("Q8_0", 48, 512, rng), 48, 512), quantize(w, 8, 32)):
+               from_gguf("Q4_K", gguf_bytes("Q4_K", 48, 512, rng), 48, 512),
+               from_gguf("Q8_0", gguf_bytes("Q8_0", 48, 512, rng), 48, 512), quantize(w, 8, 32)):
         lin = QuantLinear([qq], kernel=kernel, activations=activations)
         assert lin.activations == [activations] and lin.int8 == (activations == "int8")
         x = torch.randn(INT_MAX_ROWS, 512) * torch.linspace(0.01, 30, 512)  # blocks of very different scales
@@ -209,7 +190,7 @@ def _q4_layouts() -> list[QuantWeight]:
     torch.manual_seed(1)
     q = quantize(torch.randn(48, 512), 4, 32)
     return [q, QuantWeight("q4", q.codes, q.scale, None, 32, "Q4_0-like"),
-            from_gguf("Q4_K", _gguf_bytes("Q4_K", 48, 512, np.random.default_rng(3)), 48, 512)]
+            from_gguf("Q4_K", gguf_bytes("Q4_K", 48, 512, np.random.default_rng(3)), 48, 512)]
 
 
 def test_packed_q4_holds_the_same_weight():

@@ -5,8 +5,9 @@ An expert is three matrices, gate [I, H], up [I, H], down [H, I], each at a byte
 the file: a GGUF's stacked `ffn_{gate,up,down}_exps` [E, N, K] tensors (expert e at
 data_offset + e * N*K*itemsize) or an HF directory's safetensors shards (per-expert
 tensors, Mixtral's w1/w3/w2 included, or transformers 5.x's fused gate_up_proj [E, 2I, H]
-and down_proj [E, H, I], sliced). Only dense F32/F16/BF16 experts are offloadable: a
-quantized GGUF expert would need dequantizing on every streamed use (refused, clearly).
+and down_proj [E, H, I], sliced). Dense F32/F16/BF16 experts, and a GGUF's quantized ones in the types the
+weight path keeps (qweights.GGUF_KEPT: Q4_0, Q4_1, Q4_K, Q8_0, Q6_K): their spans hand
+out the raw blocks (uint8), which expert_format.py repacks for the kernel.
 
 Two ways to get an expert's weights:
 - `view(key)`: tensors over the mmap itself (zero copy). Running an expert on them streams
@@ -32,6 +33,7 @@ import torch
 
 from bastion.engine.models.arch import UnsupportedModelError
 from bastion.engine.models.moe import canonical_name
+from bastion.engine.models.qweights import GGUF_KEPT
 from bastion.gguf_header import read_gguf_header
 
 _PAGE = mmap.PAGESIZE
@@ -46,15 +48,23 @@ Key = tuple[int, int]  # (layer, expert)
 
 @dataclass(frozen=True)
 class Span:
-    """One matrix of one expert in the file: rows x cols of `dtype` at byte `offset`."""
+    """One matrix of one expert in the file: rows x cols of `dtype` at byte `offset`, or,
+    where `qtype` names a GGUF quantization type, `raw_bytes` of its blocks (dtype uint8)."""
     file: int  # index into ExpertStore.files
     offset: int
     shape: tuple[int, int]
     dtype: torch.dtype
+    qtype: str | None = None
+    raw_bytes: int = 0
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
+        return self.raw_bytes if self.qtype else self.shape[0] * self.shape[1] * self.dtype.itemsize
+
+    def tensor(self, flat: torch.Tensor) -> torch.Tensor:
+        """The span's bytes (uint8, nbytes of them) as what it holds: [rows, cols] of dtype,
+        or the raw blocks themselves when quantized."""
+        return flat if self.qtype else flat.view(self.dtype).view(self.shape)
 
 
 class _File:
@@ -94,12 +104,8 @@ class ExpertStore:
 
     def view(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate, up, down as tensors over the mmap (zero copy; the first touch faults pages in)."""
-        out = []
-        for s in self.spans[key]:
-            f = self.files[s.file]
-            n = s.shape[0] * s.shape[1]
-            out.append(torch.frombuffer(f.map, dtype=s.dtype, count=n, offset=s.offset).view(s.shape))
-        return tuple(out)
+        return tuple(s.tensor(torch.frombuffer(self.files[s.file].map, dtype=torch.uint8, count=s.nbytes,
+                                               offset=s.offset)) for s in self.spans[key])
 
     def read(self, key: Key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """gate, up, down pread into one fresh buffer (owned memory; what the RAM tier holds)."""
@@ -113,7 +119,7 @@ class ExpertStore:
             # another alignment would round differently from the streamed view (measured).
             at += (s.offset - buf.data_ptr() - at) % _ALIGN
             _pread_into(self.files[s.file].fd, raw[at:at + s.nbytes], s.offset)
-            out.append(buf[at:at + s.nbytes].view(s.dtype).view(s.shape))
+            out.append(s.tensor(buf[at:at + s.nbytes]))
             at += s.nbytes
         if self.drop_page_cache:
             for s in spans:
@@ -162,14 +168,16 @@ def _gguf_spans(path: Path) -> dict[Key, tuple[Span, Span, Span]]:
             continue
         layer, proj = int(base.split(".")[1]), _GGUF_PROJ[base.split(".", 2)[2]]
         kind = t.type_name
-        if kind not in _GGUF_DTYPES:
-            raise UnsupportedModelError(f"expert offload needs F32/F16/BF16 experts; {t.name} is {kind} "
-                                        "(run without --moe-memory, or convert the experts to F16/BF16)")
+        if kind not in _GGUF_DTYPES and kind not in GGUF_KEPT:
+            raise UnsupportedModelError(f"expert offload needs F32/F16/BF16 or {'/'.join(GGUF_KEPT)} experts; "
+                                        f"{t.name} is {kind} (run without --moe-memory)")
         e, n, k = (int(x) for x in reversed(t.shape))
-        dtype = _GGUF_DTYPES[kind]
+        quantized = kind in GGUF_KEPT
+        dtype = torch.uint8 if quantized else _GGUF_DTYPES[kind]
+        step = t.nbytes // e if quantized else n * k * dtype.itemsize
         for i in range(e):
-            off = t.offset + i * n * k * dtype.itemsize
-            parts.setdefault((layer, i), [None] * 3)[proj] = Span(0, off, (n, k), dtype)
+            parts.setdefault((layer, i), [None] * 3)[proj] = Span(
+                0, t.offset + i * step, (n, k), dtype, kind if quantized else None, step if quantized else 0)
     return _complete(parts)
 
 

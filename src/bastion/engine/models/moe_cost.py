@@ -22,13 +22,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 TOKENS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def run_expert(x: torch.Tensor, w: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+def run_expert(x: torch.Tensor, w) -> torch.Tensor:
     """x [n, H] -> [n, H]; w = gate [I, H], up [I, H], down [H, I] (any dtype: cast to x's,
-    a copy only when the file's dtype is not the model's)."""
+    a copy only when the file's dtype is not the model's), or a quantized expert's one-expert
+    ModuleExperts (expert_format.py)."""
+    if isinstance(w, nn.Module):
+        return w(0, x)
     g, u, d = (t if t.dtype == x.dtype else t.to(x.dtype) for t in w)
     return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
 
@@ -69,8 +73,13 @@ def _interp(xs: tuple[int, ...], ys: tuple[float, ...], n: int) -> float:
     return ys[-1]
 
 
-def calibrate(store, dtype: torch.dtype, *, tokens: tuple[int, ...] = TOKENS, samples: int = 3) -> CostModel:
-    """Measure on `samples` experts of the store (spread over its layers): medians."""
+def calibrate(store, fmt, *, tokens: tuple[int, ...] = TOKENS, samples: int = 3) -> CostModel:
+    """Measure on `samples` experts of the store (spread over its layers): medians. `fmt`:
+    the ExpertFormat the offload runs them in (a torch.dtype: dense experts in it)."""
+    from bastion.engine.models.expert_format import ExpertFormat
+
+    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat(fmt)
+    dtype, prep = fmt.dtype, fmt.weights
     keys = list(store.spans)
     keys = [keys[i * len(keys) // samples] for i in range(samples)]
     hidden = store.spans[keys[0]][0].shape[1]
@@ -85,15 +94,15 @@ def calibrate(store, dtype: torch.dtype, *, tokens: tuple[int, ...] = TOKENS, sa
             t0 = time.perf_counter()
             w = store.read(key)
             reads.append(time.perf_counter() - t0)
-            w = tuple(t.to(dtype) for t in w)
+            w = prep(store.spans[key], w)
             run_expert(xs[tokens[0]], w)  # warm the kernels
             for n in tokens:
                 comp[n].append(_time(lambda n=n: run_expert(xs[n], w)))
                 if not store.drop_page_cache:
-                    run_expert(xs[n], store.view(key))  # warm: the mapping stays, as at run time
+                    run_expert(xs[n], prep(store.spans[key], store.view(key)))  # warm: the mapping stays
                 else:
                     store.release(key)
-                strm[n].append(_time(lambda n=n: run_expert(xs[n], store.view(key))))
+                strm[n].append(_time(lambda n=n: run_expert(xs[n], prep(store.spans[key], store.view(key)))))
                 if store.drop_page_cache:
                     store.release(key)
 

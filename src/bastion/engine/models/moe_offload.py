@@ -22,7 +22,9 @@ Policies (same kernels, same numbers; only time and bytes differ):
   (top_k + 1) experts subtracted from the budget.
 
 Exactness: every path computes `moe_cost.run_expert` on the file's values (cast to the
-model dtype), so the logits of every policy are those of `resident`, bit for bit.
+model dtype, or a quantized GGUF's blocks repacked as build_quantized repacks a resident
+expert: expert_format.py), so the logits of every policy are those of `resident`, and a
+quantized file's those of the model with every expert resident, bit for bit.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from bastion.engine.models.expert_cache import RamTier
+from bastion.engine.models.expert_format import ExpertFormat
 from bastion.engine.models.expert_store import ExpertStore, Key
 from bastion.engine.models.moe_cost import CostModel, run_expert
 
@@ -72,13 +75,13 @@ class ExpertOffload:
     """One model's offloaded experts: the store, the RAM tier, the policy, the threads."""
 
     def __init__(self, store: ExpertStore, *, policy: str, budget_bytes: int, cost: CostModel,
-                 dtype: torch.dtype, top_k: int, routers: dict[int, nn.Module] | None = None,
+                 dtype: torch.dtype | ExpertFormat, top_k: int, routers: dict[int, nn.Module] | None = None,
                  prefetch: bool = True, prefetch_max_tokens: int = 4):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.store, self.policy, self.cost, self.dtype, self.top_k = store, policy, cost, dtype, top_k
-        first = next(iter(store.spans))  # every expert is the same size
-        self.expert_bytes = store.expert_bytes(first) // store.spans[first][0].dtype.itemsize * dtype.itemsize
+        self.fmt = dtype if isinstance(dtype, ExpertFormat) else ExpertFormat(dtype)
+        self.store, self.policy, self.cost, self.dtype, self.top_k = store, policy, cost, self.fmt.dtype, top_k
+        self.expert_bytes = self.fmt.resident_bytes(store, next(iter(store.spans)))  # every expert's size
         self.reserve = (top_k + 1) * self.expert_bytes if policy == "bastion" else 0
         if policy == "resident":
             budget_bytes = max(budget_bytes, len(store.spans) * self.expert_bytes)
@@ -129,7 +132,7 @@ class ExpertOffload:
     def _load(self, key: Key):
         w = self.store.read(key)
         self._count_bytes(self.store.expert_bytes(key))
-        return tuple(t if t.dtype == self.dtype else t.to(self.dtype) for t in w)
+        return self.fmt.weights(self.store.spans[key], w)
 
     def _count_bytes(self, n: int) -> None:
         with self._lock:
@@ -218,7 +221,7 @@ class ExpertOffload:
         if w is None:  # streamed (planned, or a read that came back empty)
             self.stats.streamed += 1
             self._count_bytes(self.store.expert_bytes(key))
-            y = run_expert(x, self.store.view(key))
+            y = run_expert(x, self.fmt.weights(self.store.spans[key], self.store.view(key)))
             if self.store.drop_page_cache:
                 self.store.release(key)
             return y
@@ -287,30 +290,44 @@ def install(model: nn.Module, offload: ExpertOffload) -> None:
     model.moe_offload = offload
 
 
-def offload_model(model: nn.Module, path, *, policy: str, budget_bytes: int, dtype: torch.dtype,
+def offload_model(model: nn.Module, path, *, policy: str, budget_bytes: int, dtype: torch.dtype | ExpertFormat,
                   drop_page_cache: bool = False, prefetch: bool = True, cost: CostModel | None = None) -> ExpertOffload:
     """Open the experts of the model file at `path` (GGUF or HF directory), calibrate the
-    cost model on them (unless given one), and install the offload into `model`."""
+    cost model on them (unless given one), and install the offload into `model`. `dtype`:
+    the model's, or the ExpertFormat that also names a quantized file's kernel."""
     from bastion.engine.models.moe_cost import calibrate
 
+    fmt = dtype if isinstance(dtype, ExpertFormat) else ExpertFormat(dtype)
     store = ExpertStore.open(path, drop_page_cache=drop_page_cache)
-    cost = cost or calibrate(store, dtype)
-    offload = ExpertOffload(store, policy=policy, budget_bytes=budget_bytes, cost=cost, dtype=dtype,
+    cost = cost or calibrate(store, fmt)
+    offload = ExpertOffload(store, policy=policy, budget_bytes=budget_bytes, cost=cost, dtype=fmt,
                             top_k=model.arch.num_experts_per_tok, prefetch=prefetch)
     install(model, offload)
     return offload
 
 
 def build_offloaded(ckpt, *, dtype: torch.dtype, max_len: int, policy: str, budget_bytes: int,
-                    drop_page_cache: bool = False, prefetch: bool = True,
-                    cost: CostModel | None = None) -> tuple[nn.Module, ExpertOffload]:
+                    drop_page_cache: bool = False, prefetch: bool = True, cost: CostModel | None = None,
+                    kernel=None, activations: str = "auto") -> tuple[nn.Module, ExpertOffload]:
     """The model of a checkpoint loaded with `skip_experts` (loader.py), its experts offloaded
-    to the file it came from: (model in `dtype`, its ExpertOffload)."""
+    to the file it came from: (model in `dtype`, its ExpertOffload). A checkpoint whose other
+    weights are kept quantized is built as build_quantized builds it (fp32 activations,
+    `kernel` and `activations` for every quantized matmul, experts' included)."""
     from bastion.engine.models.llama import LlamaForCausalLM
+    from bastion.engine.models.quantized_model import build_quantized, has_quantized
 
+    fmt = ExpertFormat(dtype, kernel, activations)
+    opts = dict(policy=policy, budget_bytes=budget_bytes, dtype=fmt, drop_page_cache=drop_page_cache,
+                prefetch=prefetch, cost=cost)
+    if has_quantized(ckpt.weights):
+        if dtype != torch.float32:
+            raise ValueError(f"a quantized model runs in float32 activations, not {dtype}")
+        made = []
+        model = build_quantized(ckpt.arch, max_len, ckpt.weights, kernel, activations,
+                                experts=lambda m: made.append(offload_model(m, ckpt.path, **opts)))
+        return model, made[0]
     model = LlamaForCausalLM(ckpt.arch, max_len)
-    offload = offload_model(model, ckpt.path, policy=policy, budget_bytes=budget_bytes, dtype=dtype,
-                            drop_page_cache=drop_page_cache, prefetch=prefetch, cost=cost)
+    offload = offload_model(model, ckpt.path, **opts)
     model.load_hf_state_dict(ckpt.weights)  # the experts are offloaded already: not loaded
     model = model.to(dtype=dtype).eval()
     model.rope_cos, model.rope_sin = model.rope_cos.float(), model.rope_sin.float()

@@ -8,6 +8,7 @@ pair per expert (moe.ModuleExperts), its shared expert two QuantLinears; routers
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -30,8 +31,11 @@ def has_quantized(weights: dict) -> bool:
 
 
 def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: ModuleType | None,
-                    activations: str = "auto") -> LlamaForCausalLM:
-    """The model (fp32 everywhere but the swapped modules) with `weights` loaded.
+                    activations: str = "auto", experts: Callable[[nn.Module], None] | None = None
+                    ) -> LlamaForCausalLM:
+    """The model (fp32 everywhere but the swapped modules) with `weights` loaded. `experts`:
+    installs experts loaded elsewhere (moe_offload.install), called while the model is still
+    on the meta device, so the experts' dense placeholders are never allocated.
     NOTE: consumes `weights` (entries are popped as they are installed)."""
     def swap(parts: list, bias: list | None, pack: bool = False) -> QuantLinear | None:
         if not all(isinstance(p, QuantWeight) for p in parts):
@@ -61,6 +65,8 @@ def build_quantized(arch: ModelArch, max_len: int, weights: dict, kernel: Module
     if isinstance(head, QuantWeight):
         model.lm_head = QuantLinear([head], None, kernel, activations)
         weights.pop("lm_head.weight", None)
+    if experts is not None:
+        experts(model)
     _materialize(model)
     model.rope_cos, model.rope_sin = rope_tables(arch, max_len, torch.device("cpu"))
     model.load_hf_state_dict(weights)

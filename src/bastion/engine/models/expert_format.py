@@ -1,0 +1,56 @@
+"""What an offloaded expert's bytes become before it runs (expert offload, moe_offload.py).
+
+The store (expert_store.py) hands out an expert's three spans as tensors, over the mmap
+or read into RAM. Dense spans (F32/F16/BF16) are the weights themselves, cast to the
+model's dtype where the file's differs. A GGUF's quantized spans (Q4_0, Q4_1, Q4_K,
+Q8_0, Q6_K) are raw blocks: they are repacked (qweights.from_gguf, the loader's own
+repacking) into the QuantLinear pair build_quantized makes for a resident expert, gate
+and up fused. So an offloaded quantized expert runs the same kernel on the same codes as
+a resident one, and every policy's logits equal the resident quantized model's, bit for
+bit (tests/engine/models/test_moe_offload_quantized.py).
+
+A streamed quantized expert is repacked on every use (a copy of its bytes, ~0.1 ms per
+MiB here: small beside reading them); one read into the RAM tier is repacked once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+
+from bastion.engine.models.moe import ModuleExperts
+from bastion.engine.models.quant_linear import QuantLinear
+from bastion.engine.models.qweights import from_gguf
+
+Dense = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    dtype: torch.dtype  # the model's: dense experts are cast to it
+    kernel: ModuleType | None = None  # quantized experts' kernel (quant_linear.load_qkernel); None: torch ops
+    activations: str = "auto"  # quantized experts' activations (ModelConfig.activations)
+
+    def weights(self, spans, raw) -> Dense | ModuleExperts:
+        """The runnable weights of one expert from its spans' tensors (store.view or read)."""
+        if spans[0].qtype is None:
+            return tuple(t if t.dtype == self.dtype else t.to(self.dtype) for t in raw)
+        g, u, d = (from_gguf(s.qtype, r.numpy(), *s.shape) for s, r in zip(spans, raw))
+        if g is None or u is None or d is None:
+            raise ValueError(f"expert spans of types {[s.qtype for s in spans]}: not a kept quantized type")
+        # NOTE: exactly _swap_moe's construction (quantized_model.py): gate+up fused, no packing
+        return ModuleExperts([QuantLinear([g, u], None, self.kernel, self.activations)],
+                             [QuantLinear([d], None, self.kernel, self.activations)])
+
+    def resident_bytes(self, store, key) -> int:
+        """Bytes one expert of `store` holds in the RAM tier (every expert is the same size)."""
+        spans = store.spans[key]
+        if spans[0].qtype is None:
+            return sum(s.shape[0] * s.shape[1] for s in spans) * self.dtype.itemsize
+        # repacked codes + scales: the blocks' size for Q4_0/Q4_1/Q8_0, more for the K types
+        # (their 6-bit sub-block scales become fp32 per 32 or 16 values)
+        w = self.weights(spans, store.view(key))
+        store.release(key)
+        return w.gate_up[0].nbytes + w.down[0].nbytes
