@@ -2,7 +2,9 @@
 
 The model: the embedded SmolLM2-135M upcycled to a Mixtral with 8 experts, top-2 (every
 expert a copy of its layer's dense MLP, so its logits are the dense model's: upcycle.py),
-written once as a bf16 HF directory under --work-dir. Experts are ~92% of its bytes
+written once under --work-dir as a bf16 HF directory (or, with --experts Q8_0|Q4_0, as a
+GGUF whose experts are stored in that type and run through the weight path's kernels, fp32
+activations: a user's quantized Mixtral file). Experts are ~92% of its bytes
 (Mixtral's proportions). Random routers route near-uniformly, so the routers are given a
 skew: each layer's router rows get a per-expert logit offset along the mean of that
 layer's MoE input (measured on the dense model over a profiling text), a shuffled
@@ -41,18 +43,22 @@ def _texts() -> list[str]:
 
 
 def build_model_dir(work: Path, experts: int = 8, top_k: int = 2, skew: float = 1.0, seed: int = 0,
-                    spread: float = 2.0) -> Path:
-    """The upcycled, skew-routed SmolLM2 as a bf16 HF directory (made once, then reused)."""
+                    spread: float = 2.0, expert_type: str = "bf16") -> Path:
+    """The upcycled, skew-routed SmolLM2 (made once, then reused): a bf16 HF directory, or
+    with expert_type Q8_0/Q4_0 a GGUF file whose experts are stored in that type (the rest
+    F32), as a user's quantized Mixtral GGUF is."""
     import torch
 
     from bastion.engine.kv_cache.base import AttentionMetadata, PrefillSegment
     from bastion.engine.kv_cache.fp import FPKVCache
     from bastion.engine.models.llama import LlamaForCausalLM
     from bastion.engine.models.loader import load_checkpoint
-    from bastion.engine.models.upcycle import save_hf_dir, upcycle
+    from bastion.engine.models.upcycle import save_gguf, save_hf_dir, upcycle
 
     out = work / f"smollm2-e{experts}k{top_k}-skew{skew:g}-spread{spread:g}-s{seed}"
-    if (out / "model.safetensors.index.json").is_file():
+    if expert_type != "bf16":
+        out = out.with_name(out.name + f"-{expert_type}.gguf")
+    if out.is_file() or (out / "model.safetensors.index.json").is_file():
         return out
     ckpt = load_checkpoint(None, show_progress=False, quantize="none")
     a = ckpt.arch
@@ -91,14 +97,29 @@ def build_model_dir(work: Path, experts: int = 8, top_k: int = 2, skew: float = 
         offsets = torch.linspace(skew, -skew, experts)[torch.randperm(experts, generator=gen)]
         routers.append(r + offsets[:, None] * (m / m.dot(m))[None, :])
     cfg, weights = upcycle(a, ckpt.weights, experts, top_k, routers=routers)
-    tmp = out.with_suffix(".tmp")
-    save_hf_dir(tmp, cfg, weights, dtype=torch.bfloat16)
-    for f in tmp.glob("*.safetensors"):  # written back, so the page cache can be dropped
+    tmp = out.with_name(out.name + ".tmp")
+    work.mkdir(parents=True, exist_ok=True)
+    if expert_type != "bf16":
+        save_gguf(tmp, cfg, weights, expert_type)
+    else:
+        save_hf_dir(tmp, cfg, weights, dtype=torch.bfloat16)
+    for f in ([tmp] if tmp.is_file() else tmp.glob("*.safetensors")):  # written back: the page cache can be dropped
         fd = os.open(f, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
     tmp.rename(out)
     return out
+
+
+def _format(path: Path):
+    """How the model's experts run: bf16 dense (the HF directory), or a GGUF's quantized
+    experts in fp32 activations through the weight path's kernel."""
+    import torch
+
+    from bastion.engine.models.expert_format import ExpertFormat
+    from bastion.engine.models.quant_linear import load_qkernel
+
+    return ExpertFormat(torch.float32, load_qkernel()) if path.is_file() else ExpertFormat(torch.bfloat16)
 
 
 def _engine(path: Path, policy: str, budget: int, cold: bool, cost, threads: int):
@@ -115,9 +136,10 @@ def _engine(path: Path, policy: str, budget: int, cold: bool, cost, threads: int
                     cache=CacheConfig(num_blocks=64, block_size=16, prefix_caching=False),
                     scheduler=SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=512))
     ckpt = load_checkpoint(str(path), show_progress=False, skip_experts=True)
-    model, off = build_offloaded(ckpt, dtype=torch.bfloat16, max_len=512, policy=policy, budget_bytes=budget,
-                                 drop_page_cache=cold, cost=cost)
-    kv = build_kv_cache(config, ckpt.arch, torch.bfloat16, torch.device("cpu"))
+    fmt = _format(path)
+    model, off = build_offloaded(ckpt, dtype=fmt.dtype, max_len=512, policy=policy, budget_bytes=budget,
+                                 drop_page_cache=cold, cost=cost, kernel=fmt.kernel)
+    kv = build_kv_cache(config, ckpt.arch, fmt.dtype, torch.device("cpu"))
     engine = LLMEngine(config, model, kv, vocab_size=ckpt.arch.vocab_size, eos_token_id=None, max_model_len=512)
     return engine, off
 
@@ -155,12 +177,13 @@ def _serve(engine, off, prompts: list[list[int]], new: int) -> tuple[list[list[i
 
 
 def run_moe(work: Path, *, budget_frac: float, prompts: int, prompt_len: int, new_tokens: int,
-            modes: tuple[str, ...], policies: tuple[str, ...], threads: int, skew: float) -> dict[str, Any]:
+            modes: tuple[str, ...], policies: tuple[str, ...], threads: int, skew: float,
+            expert_type: str = "bf16") -> dict[str, Any]:
     import torch
 
     from bastion.engine.models.expert_store import ExpertStore
     from bastion.engine.models.moe_cost import calibrate
-    path = build_model_dir(work, skew=skew)
+    path = build_model_dir(work, skew=skew, expert_type=expert_type)
     tok = _tokenizer()
     texts = _texts()
     measured = [tok.encode(t)[:prompt_len] for t in texts[:prompts]]
@@ -170,7 +193,8 @@ def run_moe(work: Path, *, budget_frac: float, prompts: int, prompt_len: int, ne
     result: dict[str, Any] = {"model": str(path), "expert_bytes_total": store.total_bytes, "budget_bytes": budget,
                               "budget_frac": budget_frac, "experts": len(store.spans), "prompts": prompts,
                               "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": threads,
-                              "skew": skew, "machine": _machine(), "runs": [], "cost_models": {}}
+                              "skew": skew, "expert_type": expert_type, "machine": _machine(), "runs": [],
+                              "cost_models": {}}
     torch.set_num_threads(threads)
     popularity = None
     ref_tokens = None
@@ -181,7 +205,7 @@ def run_moe(work: Path, *, budget_frac: float, prompts: int, prompt_len: int, ne
             for f in cstore.files:  # the whole file into the page cache
                 while os.read(f.fd, 1 << 24):
                     pass
-        cost = calibrate(cstore, torch.bfloat16)
+        cost = calibrate(cstore, _format(path))
         result["cost_models"][mode] = cost.as_dict()
         for policy in policies:
             if cold:
@@ -230,7 +254,8 @@ def _machine() -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     runs = result["runs"]
     lines = [f"Budget {result['budget_bytes'] / 2**20:.0f} MiB = {result['budget_frac']:.0%} of "
-             f"{result['expert_bytes_total'] / 2**20:.0f} MiB of experts; {result['prompts']} prompts x "
+             f"{result['expert_bytes_total'] / 2**20:.0f} MiB of {result.get('expert_type', 'bf16')} experts; "
+             f"{result['prompts']} prompts x "
              f"{result['new_tokens']} decoded tokens, batch 1, {result['threads']} threads; ms/token and bytes "
              "from pass 2; hit rate pass 1 (cold start) / pass 2 (warm).", "",
              "| page cache | policy | decode ms/token | vs resident | bastion speed-up | hit rate cold / warm | "
@@ -276,6 +301,8 @@ def add_bench_parser(subparsers: Any) -> None:
     m.add_argument("--modes", default="cold,warm", help="page-cache modes: cold (dropped after reads), warm")
     m.add_argument("--policies", default=",".join(POLICIES))
     m.add_argument("--skew", type=float, default=1.0, help="router logit offsets +-skew along the mean input")
+    m.add_argument("--experts", choices=("bf16", "Q8_0", "Q4_0"), default="bf16",
+                   help="how the experts are stored: bf16 (an HF directory) or quantized in a GGUF")
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--out", default="bench_results/moe")
     m.set_defaults(func=run_moe_cmd)
@@ -292,6 +319,7 @@ def run_moe_cmd(args: Any) -> int:
               file=sys.stderr)
         return 2
     result = run_moe(Path(args.work_dir), budget_frac=args.budget, prompts=args.prompts, prompt_len=args.prompt_len,
-                     new_tokens=args.new_tokens, modes=modes, policies=policies, threads=args.threads, skew=args.skew)
+                     new_tokens=args.new_tokens, modes=modes, policies=policies, threads=args.threads, skew=args.skew,
+                     expert_type=args.experts)
     write_report(Path(args.out), "moe", result, table(result), plot)
     return 0

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
+import numpy as np
 import torch
 
 from bastion.engine.models.moe import ModuleExperts
@@ -37,11 +38,20 @@ class ExpertFormat:
         """The runnable weights of one expert from its spans' tensors (store.view or read)."""
         if spans[0].qtype is None:
             return tuple(t if t.dtype == self.dtype else t.to(self.dtype) for t in raw)
-        g, u, d = (from_gguf(s.qtype, r.numpy(), *s.shape) for s, r in zip(spans, raw))
-        if g is None or u is None or d is None:
+        sg, su, sd = spans
+        if sg.qtype == su.qtype and sg.shape[1] == su.shape[1]:
+            # gate and up repacked as one matrix: row-wise, the same as repacking each and
+            # concatenating (QuantWeight.cat, what _swap_moe's fused QuantLinear does), one copy less
+            gu = from_gguf(sg.qtype, np.concatenate([raw[0].numpy(), raw[1].numpy()]), sg.shape[0] + su.shape[0],
+                           sg.shape[1])
+            gu = [gu] if gu is not None else None
+        else:
+            gu = [from_gguf(s.qtype, r.numpy(), *s.shape) for s, r in zip(spans[:2], raw[:2])]
+        d = from_gguf(sd.qtype, raw[2].numpy(), *sd.shape)
+        if gu is None or None in gu or d is None:
             raise ValueError(f"expert spans of types {[s.qtype for s in spans]}: not a kept quantized type")
-        # NOTE: exactly _swap_moe's construction (quantized_model.py): gate+up fused, no packing
-        return ModuleExperts([QuantLinear([g, u], None, self.kernel, self.activations)],
+        # NOTE: _swap_moe's construction (quantized_model.py): gate+up fused, no packing
+        return ModuleExperts([QuantLinear(gu, None, self.kernel, self.activations)],
                              [QuantLinear([d], None, self.kernel, self.activations)])
 
     def resident_bytes(self, store, key) -> int:

@@ -132,13 +132,16 @@ class PackedQ4:
 
 
 # ---------------------------------------------------------------- GGUF blocks -> layouts
+# one block of 32 weights as a record: scale d (fp16), Q4_1's min m (fp16), the codes
+_BLOCK_DTYPES = {
+    "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),
+    "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))]),
+    "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", (32,))]),
+}
+
+
 def _f16(b: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(b).view(np.float16).astype(np.float32)
-
-
-def _half(b: np.ndarray) -> torch.Tensor:
-    """[..., 2] bytes -> fp16 [...] (kept as the file has them)."""
-    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16)[..., 0].copy())
 
 
 def _pack_q4(vals: np.ndarray) -> np.ndarray:
@@ -150,16 +153,17 @@ def from_gguf(type_name: str, data: np.ndarray, n: int, k: int) -> QuantWeight |
     """Repack one GGUF tensor (`data`: its raw bytes, uint8) of logical shape [n, k]; None
     for a type kept dense. Every value the kernel reads equals gguf's own dequantization."""
     data = np.asarray(data, dtype=np.uint8).reshape(n, -1)
-    if type_name in ("Q4_0", "Q4_1"):
-        bs = 18 if type_name == "Q4_0" else 20
-        blocks = data.reshape(n, k // 32, bs)
-        minv = None if type_name == "Q4_0" else _half(blocks[..., 2:4])
-        codes = np.ascontiguousarray(blocks[..., bs - 16:]).reshape(n, k // 2)
-        return QuantWeight("q4", torch.from_numpy(codes), _half(blocks[..., 0:2]), minv, 32, type_name)
-    if type_name == "Q8_0":
-        blocks = data.reshape(n, k // 32, 34)
-        codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(n, k)
-        return QuantWeight("q8", torch.from_numpy(codes), _half(blocks[..., 0:2]), None, 32, type_name)
+    if type_name in _BLOCK_DTYPES:
+        # NOTE: the blocks read as records (fp16 d [, fp16 m], codes): a field copies in one pass
+        # (~15x faster than gathering strided 2-byte slices; offloaded experts repack on every use)
+        rec = np.ascontiguousarray(data).reshape(-1).view(_BLOCK_DTYPES[type_name]).reshape(n, k // 32)
+        d = torch.from_numpy(np.ascontiguousarray(rec["d"]))
+        if type_name == "Q8_0":
+            return QuantWeight("q8", torch.from_numpy(np.ascontiguousarray(rec["qs"]).reshape(n, k)), d, None, 32,
+                               type_name)
+        minv = torch.from_numpy(np.ascontiguousarray(rec["m"])) if type_name == "Q4_1" else None
+        codes = np.ascontiguousarray(rec["qs"]).reshape(n, k // 2)
+        return QuantWeight("q4", torch.from_numpy(codes), d, minv, 32, type_name)
     if type_name == "Q4_K":
         import gguf.quants as gq
 

@@ -107,3 +107,61 @@ def _mixtral_name(name: str) -> str:
         _, e, proj, rest = tail.split(".", 3)
         return f"{head}.block_sparse_moe.experts.{e}.{_MIXTRAL_W[proj]}.{rest}"
     return f"{head}.block_sparse_moe.{tail}"
+
+
+def save_gguf(path: str | Path, config, weights: dict, expert_type: str = "Q8_0") -> Path:
+    """Write an upcycled model as llama.cpp stores a Mixtral: GGUF arch "llama" with
+    expert_count, q/k rows permuted to llama.cpp's interleaved RoPE order, experts stacked
+    [E, N, K] per layer in `expert_type` (gguf-py's quantizer: Q8_0, Q4_0, Q4_1; what
+    --moe-memory offloads through the weight path), everything else F32. No tokenizer
+    metadata: the model's tokenizer is the embedded SmolLM2's."""
+    import gguf
+    import numpy as np
+
+    qt = gguf.GGMLQuantizationType[expert_type]
+    c = config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(float((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    w.add_vocab_size(c.vocab_size)
+    w.add_expert_count(c.num_local_experts)
+    w.add_expert_used_count(c.num_experts_per_tok)
+
+    def f32(t) -> np.ndarray:
+        t = t.dequantize() if hasattr(t, "dequantize") else t
+        return t.detach().float().contiguous().numpy()
+
+    def permute(a: np.ndarray, heads: int) -> np.ndarray:  # HF rotate-half rows -> llama.cpp's
+        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    w.add_tensor("token_embd.weight", f32(weights["model.embed_tokens.weight"]))
+    w.add_tensor("output_norm.weight", f32(weights["model.norm.weight"]))
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", f32(weights["lm_head.weight"]))
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        w.add_tensor(f"blk.{i}.attn_norm.weight", f32(weights[p + "input_layernorm.weight"]))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(weights[p + "post_attention_layernorm.weight"]))
+        w.add_tensor(f"blk.{i}.attn_q.weight", permute(f32(weights[p + "self_attn.q_proj.weight"]),
+                                                       c.num_attention_heads))
+        w.add_tensor(f"blk.{i}.attn_k.weight", permute(f32(weights[p + "self_attn.k_proj.weight"]),
+                                                       c.num_key_value_heads))
+        w.add_tensor(f"blk.{i}.attn_v.weight", f32(weights[p + "self_attn.v_proj.weight"]))
+        w.add_tensor(f"blk.{i}.attn_output.weight", f32(weights[p + "self_attn.o_proj.weight"]))
+        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(weights[p + "mlp.gate.weight"]))
+        for proj, g in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
+            stacked = np.stack([f32(weights[f"{p}mlp.experts.{e}.{proj}.weight"]) for e in range(c.num_local_experts)])
+            w.add_tensor(f"blk.{i}.{g}.weight", gguf.quants.quantize(stacked, qt), raw_dtype=qt)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
