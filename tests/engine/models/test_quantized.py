@@ -281,3 +281,26 @@ def test_quantized_projection_keeps_its_bias(tmp_path):
     assert torch.equal(m.layers[0].qkv_proj.bias, want)
     ids = list(range(1, 30))
     assert float((one_shot_logits(m, ids) - one_shot_logits(dense, ids)).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_native_block_split_equals_from_gguf_on_the_concatenation(type_name):
+    """The kernel's gguf_split_blocks (what offloaded experts repack with on every read)
+    gives from_gguf's codes, scales and mins on the parts' concatenated rows, exactly."""
+    from bastion.engine.models.qweights import from_gguf_native
+
+    kernel = load_qkernel()
+    if kernel is None or not hasattr(kernel, "gguf_split_blocks"):
+        pytest.skip("native kernel not built here")
+    rng = np.random.default_rng(7)
+    a, b = gguf_bytes(type_name, 24, 256, rng), gguf_bytes(type_name, 40, 256, rng)
+    got = from_gguf_native(type_name, [torch.from_numpy(a.reshape(-1)), torch.from_numpy(b.reshape(-1))], 256,
+                           kernel.gguf_split_blocks)
+    want = from_gguf(type_name, np.concatenate([a, b]), 64, 256)
+    for field in ("codes", "scale", "minv"):
+        x, y = getattr(got, field), getattr(want, field)
+        assert (x is None and y is None) or (x.dtype == y.dtype and torch.equal(x, y)), field
+    assert (got.kind, got.group, got.source) == (want.kind, want.group, want.source)
+    assert from_gguf_native("Q4_K", [torch.zeros(144, dtype=torch.uint8)], 256, kernel.gguf_split_blocks) is None
+    with pytest.raises(RuntimeError, match="whole"):
+        kernel.gguf_split_blocks([torch.zeros(17, dtype=torch.uint8)], 18, 2)

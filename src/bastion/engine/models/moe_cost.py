@@ -7,7 +7,8 @@ model's own experts (nothing hard-coded):
   which is why Fiddler's linear `a*n` CPU model is not used;
 - stream(n): the same expert run straight from the mmap as the store leaves it (page cache
   dropped when the store is "cold", so this includes the disk read through page faults);
-- read: pread of one expert into owned RAM (the copy a cache fill or a prefetch pays).
+- read: pread of one expert into owned RAM, made runnable (cast to the model's dtype, or a
+  quantized expert's blocks repacked): what a cache fill or a prefetch pays.
 
 `run_expert` is the one kernel every path uses (resident, streamed, prefetched): SwiGLU
 with gate and up as two GEMMs, so a streamed expert's output is bit-identical to the
@@ -92,9 +93,8 @@ def calibrate(store, fmt, *, tokens: tuple[int, ...] = TOKENS, samples: int = 3)
         for key in keys:
             store.release(key)
             t0 = time.perf_counter()
-            w = store.read(key)
+            w = prep(store.spans[key], store.read(key))  # a fill pays the cast or the repack too
             reads.append(time.perf_counter() - t0)
-            w = prep(store.spans[key], w)
             run_expert(xs[tokens[0]], w)  # warm the kernels
             for n in tokens:
                 comp[n].append(_time(lambda n=n: run_expert(xs[n], w)))

@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 # the model's CPU kernels, one module: quantized linears, the fused layer ops (layer_ops.py) and
 # the whole-step decode (fused_decode.py), which also calls the fp32 cache's decode attention
 _KERNELS = tuple(Path(__file__).parent / "csrc" / f for f in ("bindings.cpp", "qlinear.cpp", "qlinear_int8.cpp",
-                                                                "qlinear_packed.cpp", "decode_ops.cpp"))
+                                                                "qlinear_packed.cpp", "decode_ops.cpp",
+                                                                "gguf_blocks.cpp"))
 _SRC = _KERNELS + (Path(__file__).parent / "csrc" / "decode_layers.cpp",
                    Path(__file__).parents[1] / "kv_cache" / "csrc" / "fp_decode.cpp")
 KERNEL_MAX_ROWS = 16  # measured crossover with the tile path: docs/BENCHMARKS.md (weights)

@@ -149,6 +149,21 @@ def _pack_q4(vals: np.ndarray) -> np.ndarray:
     return (vals[..., :16] | (vals[..., 16:] << 4)).astype(np.uint8)
 
 
+def from_gguf_native(type_name: str, parts: list[torch.Tensor], k: int, split) -> QuantWeight | None:
+    """The rows of several raw GGUF tensors of one type (uint8, whole rows of K = k) as one
+    repacked matrix, by the kernel's `gguf_split_blocks` (`split`); equal to from_gguf on
+    their concatenation. None for a type that splitter does not take."""
+    if type_name not in _BLOCK_DTYPES:
+        return None
+    bb = _BLOCK_DTYPES[type_name].itemsize
+    n = sum(p.numel() for p in parts) // (k // 32 * bb)
+    codes, d, *m = split(list(parts), bb, 4 if type_name == "Q4_1" else 2)
+    d, minv = d.view(n, k // 32), (m[0].view(n, k // 32) if m else None)
+    if type_name == "Q8_0":
+        return QuantWeight("q8", codes.view(torch.int8).view(n, k), d, None, 32, type_name)
+    return QuantWeight("q4", codes.view(n, k // 2), d, minv, 32, type_name)
+
+
 def from_gguf(type_name: str, data: np.ndarray, n: int, k: int) -> QuantWeight | None:
     """Repack one GGUF tensor (`data`: its raw bytes, uint8) of logical shape [n, k]; None
     for a type kept dense. Every value the kernel reads equals gguf's own dequantization."""

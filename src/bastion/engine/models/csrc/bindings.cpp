@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <vector>
 
 // qlinear.cpp
 at::Tensor q4_linear(at::Tensor x, at::Tensor codes, at::Tensor scale, at::Tensor minv, int64_t G);
@@ -22,6 +23,9 @@ at::Tensor q8_linear_i8(at::Tensor x, at::Tensor codes, at::Tensor scale, bool i
 at::Tensor q4p_pack(at::Tensor codes, at::Tensor scale, at::Tensor minv);
 at::Tensor q4p_linear(at::Tensor x, at::Tensor P, bool has_min, bool f32, bool int16);
 at::Tensor q4p_dequant(at::Tensor P, int64_t t0, int64_t t1, bool has_min, bool f32);
+
+// gguf_blocks.cpp
+std::vector<at::Tensor> gguf_split_blocks(std::vector<at::Tensor> parts, int64_t block_bytes, int64_t head_bytes);
 
 // decode_ops.cpp
 at::Tensor rms_norm(at::Tensor x, at::Tensor w, double eps);
@@ -50,6 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q4p_dequant", &q4p_dequant, "fp32 rows of the packed tiles [t0, t1) (prefill tiles)");
   m.def("q4_linear", &q4_linear, "y = x @ W^T, W 4-bit codes with group scale/min");
   m.def("q8_linear", &q8_linear, "y = x @ W^T, W int8 codes with group scale");
+  m.def("gguf_split_blocks", &gguf_split_blocks,
+        "GGUF Q4_0/Q4_1/Q8_0 blocks -> [codes, d (, m)], the parts as one matrix's rows");
   m.def("isa", &isa, "the instruction set this build uses");
   m.def("q4_dequant", &q4_dequant, "fp32 rows of q4 codes (prefill tiles)");
   m.def("q8_dequant", &q8_dequant, "fp32 rows of q8 codes (prefill tiles)");
