@@ -23,7 +23,7 @@ from bastion.engine.models.expert_store import ExpertStore
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.moe_cost import CostModel, calibrate
 from bastion.engine.models.moe_offload import POLICIES, build_offloaded
-from tests.support.engines import build_model, decode_one_by_one, one_shot_logits, randomize
+from tests.support.engines import build_model, decode_one_by_one, one_shot_logits, randomize, run_engine
 
 V = 256
 
@@ -243,11 +243,8 @@ def test_engine_offloads_under_moe_memory_and_metrics_show_it(tiny_mixtral):
     outs = {}
     for moe in (MoeConfig(), MoeConfig(memory_gb=0.0006, policy="bastion")):
         engine, _ = build_engine(Config(**base, moe=moe), eos_token_id=None, show_progress=False)
-        engine.add_request("a", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-        toks = []
-        while engine.has_unfinished():
-            toks += [t for o in engine.step() for t in o.new_token_ids]
-        outs[moe.memory_gb] = toks
+        outs[moe.memory_gb] = run_engine(engine, [ids], SamplingParams(max_tokens=6, temperature=0,
+                                                                       ignore_eos=True))["r0"]["tokens"]
     s = engine.stats()
     assert s.moe_expert_lookups > 0 and 0 < s.moe_expert_hits < s.moe_expert_lookups and s.moe_bytes_read > 0
     assert s.moe_tokens == len(ids) + 5

@@ -20,7 +20,7 @@ from bastion.engine.models.moe_offload import POLICIES, build_offloaded
 from bastion.engine.models.quant_linear import load_qkernel
 from bastion.engine.models.quantized_model import build_quantized
 from bastion.engine.models.qweights import QuantWeight
-from tests.support.engines import decode_one_by_one, one_shot_logits
+from tests.support.engines import decode_one_by_one, one_shot_logits, run_engine
 from tests.support.gguf_blocks import gguf_bytes
 
 V, H, INTER, LAYERS, E = 128, 256, 256, 3, 8  # K types need rows of 256
@@ -112,11 +112,8 @@ def test_engine_serves_a_quantized_moe_gguf_under_moe_memory(tmp_path):
     for moe in (MoeConfig(), MoeConfig(memory_gb=budget_gb, policy="bastion")):
         engine, _ = build_engine(Config(model=ModelConfig(path=str(p), device="cpu"), cache=CacheConfig(num_blocks=16),
                                         moe=moe), eos_token_id=None, show_progress=False)
-        engine.add_request("a", ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
-        toks = []
-        while engine.has_unfinished():
-            toks += [t for o in engine.step() for t in o.new_token_ids]
-        outs[moe.memory_gb] = toks
+        outs[moe.memory_gb] = run_engine(engine, [ids], SamplingParams(max_tokens=6, temperature=0,
+                                                                       ignore_eos=True))["r0"]["tokens"]
     s = engine.stats()
     assert 0 < s.moe_expert_hits < s.moe_expert_lookups and s.moe_bytes_read > 0
     assert outs[None] == outs[budget_gb]
