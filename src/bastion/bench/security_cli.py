@@ -35,6 +35,9 @@ def add_security_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true",
                    help="held-out cohort: scan without the trigger search (its 30 s budget; the TPR/FPR "
                         "reported are the inversion's either way)")
+    p.add_argument("--server", action="store_true",
+                   help="held-out cohort: load each adapter into a running `bastion serve` and time its whole "
+                        "scan as the server runs it (the last seed of --seeds, --size B,C; default 2,2)")
     p.set_defaults(func=run_security_cmd)
     return p
 
@@ -43,6 +46,15 @@ def run_security_cmd(args: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.held_out and args.server:
+        from bastion.bench.report import write_report
+        from bastion.bench.security_server import plot, run_server_scans, table
+
+        size = tuple(int(x) for x in args.size.split(",")) if args.size else (2, 2)
+        out = Path(args.out if args.out != "bench_results/security" else "bench_results/security_server")
+        res = run_server_scans(out, int(args.seeds.split(",")[-1]), size, threads=args.threads or 2)
+        write_report(out, "server_scans", res, table(res), plot)
+        return 0
     if args.held_out:
         from bastion.bench.security_heldout import run_heldout
 
