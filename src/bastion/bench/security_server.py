@@ -58,11 +58,17 @@ def run_server_scans(out: str | Path, seed: int, size: tuple[int, int], *, threa
             rows.append({"name": s.name, "kind": s.kind, "state": state.get("state"), "vetting": state.get("vetting"),
                          "scan_seconds": seconds})
             log(f"  {s.name}: {state.get('state')} ({state.get('vetting')}), scan {seconds or 0:.1f} s")
+    return {"summary": summarize(rows, threads), "rows": rows}
+
+
+def summarize(rows: list[dict], threads: int) -> dict:
+    """Scan times of the adapters the server scanned (a static refusal has none)."""
     times = [r["scan_seconds"] for r in rows if r["scan_seconds"] is not None]
-    summary = {"adapters": len(rows), "scanned": len(times), "threads": threads, "goal_s": GOAL_S,
-               "median_s": statistics.median(times) if times else None, "max_s": max(times, default=None),
-               "within_goal": sum(t <= GOAL_S for t in times)}
-    return {"summary": summary, "rows": rows}
+    return {"adapters": len(rows), "scanned": len(times), "threads": threads, "goal_s": GOAL_S,
+            "median_s": statistics.median(times) if times else None, "max_s": max(times, default=None),
+            "within_goal": sum(t <= GOAL_S for t in times),
+            "flagged": {kind: sum(r["kind"] == kind and r["vetting"] in ("warn", "fail") for r in rows)
+                        for kind in ("poison", "clean")}}
 
 
 def table(result: dict) -> str:
