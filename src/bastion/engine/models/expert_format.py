@@ -36,32 +36,36 @@ class ExpertFormat:
     kernel: ModuleType | None = None  # quantized experts' kernel (quant_linear.load_qkernel); None: torch ops
     activations: str = "auto"  # quantized experts' activations (ModelConfig.activations)
 
+    @staticmethod
+    def of(fmt: "ExpertFormat | torch.dtype") -> "ExpertFormat":
+        """A format as given, or dense experts in the given dtype."""
+        return fmt if isinstance(fmt, ExpertFormat) else ExpertFormat(fmt)
+
     def weights(self, spans, raw) -> Dense | ModuleExperts:
         """The runnable weights of one expert from its spans' tensors (store.view or read)."""
         if spans[0].qtype is None:
             return tuple(t if t.dtype == self.dtype else t.to(self.dtype) for t in raw)
-        sg, su, sd = spans
-        split = getattr(self.kernel, "gguf_split_blocks", None)
-        if split is not None and sg.qtype == su.qtype == sd.qtype and sg.shape[1] == su.shape[1]:
-            gu = from_gguf_native(sg.qtype, raw[:2], sg.shape[1], split)
-            d = from_gguf_native(sd.qtype, raw[2:], sd.shape[1], split)
-            if gu is not None and d is not None:  # Q4_0/Q4_1/Q8_0 (the K types: below)
-                return ModuleExperts([QuantLinear([gu], None, self.kernel, self.activations)],
-                                     [QuantLinear([d], None, self.kernel, self.activations)])
+        sg, su, _ = spans
         if sg.qtype == su.qtype and sg.shape[1] == su.shape[1]:
-            # gate and up repacked as one matrix: row-wise, the same as repacking each and
-            # concatenating (QuantWeight.cat, what _swap_moe's fused QuantLinear does), one copy less
-            gu = from_gguf(sg.qtype, np.concatenate([raw[0].numpy(), raw[1].numpy()]), sg.shape[0] + su.shape[0],
-                           sg.shape[1])
-            gu = [gu] if gu is not None else None
-        else:
-            gu = [from_gguf(s.qtype, r.numpy(), *s.shape) for s, r in zip(spans[:2], raw[:2])]
-        d = from_gguf(sd.qtype, raw[2].numpy(), *sd.shape)
-        if gu is None or None in gu or d is None:
+            gu = [self._repack(spans[:2], raw[:2])]  # gate and up as one matrix, as _swap_moe fuses them
+        else:  # parts in different layouts: QuantLinear keeps them apart (as QuantWeight.cat does)
+            gu = [self._repack([s], [r]) for s, r in zip(spans[:2], raw[:2])]
+        d = self._repack(spans[2:], raw[2:])
+        if None in gu or d is None:
             raise ValueError(f"expert spans of types {[s.qtype for s in spans]}: not a kept quantized type")
         # NOTE: _swap_moe's construction (quantized_model.py): gate+up fused, no packing
         return ModuleExperts([QuantLinear(gu, None, self.kernel, self.activations)],
                              [QuantLinear([d], None, self.kernel, self.activations)])
+
+    def _repack(self, spans, raw):
+        """The rows of spans of one type and width as one QuantWeight: row-wise the same as
+        repacking each and concatenating (QuantWeight.cat), one copy less. The kernel's
+        splitter where it takes the type (Q4_0/Q4_1/Q8_0), else from_gguf (None: not kept)."""
+        split = getattr(self.kernel, "gguf_split_blocks", None)
+        if split is not None and (w := from_gguf_native(spans[0].qtype, raw, spans[0].shape[1], split)) is not None:
+            return w
+        data = raw[0].numpy() if len(raw) == 1 else np.concatenate([r.numpy() for r in raw])
+        return from_gguf(spans[0].qtype, data, sum(s.shape[0] for s in spans), spans[0].shape[1])
 
     def resident_bytes(self, store, key) -> int:
         """Bytes one expert of `store` holds in the RAM tier (every expert is the same size)."""

@@ -79,7 +79,7 @@ def calibrate(store, fmt, *, tokens: tuple[int, ...] = TOKENS, samples: int = 3)
     the ExpertFormat the offload runs them in (a torch.dtype: dense experts in it)."""
     from bastion.engine.models.expert_format import ExpertFormat
 
-    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat(fmt)
+    fmt = ExpertFormat.of(fmt)
     dtype, prep = fmt.dtype, fmt.weights
     keys = list(store.spans)
     keys = [keys[i * len(keys) // samples] for i in range(samples)]

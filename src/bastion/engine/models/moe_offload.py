@@ -79,7 +79,7 @@ class ExpertOffload:
                  prefetch: bool = True, prefetch_max_tokens: int = 4):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.fmt = dtype if isinstance(dtype, ExpertFormat) else ExpertFormat(dtype)
+        self.fmt = ExpertFormat.of(dtype)
         self.store, self.policy, self.cost, self.dtype, self.top_k = store, policy, cost, self.fmt.dtype, top_k
         self.expert_bytes = self.fmt.resident_bytes(store, next(iter(store.spans)))  # every expert's size
         self.reserve = (top_k + 1) * self.expert_bytes if policy == "bastion" else 0
@@ -297,7 +297,7 @@ def offload_model(model: nn.Module, path, *, policy: str, budget_bytes: int, dty
     the model's, or the ExpertFormat that also names a quantized file's kernel."""
     from bastion.engine.models.moe_cost import calibrate
 
-    fmt = dtype if isinstance(dtype, ExpertFormat) else ExpertFormat(dtype)
+    fmt = ExpertFormat.of(dtype)
     store = ExpertStore.open(path, drop_page_cache=drop_page_cache)
     cost = cost or calibrate(store, fmt)
     offload = ExpertOffload(store, policy=policy, budget_bytes=budget_bytes, cost=cost, dtype=fmt,
