@@ -204,6 +204,23 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def permute_for_gguf(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's q/k row permutation (HF rotate-half -> interleaved RoPE): _unpermute's inverse."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """The GGUF name of a non-expert HF tensor name (what _gguf_name reads back)."""
+    base, _, kind = hf_name.rpartition(".")
+    glob = {hf: g for g, hf in _GGUF_GLOBAL.items()}
+    if base in glob:
+        return f"{glob[base]}.{kind}"
+    _, _, idx, part = base.split(".", 3)  # model.layers.<i>.<part>
+    layer = {hf: g for g, hf in _GGUF_LAYER.items()}
+    return f"blk.{idx}.{layer[part]}.{kind}"
+
+
 def _load_gguf(path: Path, show_progress: bool, mode: str = "none", group: int = 32, skip_experts: bool = False):
     # NOTE: the header reader, not gguf.GGUFReader: that one holds every metadata array element
     # as its own numpy object (SmolLM2's 49k-token vocabulary and merges: +320 MB of RSS at the

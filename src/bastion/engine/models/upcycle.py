@@ -118,6 +118,8 @@ def save_gguf(path: str | Path, config, weights: dict, expert_type: str = "Q8_0"
     import gguf
     import numpy as np
 
+    from bastion.engine.models.loader import gguf_tensor_name, permute_for_gguf
+
     qt = gguf.GGMLQuantizationType[expert_type]
     c = config
     w = gguf.GGUFWriter(str(path), "llama")
@@ -139,26 +141,17 @@ def save_gguf(path: str | Path, config, weights: dict, expert_type: str = "Q8_0"
         t = t.dequantize() if hasattr(t, "dequantize") else t
         return t.detach().float().contiguous().numpy()
 
-    def permute(a: np.ndarray, heads: int) -> np.ndarray:  # HF rotate-half rows -> llama.cpp's
-        return a.reshape(heads, 2, a.shape[0] // heads // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
-
-    w.add_tensor("token_embd.weight", f32(weights["model.embed_tokens.weight"]))
-    w.add_tensor("output_norm.weight", f32(weights["model.norm.weight"]))
-    if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", f32(weights["lm_head.weight"]))
+    heads = {"self_attn.q_proj.weight": c.num_attention_heads, "self_attn.k_proj.weight": c.num_key_value_heads}
+    for name, t in weights.items():
+        if ".mlp.experts." in name or (name == "lm_head.weight" and c.tie_word_embeddings):
+            continue
+        a = f32(t)
+        n_heads = heads.get(name.split(".", 3)[-1]) if name.startswith("model.layers.") else None
+        w.add_tensor(gguf_tensor_name(name), permute_for_gguf(a, n_heads) if n_heads else a)
     for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", f32(weights[p + "input_layernorm.weight"]))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(weights[p + "post_attention_layernorm.weight"]))
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(f32(weights[p + "self_attn.q_proj.weight"]),
-                                                       c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(f32(weights[p + "self_attn.k_proj.weight"]),
-                                                       c.num_key_value_heads))
-        w.add_tensor(f"blk.{i}.attn_v.weight", f32(weights[p + "self_attn.v_proj.weight"]))
-        w.add_tensor(f"blk.{i}.attn_output.weight", f32(weights[p + "self_attn.o_proj.weight"]))
-        w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", f32(weights[p + "mlp.gate.weight"]))
+        p = f"model.layers.{i}.mlp.experts."
         for proj, g in (("gate_proj", "ffn_gate_exps"), ("up_proj", "ffn_up_exps"), ("down_proj", "ffn_down_exps")):
-            stacked = np.stack([f32(weights[f"{p}mlp.experts.{e}.{proj}.weight"]) for e in range(c.num_local_experts)])
+            stacked = np.stack([f32(weights[f"{p}{e}.{proj}.weight"]) for e in range(c.num_local_experts)])
             w.add_tensor(f"blk.{i}.{g}.weight", gguf.quants.quantize(stacked, qt), raw_dtype=qt)
     w.write_header_to_file()
     w.write_kv_data_to_file()
