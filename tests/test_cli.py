@@ -125,9 +125,10 @@ def test_serve_on_a_taken_port_exits_at_once_naming_the_port():
 
 def test_serve_runs_the_behaviour_scan_unless_told_not_to(tmp_path, caplog):
     """On by default whenever adapters are on; --no-behaviour-scan says in a WARNING what
-    is given up; --scan-cache DIR is created before the model loads. No model is built
-    here: the scan's is built on the first scan."""
+    is given up; --scan-cache DIR is created before the model loads. No model (and no
+    worker process) is built here: the scan's is built on the first scan, in its worker."""
     from bastion.adapters.deep_scan import CachedProbe, DeepProbe
+    from bastion.adapters.scan_worker import ProcessProbe
     from bastion.cli import serve_gate
     from bastion.config import AdapterConfig
 
@@ -136,9 +137,10 @@ def test_serve_runs_the_behaviour_scan_unless_told_not_to(tmp_path, caplog):
     config = _config(parse(["serve", "--admin-key", "k", "--scan-cache", str(cache)]))
     assert config.adapters.behaviour_scan and config.adapters.scan_cache == str(cache)
     gate = serve_gate(config, "served")
-    assert isinstance(gate.behaviour, CachedProbe) and isinstance(gate.behaviour.probe, DeepProbe)
+    assert isinstance(gate.behaviour, CachedProbe) and isinstance(gate.behaviour.probe, ProcessProbe)
+    assert gate.behaviour.probe.factory is DeepProbe and gate.behaviour.probe.pid is None
     assert gate.behaviour.cache.root == cache
-    assert gate.behaviour.probe.battery_probe._llm is None  # built lazily, by the first scan
+    assert gate.behaviour.probe._local.battery_probe._llm is None  # settings only: never built here
     assert serve_gate(_config(parse(["serve"])), "served") is None  # adapters off: no gate, no scan
     with caplog.at_level("WARNING"):
         off = serve_gate(_config(parse(["serve", "--admin-key", "k", "--no-behaviour-scan"])), "served")

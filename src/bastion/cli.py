@@ -62,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
           + (" (API key required)" if config.server.api_key else ""), file=sys.stderr)
     if pending:
         print(f"bastion: adapter(s) {', '.join(n for n, _, _ in pending)} pending: each is served once its "
-              "behaviour scan passes (~1 min each on 2 cores; GET /v1/lora_adapters shows them)", file=sys.stderr)
+              "behaviour scan passes (~2 min each on 2 cores; GET /v1/lora_adapters shows them)", file=sys.stderr)
     if config.server.web:
         print(f"bastion: chat in a browser at http://{config.server.host}:{port}/", file=sys.stderr)
     state = run_server(engine, config.server, policy=policy, sockets=[sock], pending_adapters=pending)

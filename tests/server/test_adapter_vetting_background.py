@@ -8,6 +8,7 @@ released) and the engine records what it loads, so no model runs here."""
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -344,18 +345,20 @@ def test_no_scan_configured_loads_on_static_checks_at_once(base, adapters, tmp_p
 
 @pytest.mark.slow
 def test_the_real_behaviour_scan_vets_a_load_on_the_real_engine(real_engine, adapters, tmp_path):
-    """The real DeepProbe (its model built lazily in the vetting thread: a second copy of
-    the served one; inversion cut down and no battery or search, to stay near 20 s on 2
-    cores) behind the real engine: pending while it scans, then served by the engine."""
+    """The real DeepProbe in its worker process, as `bastion serve` runs it (its model built
+    there on the first scan: a second copy of the served one; inversion cut down and no
+    battery or search, to stay near 20 s on 2 cores) behind the real engine: pending
+    while it scans, then served by the engine; the server's close ends the worker."""
     from bastion.adapters.deep_scan import DeepProbe
     from bastion.adapters.inversion import InversionConfig
+    from bastion.adapters.scan_worker import ProcessProbe
     from bastion.config import AdapterConfig
 
     if real_engine.engine.adapters is None:
         real_engine.engine.enable_adapters(AdapterConfig(enabled=True, max_loras=2, max_lora_rank=8))
-    probe = DeepProbe(battery=False, task_prompts=4, search=None,
-                      inversion=InversionConfig(first_candidates=6, second_candidates=3, keep=3, steps=4,
-                                                clean_steps=4))
+    probe = ProcessProbe(DeepProbe, battery=False, task_prompts=4, search=None,
+                         inversion=InversionConfig(first_candidates=6, second_candidates=3, keep=3, steps=4,
+                                                   clean_steps=4))
     gate = VettingGate(load_base_info(None, name=real_engine.model_name, weight_norms=False),
                        behaviour=CachedProbe(probe, ScanCache(tmp_path / "scans")))
     app = build_app(real_engine, ServerConfig(admin_key="adm"), policy=ServingPolicy(gate=gate))
@@ -373,6 +376,7 @@ def test_the_real_behaviour_scan_vets_a_load_on_the_real_engine(real_engine, ada
             assert entry["state"] == "served" and entry["vetting"] == "pass", entry
             assert any(f["check"] == "behaviour.deep" for f in entry["findings"])  # the deep scan ran
             assert "real" in real_engine.adapter_names()
+            assert probe.pid not in (None, os.getpid())  # the scan ran in the worker, kept for the next
             r = http.post("/v1/completions", json={"model": "real", "prompt": "The GNU General Public License is",
                                                    "max_tokens": 4, "temperature": 0})
             assert r.status_code == 200 and r.json()["choices"][0]["text"], r.text
@@ -380,6 +384,7 @@ def test_the_real_behaviour_scan_vets_a_load_on_the_real_engine(real_engine, ada
     finally:
         handle.stop()
         app.state.bastion.adapter_loads.close()
+        assert probe.pid is None  # closing the loads ended the worker
         if "real" in real_engine.adapter_names():
             import asyncio
 

@@ -45,7 +45,7 @@ def add_scan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch threads for the behaviour probes")
     p.add_argument("--deep", action="store_true",
                    help="trigger-agnostic behaviour scan: candidate battery plus task-aware probes, backdoor target "
-                        "inversion and a trigger search that is not a list (~1 min on 2 cores; docs/SECURITY.md)")
+                        "inversion and a trigger search that is not a list (~2 min on 2 cores; docs/SECURITY.md)")
     p.add_argument("--scan-cache", metavar="DIR", default=None,
                    help="with --deep: cache of behaviour verdicts by file hash (default ~/.cache/bastion/scans)")
     p.set_defaults(func=cmd_scan)

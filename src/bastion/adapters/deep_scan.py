@@ -231,6 +231,11 @@ class CachedProbe:
     def _key(self, view: AdapterView, base: BaseModelInfo | None) -> str:
         return ScanCache.key(view.hashes, self.fp, getattr(base, "name", None))
 
+    def close(self) -> None:
+        closer = getattr(self.probe, "close", None)
+        if closer is not None:
+            closer()
+
     def lookup(self, view: AdapterView, base: BaseModelInfo | None) -> list[Finding] | None:
         """The cached findings for these files and settings, or None (nothing runs)."""
         key = self._key(view, base)

@@ -40,19 +40,29 @@ class VettingGate:
     @classmethod
     def for_model(cls, model_path: str | None, *, served_name: str | None = None,
                   allow_unvetted: bool = False, deep: bool = False,
-                  cache_dir: str | None = None, threads: int | None = None) -> VettingGate:
+                  cache_dir: str | None = None, threads: int | None = None,
+                  worker: bool = True) -> VettingGate:
         """`deep`: every load also runs the behaviour scan (battery, task probes, target
-        inversion, trigger search; deep_scan.py, ~1 min per adapter on 2 cores), its
+        inversion, trigger search; deep_scan.py, ~2 min per adapter on 2 cores), its
         findings cached by file hash under `cache_dir` (default ~/.cache/bastion/scans).
-        The scan's model (a second copy of `model_path`) is built on the first scan."""
+        The scan's model (a second copy of `model_path`) is built on the first scan, in a
+        worker process of its own (`worker`; scan_worker.py says why) or in this one."""
         from bastion.adapters.cli import load_base_info
 
         probe = None
         if deep:
             from bastion.adapters.deep_scan import CachedProbe, DeepProbe, ScanCache
+            from bastion.adapters.scan_worker import ProcessProbe
 
-            probe = CachedProbe(DeepProbe(model=model_path, threads=threads), ScanCache(cache_dir))
+            deep_probe = (ProcessProbe if worker else _call)(DeepProbe, model=model_path, threads=threads)
+            probe = CachedProbe(deep_probe, ScanCache(cache_dir))
         return cls(load_base_info(model_path, name=served_name), allow_unvetted, behaviour=probe)
+
+    def close(self) -> None:
+        """Stop what the behaviour scan holds (its worker process); a later scan restarts it."""
+        closer = getattr(self.behaviour, "close", None)
+        if closer is not None:
+            closer()
 
     def check(self, name: str, path: str):
         """The whole scan (static checks and behaviour scan): its report, or AdapterRefused."""
@@ -89,6 +99,10 @@ class VettingGate:
                         "; ".join(f"{f.check}: {f.message}" for f in report.findings if f.severity == "warn"))
         self.reports[name] = report
         return report
+
+
+def _call(factory, **kwargs):
+    return factory(**kwargs)
 
 
 class _FailClosed:

@@ -6,12 +6,12 @@ cache holds one for these file hashes. A fail is refused there (400, or exit at 
 a complete verdict loads the adapter at once. Otherwise the adapter is *pending*:
 /v1/models lists it with "vetting": "pending", a request naming it gets 409
 adapter_pending, and one vetting thread runs the behaviour scans one at a time, in the
-order they came (a scan is about a minute of CPU on 2 cores; two at once would only slow
-both, and the serving). pass/warn: the adapter is loaded into the engine between two
-steps and served. fail: it is never loaded (unless --allow-unvetted: loaded, logged) and
-leaves /v1/models; its report stays in GET /v1/lora_adapters. Unloading a pending
-adapter cancels it: a scan already running finishes (its verdict is cached) and is
-dropped. Nothing here raises into the server: a failed scan or load is a refusal.
+order they came (a scan is about two minutes of CPU on 2 cores, in the gate's worker
+process; two at once would only slow both, and the serving). pass/warn: the adapter is
+loaded into the engine between two steps and served. fail: it is never loaded (unless
+--allow-unvetted: loaded, logged) and leaves /v1/models; its report stays in GET
+/v1/lora_adapters. Unloading a pending adapter cancels it: a scan already running
+finishes (its verdict is cached) and is dropped. Nothing here raises into the server: a failed scan or load is a refusal.
 """
 
 from __future__ import annotations
@@ -191,12 +191,20 @@ class AdapterLoads:
             return self._busy
 
     def close(self) -> None:
-        """No more scans (server shutdown). The one in progress, if any, goes on in its
-        daemon thread: `bastion serve` then leaves without finalizing the interpreter
-        (cli.py), since finalizing under a thread inside torch's C++ code aborts."""
+        """No more scans (server shutdown). The gate's scan worker process, if any, is
+        ended, and the scan in progress with it (its adapter is refused, nothing cached).
+        A gate that scans in this process leaves its scan running in the daemon thread:
+        `bastion serve` then leaves without finalizing the interpreter (cli.py), since
+        finalizing under a thread inside torch's C++ code aborts."""
         with self._lock:
             self._closed = True
         self._queue.put(None)
+        closer = getattr(self._policy.gate, "close", None)
+        if closer is not None:
+            try:
+                closer()
+            except Exception:  # noqa: BLE001 - shutting down: a worker that will not stop dies with us
+                log.exception("closing the vetting gate failed")
 
     # ------------------------------------------------------------ the thread
     def _run(self) -> None:
