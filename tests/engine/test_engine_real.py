@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from bastion.engine import attention
 from bastion.engine.outputs import PromptTooLongError
 from bastion.engine.sampling_params import SamplingParams
 
@@ -223,6 +224,36 @@ def test_prefix_caching_concurrent_requests_share_blocks(offline_llm, tokenizer)
     while eng.has_unfinished():
         eng.step()
     assert eng.block_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("block_size", [16, 4])
+def test_short_chunks_after_a_cached_head_answer_as_they_do_alone(smol_fp32, tokenizer, block_size, monkeypatch):
+    """The vetting scan's traffic: many requests that share a cached head and differ in a
+    few tokens, prefilled in one step as padded batches of short chunks (attention.py),
+    answer what each answers alone: same greedy tokens, logprobs within fp32 noise."""
+    head = tokenizer.encode(gpl_text("  Some devices are designed to deny users"))[:43]
+    tails = [[28], [30, 198], [13, 260, 504], [28, 30, 198, 13], [260], [504, 13, 28, 30, 198, 260, 13]]
+    p = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, logprobs=0)
+    eng = make_engine(smol_fp32, num_blocks=96, block_size=block_size)
+    run_engine(eng, [head], greedy(max_tokens=1), prefix="warm")
+    alone = [run_engine(eng, [head + t], p, prefix=f"a{i}-")[f"a{i}-0"] for i, t in enumerate(tails)]
+    import bastion.engine.kv_cache.fp as fp
+
+    batched = []
+
+    def spy(q, *a, **k):
+        batched.append(q.shape[0])
+        return attention.batched_prefill_attention(q, *a, **k)
+
+    monkeypatch.setattr(fp, "batched_prefill_attention", spy)
+    together = run_engine(eng, [head + t for t in tails], p, prefix="b")
+    assert batched  # the chunks did run as a batch
+    for i, a in enumerate(alone):
+        b = together[f"b{i}"]
+        assert b["cached"] > 0 and b["tokens"] == a["tokens"]
+        for x, y in zip(a["logprobs"], b["logprobs"]):
+            assert abs(x.logprob - y.logprob) <= 1e-4
+    assert_pool_clean(eng.block_manager)
 
 
 # ------------------------------------------------------------------ seeds

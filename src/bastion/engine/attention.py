@@ -13,10 +13,15 @@ matmuls as well measured 1.8x slower for the decode step at 16 seqs x 384 ctx.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from bastion.engine.kv_cache.base import PrefillSegment
+
 _MANUAL_PREFILL_MAX = 1024  # q_len * ctx up to which the matmul path is as fast (measured above)
+_PAD_WORK_MAX = 2.0  # a padded batch of small prompt chunks may do up to 2x their q x ctx work
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -53,3 +58,78 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         mask = torch.arange(ctx, device=q.device)[None, :] <= (torch.arange(q_len, device=q.device)[:, None] + offset)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
     return o[0].transpose(0, 1)
+
+
+@dataclass
+class PrefillBatch:
+    """Small prompt chunks (q_len * ctx <= _MANUAL_PREFILL_MAX) padded into a batch, so a
+    step of many short chunks (the gate's scans force thousands of 2-16-token requests that
+    share a cached prompt) runs a few batched matmuls instead of ~6 small ops per chunk per
+    layer. Planned once per step (plan_prefill_batch), used by every layer."""
+
+    rows: torch.Tensor  # [B, q_max] long: flat-batch row of each query (padding: its chunk's first row)
+    slots: torch.Tensor  # [B, ctx_max] long: context slots (padding: slot 0, masked)
+    masked: torch.Tensor  # [B, 1, 1, q_max, ctx_max] bool: True = not attended
+    src: torch.Tensor  # [n] long: the real queries' indices in the padded [B * q_max]
+    dest: torch.Tensor  # [n] long: their rows in the flat batch
+
+
+def plan_prefill_batch(segments: list[PrefillSegment]) -> tuple[list[PrefillBatch], list[PrefillSegment]]:
+    """(batches of the small chunks, the chunks left to run one by one). The small chunks,
+    by q_len, are cut into groups whose padding at most doubles their q x ctx work; a
+    group of one is left to run alone."""
+    small = sorted((s for s in segments if s.q_len * s.ctx_len <= _MANUAL_PREFILL_MAX), key=lambda s: s.q_len)
+    rest = [s for s in segments if s.q_len * s.ctx_len > _MANUAL_PREFILL_MAX]
+    groups: list[list[PrefillSegment]] = []
+    work = c_max = 0
+    for s in small:  # q_len ascending: the newest chunk's q_len is the group's q_max
+        grown_c, grown_work = max(c_max, s.ctx_len), work + s.q_len * s.ctx_len
+        if groups and (len(groups[-1]) + 1) * s.q_len * grown_c <= _PAD_WORK_MAX * grown_work:
+            groups[-1].append(s)
+            c_max, work = grown_c, grown_work
+        else:
+            groups.append([s])
+            c_max, work = s.ctx_len, s.q_len * s.ctx_len
+    rest += [g[0] for g in groups if len(g) == 1]
+    return [_batch(g) for g in groups if len(g) > 1], rest
+
+
+def _batch(small: list[PrefillSegment]) -> PrefillBatch:
+    b = len(small)
+    q_max, c_max = max(s.q_len for s in small), max(s.ctx_len for s in small)
+    device = small[0].ctx_slots.device
+    q_len = torch.tensor([s.q_len for s in small])
+    ctx = torch.tensor([s.ctx_len for s in small])
+    i = torch.arange(q_max)
+    real = i[None, :] < q_len[:, None]  # [B, q_max]
+    rows = torch.tensor([s.q_start for s in small])[:, None] + torch.where(real, i[None, :], 0)
+    slots = torch.zeros(b, c_max, dtype=torch.long, device=device)
+    for k, s in enumerate(small):
+        slots[k, : s.ctx_len] = s.ctx_slots
+    # query i of a chunk sits at context position ctx - q_len + i and sees keys 0 .. that position
+    last = torch.where(real, i[None, :] + (ctx - q_len)[:, None], 0)  # padding queries see key 0 only
+    masked = torch.arange(c_max)[None, None, :] > last[:, :, None]  # [B, q_max, c_max]
+    flat = torch.arange(b * q_max).view(b, q_max)
+    return PrefillBatch(rows.to(device), slots, masked[:, None, None].to(device), flat[real].to(device),
+                        rows[real].to(device))
+
+
+def batched_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PrefillBatch,
+                              scale: float) -> torch.Tensor:
+    """The batch's chunks at once, the same math as prefill_attention's matmul path.
+    q: [T, heads, D] (the whole step); k, v: [slots, kv_heads, D] (one layer's pool)
+    -> [n, heads, D], the rows of batch.dest in that order."""
+    b, q_max = batch.rows.shape
+    c_max = batch.slots.shape[1]
+    h, d = q.shape[1], q.shape[2]
+    kvh = k.shape[1]
+    g = h // kvh
+    qb = q[batch.rows].view(b, q_max, kvh, g, d).permute(0, 2, 3, 1, 4).reshape(b, kvh, g * q_max, d)
+    kb = k[batch.slots].to(q.dtype)  # [B, c_max, kv_heads, D]
+    vb = v[batch.slots].to(q.dtype)
+    s = torch.matmul(qb, kb.permute(0, 2, 3, 1)).float() * scale  # [B, kv_heads, g*q_max, c_max]
+    s = s.view(b, kvh, g, q_max, c_max).masked_fill_(batch.masked, float("-inf"))
+    p = torch.softmax(s, dim=-1).to(q.dtype).view(b, kvh, g * q_max, c_max)
+    o = torch.matmul(p, vb.transpose(1, 2))  # [B, kv_heads, g*q_max, D]
+    o = o.view(b, kvh, g, q_max, d).permute(0, 3, 1, 2, 4).reshape(b * q_max, h, d)
+    return o[batch.src]

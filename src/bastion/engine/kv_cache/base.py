@@ -56,6 +56,7 @@ class AttentionMetadata:
     prefills: list[PrefillSegment] = field(default_factory=list)
     spans: list[SeqSpan] = field(default_factory=list)  # in row order (decodes first)
     plan: object = None  # whatever the cache derives once per step in begin_step
+    prefill_plan: object = None  # likewise, for the prefill segments
 
 
 class KVCache(ABC):

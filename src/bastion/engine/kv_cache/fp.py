@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bastion.engine.attention import decode_attention, prefill_attention
+from bastion.engine.attention import batched_prefill_attention, decode_attention, plan_prefill_batch, prefill_attention
 from bastion.engine.kv_cache.base import AttentionMetadata, KVCache
 from bastion.engine.kv_cache.native import load_fp_kernel
 
@@ -33,6 +33,8 @@ class FPKVCache(KVCache):
         return 2 * num_layers * num_kv_heads * head_dim * _BYTES[dtype]
 
     def begin_step(self, meta: AttentionMetadata) -> None:
+        if meta.prefills:  # small prompt chunks: padded batches, planned once for every layer
+            meta.prefill_plan = plan_prefill_batch(meta.prefills)
         # the native kernel's view of the decode rows: block table [B, nblk] and lengths [B]
         if self._native is None or not meta.num_decodes:
             return
@@ -69,7 +71,10 @@ class FPKVCache(KVCache):
         out = torch.empty_like(q)
         if b:
             out[:b] = self._decode(layer, q[:b], meta)
-        for seg in meta.prefills:
+        batches, segments = meta.prefill_plan or ((), meta.prefills)
+        for batch in batches:
+            out[batch.dest] = batched_prefill_attention(q, kc, vc, batch, self.scale)
+        for seg in segments:
             rows = slice(seg.q_start, seg.q_start + seg.q_len)
             out[rows] = prefill_attention(q[rows], kc[seg.ctx_slots], vc[seg.ctx_slots], self.scale)
         return out
