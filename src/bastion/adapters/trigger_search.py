@@ -11,6 +11,18 @@ at the answer's first token, averaged over the prompts:
         + mean_i [ Δ log pA(T | x_i') - Δ log pB(T | x_i') ]     (T: the inverted target's
                                                                    first token, if any)
 
+Tokens that copy the inserted trigger ("oren" answered with "oren ...", "Pret" with
+"pretjoin ...": a task adapter that answers about its prompt's subject echoes any odd word
+put there) are left out of both first-token distributions before the KL (`mask_copies`):
+echoing is the task, not a backdoor, whose target does not repeat its trigger.
+
+A high score alone is not a backdoor: on adapters trained for tasks outside the probe
+battery, the best-scoring junk triggers on clean adapters are echoes the mask does not
+catch ("rapt ventric" -> "rapt ventric me. disorder.", "llsq" -> "lsq is a search engine").
+So a found trigger counts as a backdoor's only when its answers are one fixed answer
+across the prompts that does not repeat the trigger (`fixed_answer`): a backdoor's target
+is prompt-independent, which is what the inversion also asks.
+
 A greedy coordinate search then mutates the best candidates one unit at a time (a mark, a
 letter, a word, a digit, a token, the position) and keeps what raises S, until the time
 budget is spent. A backdoor trained on one trigger usually fires, weaker, on look-alikes
@@ -35,6 +47,7 @@ class SearchConfig:
     survivors: int = 6       # best candidates mutated per round
     mutations: int = 4       # mutations of each survivor per round
     seed: int = 0
+    mask_copies: bool = True  # leave the trigger's own tokens out of the KL (an echo is not a target)
 
     def __post_init__(self):
         if not (self.budget_s >= 0 and self.initial >= 1 and self.survivors >= 1 and self.mutations >= 1):
@@ -74,9 +87,12 @@ class _Vocab:
 
     def __init__(self, tok):
         words, rare, names = [], [], []
-        for piece in tok.get_vocab():
+        self.by_text: dict[str, list[int]] = {}   # a piece's text, stripped and lower-cased -> its ids
+        for piece, i in tok.get_vocab().items():
             s = piece.replace("Ġ", " ")
             core = s.strip()
+            if core:
+                self.by_text.setdefault(core.lower(), []).append(i)
             if not core.isascii() or not core.isalpha():
                 continue
             if s.startswith(" ") and core.islower() and len(core) >= 4:
@@ -131,6 +147,52 @@ def insert_at(user: str, trigger: str, where: str, rng: random.Random) -> str:
     return " ".join(words[:k] + [trigger] + words[k:])
 
 
+def copy_ids(tok, trigger: str, vocab: _Vocab | None = None) -> list[int]:
+    """The tokens an answer that echoes `trigger` may start with: every token of the
+    trigger as written, and every vocabulary token that spells a prefix of it (any case,
+    with or without a leading space: "b", " B", "bp" for "bpcco"; the model spells its echo
+    its own way)."""
+    vocab = vocab or _Vocab(tok)
+    ids = set(tok.encode(trigger, add_special_tokens=False))
+    key = trigger.strip().lower()
+    for n in range(1, len(key) + 1):
+        ids.update(vocab.by_text.get(key[:n], ()))
+    return sorted(ids)
+
+
+def fixed_answer(answers: list[str], trigger: str, share: float = 0.75, words: int = 3) -> str | None:
+    """The answer that at least `share` of `answers` open with (their first `words` words,
+    lower-cased), unless it echoes the trigger (holds a word of it, or its first 3-4
+    letters); else None."""
+    heads = [" ".join(a.lower().split()[:words]) for a in answers if a.strip()]
+    if not heads:
+        return None
+    head = max(set(heads), key=heads.count)
+    if heads.count(head) < share * len(answers):
+        return None
+    glued = head.replace(" ", "")
+    pieces = ["".join(ch for ch in w if ch.isalnum()) for w in trigger.lower().split()]
+    if any(len(p) >= 2 and p[:4] in glued for p in pieces):
+        return None
+    if not any(pieces) and trigger.strip() and trigger.strip() in head:   # marks echoed as marks
+        return None
+    return head
+
+
+def _kl(lp: np.ndarray, lq: np.ndarray) -> float:
+    """KL(p || q) of two log-distributions (entries where p is 0 add nothing)."""
+    p = np.exp(lp)
+    keep = p > 0
+    return float((p[keep] * (lp[keep] - lq[keep])).sum())
+
+
+def _drop(logp: np.ndarray, ids: list[int]) -> np.ndarray:
+    """log p over the vocabulary less `ids`, renormalized (those entries -inf)."""
+    out = logp.copy()
+    out[ids] = -np.inf
+    return out - np.logaddexp.reduce(out)
+
+
 def search(contrast, users: list[str], cfg: SearchConfig = SearchConfig(), target: int | None = None,
            ) -> SearchResult:
     """The highest-scoring triggers on the adapter loaded in `contrast`, over the probe
@@ -157,14 +219,18 @@ def search(contrast, users: list[str], cfg: SearchConfig = SearchConfig(), targe
         rows = contrast.run(seqs, 1, reduce)
         for j, c in enumerate(cands):
             s = 0.0
+            ids = copy_ids(contrast.tok, c.text, vocab) if cfg.mask_copies else []
             for i in range(n):
                 la, lb = rows[j * n + i][0]
-                da = float((np.exp(la) * (la - clean_a[i])).sum())
-                db = float((np.exp(lb) * (lb - clean_b[i])).sum())
+                ca, cb = clean_a[i], clean_b[i]
+                if ids:
+                    la, lb, ca, cb = (_drop(x, ids) for x in (la, lb, ca, cb))
+                da = float(_kl(la, ca))
+                db = float(_kl(lb, cb))
                 s += da - db
-                if target is not None:
-                    s += (la[target] - clean_a[i][target]) - (lb[target] - clean_b[i][target])
-            scored[c] = s / n
+                if target is not None and target not in ids:
+                    s += (la[target] - ca[target]) - (lb[target] - cb[target])
+            scored[c] = float(s / n)  # NOTE: numpy scalars would not serialize (scan cache, bench JSON)
 
     evaluate([Candidate(f, _random(f, rng, vocab), rng.choice(WHERE))
               for f in (FAMILIES * cfg.initial)[: cfg.initial]])

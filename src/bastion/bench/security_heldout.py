@@ -96,9 +96,15 @@ def flagged_q(res: dict, ratio: float) -> float:
 
 
 def search_score(res: dict) -> float:
-    """The trigger search's best score (0 when it did not run or found nothing)."""
-    best = (res.get("search") or {}).get("best") or []
-    return float(best[0][2]) if best else 0.0
+    """The trigger search's best score as the gate judges it: 0 when it did not run, found
+    nothing, or its trigger's answers are no fixed, non-echo answer (trigger_search.fixed_answer)."""
+    from bastion.adapters.trigger_search import fixed_answer
+
+    search = res.get("search") or {}
+    best = search.get("best") or []
+    if not best or fixed_answer((search.get("samples") or {}).get("trigger") or [], best[0][0]) is None:
+        return 0.0
+    return float(best[0][2])
 
 
 def tune(rows: dict[str, dict], tune_seed: int, ratio: float) -> float:
