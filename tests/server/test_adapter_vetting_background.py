@@ -317,6 +317,74 @@ def test_sigterm_during_a_scan_exits_cleanly_at_once(adapters, tmp_path):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
+def test_sigterm_during_a_real_scan_ends_its_worker_process(adapters, tmp_path):
+    """The real `bastion serve` gate: the scan runs in its worker process (a child of the
+    server); SIGTERM mid-scan ends the server at once with exit 0, and the worker with it."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--port", str(port), "--admin-key", "adm",
+                             "--scan-cache", str(tmp_path / "scans"), "--max-model-len", "512", "--kv-memory", "0.05",
+                             "--no-web", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+
+    def up():
+        try:
+            return httpx.get(url + "/v1/models", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    def scanning():
+        return httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2).json()["scanning"]
+
+    def children() -> set[int]:
+        found = set()
+        for task in os.listdir(f"/proc/{proc.pid}/task"):
+            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                found |= {int(x) for x in f.read().split()}
+        return found
+
+    try:
+        assert wait_until(up, timeout=120, interval=0.3) and proc.poll() is None
+        r = httpx.post(url + "/v1/load_lora_adapter", headers=ADMIN, timeout=30,
+                       json={"lora_name": "mine", "lora_path": adapters["good"]})
+        assert r.status_code == 202, r.text
+        assert wait_until(scanning, timeout=60, interval=0.3)
+        assert wait_until(lambda: any(_cmdline(c).count("spawn_main") for c in children()), timeout=60)
+        worker = next(c for c in children() if "spawn_main" in _cmdline(c))
+        time.sleep(2.0)  # well inside the scan
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0 and "terminate called" not in out, out[-3000:]
+    assert time.monotonic() - t0 < 30
+    assert wait_until(lambda: _cmdline(worker) == "", timeout=10, interval=0.2)  # reaped with its server
+    assert "server shutdown" in out  # the scan cut short says why; nothing cached for it
+    assert not list((tmp_path / "scans").glob("*.json"))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
 def test_the_listing_is_behind_the_admin_key(serve, fake_server):
     s = serve()
     assert s.http.get("/v1/lora_adapters").status_code == 401

@@ -47,6 +47,7 @@ class ProcessProbe:
         self._lock = threading.Lock()  # one scan at a time through the pipe
         self._proc = None
         self._conn = None
+        self._closing = False  # close() under way: a scan cut short says so
         self.last = None  # the probe's `last` after the latest scan (DeepProbe: a DeepResult)
 
     def fingerprint(self) -> str:
@@ -65,6 +66,8 @@ class ProcessProbe:
                 conn.send(("scan", view, base))
                 kind, payload, last = conn.recv()
             except (EOFError, OSError, BrokenPipeError) as e:
+                if self._closing:
+                    raise ScanWorkerError("the scan was stopped: the gate was closed (server shutdown)") from None
                 code = self._reap()
                 raise ScanWorkerError(f"the scan worker exited during the scan ({_exit_reason(code)})") from e
             if kind == "error":
@@ -78,6 +81,7 @@ class ProcessProbe:
         proc, conn = self._proc, self._conn
         if proc is None:
             return
+        self._closing = True
         try:
             conn.send(None)
         except (OSError, BrokenPipeError, ValueError):
@@ -89,7 +93,9 @@ class ProcessProbe:
         if proc.is_alive():
             proc.kill()
             proc.join(timeout)
-        self._reap()
+        with self._lock:  # after the scan in progress, if any, has seen its pipe close
+            self._reap()
+            self._closing = False
 
     # ------------------------------------------------------------ the worker's lifetime
     def _start(self):
