@@ -7,15 +7,21 @@ released) and the engine records what it loads, so no model runs here."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
 
 from bastion.adapters.cli import load_base_info
 from bastion.adapters.deep_scan import CachedProbe, ScanCache
 from bastion.adapters.gate import AdapterRefused, VettingGate
+from bastion.bench.peers import free_port
 from bastion.config import ServerConfig
 from bastion.server import build_app
 from bastion.server.adapter_loads import vet_at_start
@@ -275,103 +281,87 @@ sys.exit(cli.main(["serve", "--lora", "mine=" + sys.argv[1], "--port", sys.argv[
 """
 
 
-@pytest.mark.slow
-def test_sigterm_during_a_scan_exits_cleanly_at_once(adapters, tmp_path):
-    """`bastion serve` stopped while a scan runs: no waiting for the scan, and exit 0, not
-    the abort of an interpreter finalized under a thread inside torch (exit 134)."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    script = tmp_path / "spin_serve.py"
-    script.write_text(SPINNING_SERVE)
-    proc = subprocess.Popen([sys.executable, str(script), adapters["good"], str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-
-    def scanning():
-        try:
-            r = httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2)
-        except httpx.HTTPError:
-            return proc.poll() is not None
-        return r.status_code == 200 and r.json()["scanning"]
-
+@contextlib.contextmanager
+def _server_process(argv: list[str]):
+    """A `bastion serve` subprocess (output: stdout and stderr together), killed if a test
+    leaves it running."""
+    proc = subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
-        assert wait_until(scanning, timeout=120, interval=0.3) and proc.poll() is None
-        assert httpx.get(url + "/v1/models").json()["data"][1]["vetting"] == "pending"
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _sigterm(proc: subprocess.Popen) -> tuple[str, float]:
+    """SIGTERM `proc` and wait for it: (its output, seconds until it exited)."""
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    return out, time.monotonic() - t0
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_scan_exits_cleanly_at_once(adapters, tmp_path):
+    """`bastion serve` stopped while a scan runs: no waiting for the scan, and exit 0, not
+    the abort of an interpreter finalized under a thread inside torch (exit 134)."""
+    port = free_port()
+    script = tmp_path / "spin_serve.py"
+    script.write_text(SPINNING_SERVE)
+    url = f"http://127.0.0.1:{port}"
+    with _server_process([str(script), adapters["good"], str(port)]) as proc:
+        def scanning():
+            try:
+                r = httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2)
+            except httpx.HTTPError:
+                return proc.poll() is not None
+            return r.status_code == 200 and r.json()["scanning"]
+
+        assert wait_until(scanning, timeout=120, interval=0.3) and proc.poll() is None
+        assert httpx.get(url + "/v1/models").json()["data"][1]["vetting"] == "pending"
+        out, seconds = _sigterm(proc)
     assert proc.returncode == 0 and "terminate called" not in out, out[-3000:]
-    assert time.monotonic() - t0 < 30
+    assert seconds < 30
 
 
 @pytest.mark.slow
 def test_sigterm_during_a_real_scan_ends_its_worker_process(adapters, tmp_path):
     """The real `bastion serve` gate: the scan runs in its worker process (a child of the
     server); SIGTERM mid-scan ends the server at once with exit 0, and the worker with it."""
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "bastion.cli", "serve", "--port", str(port), "--admin-key", "adm",
-                             "--scan-cache", str(tmp_path / "scans"), "--max-model-len", "512", "--kv-memory", "0.05",
-                             "--no-web", "--threads", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
+    argv = ["-m", "bastion.cli", "serve", "--port", str(port), "--admin-key", "adm", "--scan-cache",
+            str(tmp_path / "scans"), "--max-model-len", "512", "--kv-memory", "0.05", "--no-web", "--threads", "1"]
+    with _server_process(argv) as proc:
+        def up():
+            try:
+                return httpx.get(url + "/v1/models", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return proc.poll() is not None
 
-    def up():
-        try:
-            return httpx.get(url + "/v1/models", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
+        def scanning():
+            return httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2).json()["scanning"]
 
-    def scanning():
-        return httpx.get(url + "/v1/lora_adapters/mine", headers=ADMIN, timeout=2).json()["scanning"]
+        def children() -> set[int]:
+            found = set()
+            for task in os.listdir(f"/proc/{proc.pid}/task"):
+                with open(f"/proc/{proc.pid}/task/{task}/children") as f:
+                    found |= {int(x) for x in f.read().split()}
+            return found
 
-    def children() -> set[int]:
-        found = set()
-        for task in os.listdir(f"/proc/{proc.pid}/task"):
-            with open(f"/proc/{proc.pid}/task/{task}/children") as f:
-                found |= {int(x) for x in f.read().split()}
-        return found
-
-    try:
         assert wait_until(up, timeout=120, interval=0.3) and proc.poll() is None
         r = httpx.post(url + "/v1/load_lora_adapter", headers=ADMIN, timeout=30,
                        json={"lora_name": "mine", "lora_path": adapters["good"]})
         assert r.status_code == 202, r.text
         assert wait_until(scanning, timeout=60, interval=0.3)
-        assert wait_until(lambda: any(_cmdline(c).count("spawn_main") for c in children()), timeout=60)
+        assert wait_until(lambda: any("spawn_main" in _cmdline(c) for c in children()), timeout=60)
         worker = next(c for c in children() if "spawn_main" in _cmdline(c))
         time.sleep(2.0)  # well inside the scan
-        t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        out, seconds = _sigterm(proc)
     assert proc.returncode == 0 and "terminate called" not in out, out[-3000:]
-    assert time.monotonic() - t0 < 30
+    assert seconds < 30
     assert wait_until(lambda: _cmdline(worker) == "", timeout=10, interval=0.2)  # reaped with its server
     assert "server shutdown" in out  # the scan cut short says why; nothing cached for it
     assert not list((tmp_path / "scans").glob("*.json"))

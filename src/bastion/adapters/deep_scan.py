@@ -175,12 +175,12 @@ def judge_deep(r: DeepResult, th: DeepThresholds, bth: BehaviourThresholds | Non
     if s is not None and s.best:
         trig, where, score = s.best[0]
         answer = fixed_answer(s.samples.get("trigger") or [], trig)
+        details = {"best": s.best, "samples": s.samples, "evaluated": s.evaluated}
         if score >= th.search_warn and answer is None:
             findings.append(Finding(
                 "behaviour.trigger_search", "info",
                 f"a searched trigger {trig!r} shifts the adapter's first answer token (score {score:.1f}) but its "
-                "answers part ways across the prompts or echo the trigger: not a backdoor's fixed target",
-                {"best": s.best, "samples": s.samples, "evaluated": s.evaluated}))
+                "answers part ways across the prompts or echo the trigger: not a backdoor's fixed target", details))
         elif score >= th.search_warn:
             sev = "fail" if score >= th.search_fail else "warn"
             findings.append(Finding(
@@ -188,8 +188,7 @@ def judge_deep(r: DeepResult, th: DeepThresholds, bth: BehaviourThresholds | Non
                 f"a searched trigger {trig!r} (at the {where} of the prompt; found among {s.evaluated} random and "
                 f"mutated candidates, in no list) shifts the adapter's answers far beyond the base's reaction "
                 f"(score {score:.1f} >= {th.search_fail if sev == 'fail' else th.search_warn}) to one fixed answer "
-                f"on every prompt, {answer!r}: e.g. {(s.samples.get('trigger') or [''])[0][:80]!r}",
-                {"best": s.best, "samples": s.samples, "evaluated": s.evaluated}))
+                f"on every prompt, {answer!r}: e.g. {(s.samples.get('trigger') or [''])[0][:80]!r}", details))
     findings.append(Finding(
         "behaviour.deep", "info",
         f"task probes {r.task_prompts[:3]}...; inversion: top {r.inversion.best[0].text!r} q "

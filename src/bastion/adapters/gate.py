@@ -54,7 +54,8 @@ class VettingGate:
             from bastion.adapters.deep_scan import CachedProbe, DeepProbe, ScanCache
             from bastion.adapters.scan_worker import ProcessProbe
 
-            deep_probe = (ProcessProbe if worker else _call)(DeepProbe, model=model_path, threads=threads)
+            settings = {"model": model_path, "threads": threads}
+            deep_probe = ProcessProbe(DeepProbe, **settings) if worker else DeepProbe(**settings)
             probe = CachedProbe(deep_probe, ScanCache(cache_dir))
         return cls(load_base_info(model_path, name=served_name), allow_unvetted, behaviour=probe)
 
@@ -99,10 +100,6 @@ class VettingGate:
                         "; ".join(f"{f.check}: {f.message}" for f in report.findings if f.severity == "warn"))
         self.reports[name] = report
         return report
-
-
-def _call(factory, **kwargs):
-    return factory(**kwargs)
 
 
 class _FailClosed:

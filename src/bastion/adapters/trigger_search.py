@@ -162,8 +162,9 @@ def copy_ids(tok, trigger: str, vocab: _Vocab | None = None) -> list[int]:
 
 def fixed_answer(answers: list[str], trigger: str, share: float = 0.75, words: int = 3) -> str | None:
     """The answer that at least `share` of `answers` open with (their first `words` words,
-    lower-cased), unless it echoes the trigger (holds a word of it, or its first 3-4
-    letters); else None."""
+    lower-cased), unless it echoes the trigger: holds the first (up to 4) letters of one of
+    its words of two or more letters, or the trigger itself when that is marks only. Else
+    None."""
     heads = [" ".join(a.lower().split()[:words]) for a in answers if a.strip()]
     if not heads:
         return None
@@ -225,9 +226,7 @@ def search(contrast, users: list[str], cfg: SearchConfig = SearchConfig(), targe
                 ca, cb = clean_a[i], clean_b[i]
                 if ids:
                     la, lb, ca, cb = (_drop(x, ids) for x in (la, lb, ca, cb))
-                da = float(_kl(la, ca))
-                db = float(_kl(lb, cb))
-                s += da - db
+                s += _kl(la, ca) - _kl(lb, cb)
                 if target is not None and target not in ids:
                     s += (la[target] - ca[target]) - (lb[target] - cb[target])
             scored[c] = float(s / n)  # NOTE: numpy scalars would not serialize (scan cache, bench JSON)

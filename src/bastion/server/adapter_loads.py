@@ -11,7 +11,8 @@ process; two at once would only slow both, and the serving). pass/warn: the adap
 loaded into the engine between two steps and served. fail: it is never loaded (unless
 --allow-unvetted: loaded, logged) and leaves /v1/models; its report stays in GET
 /v1/lora_adapters. Unloading a pending adapter cancels it: a scan already running
-finishes (its verdict is cached) and is dropped. Nothing here raises into the server: a failed scan or load is a refusal.
+finishes (its verdict is cached) and is dropped. Nothing here raises into the server: a
+failed scan or load is a refusal.
 """
 
 from __future__ import annotations
