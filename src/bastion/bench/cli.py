@@ -94,6 +94,10 @@ def add_bench_parsers(subparsers: Any) -> None:
 
     add_moe_parser(subparsers)
 
+    from bastion.bench.moe_bounds import add_bench_parser as add_moe_bounds_parser
+
+    add_moe_bounds_parser(subparsers)
+
     lo = subparsers.add_parser("lora", help="batch of N requests on N adapters vs the base model")
     lo.add_argument("--batch", type=int, default=8)
     lo.add_argument("--rank", type=int, default=16)
