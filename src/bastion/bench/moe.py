@@ -291,19 +291,24 @@ def plot(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
-def add_bench_parser(subparsers: Any) -> None:
-    m = subparsers.add_parser("moe", help="MoE expert offload under a RAM budget: resident / Fiddler / LRU / Bastion")
+def add_model_arguments(m: Any, *, prompts: int, prompt_len: int, new_tokens: int, experts: str) -> None:
+    """The model, budget and workload options `bench moe` and `bench moe-bounds` share."""
     m.add_argument("--work-dir", default="/tmp/bastion-moe-bench", help="where the upcycled model is written once")
     m.add_argument("--budget", type=float, default=0.5, help="RAM for experts, as a fraction of the expert bytes")
-    m.add_argument("--prompts", type=int, default=4)
-    m.add_argument("--prompt-len", type=int, default=64)
-    m.add_argument("--new-tokens", type=int, default=32)
-    m.add_argument("--modes", default="cold,warm", help="page-cache modes: cold (dropped after reads), warm")
-    m.add_argument("--policies", default=",".join(POLICIES))
+    m.add_argument("--prompts", type=int, default=prompts)
+    m.add_argument("--prompt-len", type=int, default=prompt_len)
+    m.add_argument("--new-tokens", type=int, default=new_tokens)
     m.add_argument("--skew", type=float, default=1.0, help="router logit offsets +-skew along the mean input")
-    m.add_argument("--experts", choices=("bf16", "Q8_0", "Q4_0"), default="bf16",
+    m.add_argument("--experts", choices=("bf16", "Q8_0", "Q4_0"), default=experts,
                    help="how the experts are stored: bf16 (an HF directory) or quantized in a GGUF")
     m.add_argument("--threads", type=int, default=2)
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    m = subparsers.add_parser("moe", help="MoE expert offload under a RAM budget: resident / Fiddler / LRU / Bastion")
+    add_model_arguments(m, prompts=4, prompt_len=64, new_tokens=32, experts="bf16")
+    m.add_argument("--modes", default="cold,warm", help="page-cache modes: cold (dropped after reads), warm")
+    m.add_argument("--policies", default=",".join(POLICIES))
     m.add_argument("--out", default="bench_results/moe")
     m.set_defaults(func=run_moe_cmd)
 

@@ -240,15 +240,10 @@ def plot(result: dict[str, Any], path: Path) -> Path:
 
 
 def add_bench_parser(subparsers: Any) -> None:
+    from bastion.bench.moe import add_model_arguments
+
     m = subparsers.add_parser("moe-bounds", help="MoE offload bounds: optimal hit rate, look-ahead recall")
-    m.add_argument("--work-dir", default="/tmp/bastion-moe-bench", help="where bench moe's model is written once")
-    m.add_argument("--budget", type=float, default=0.5, help="RAM for experts, as a fraction of the expert bytes")
-    m.add_argument("--prompts", type=int, default=3)
-    m.add_argument("--prompt-len", type=int, default=48)
-    m.add_argument("--new-tokens", type=int, default=20)
-    m.add_argument("--skew", type=float, default=1.0)
-    m.add_argument("--experts", choices=("bf16", "Q8_0", "Q4_0"), default="Q4_0")
-    m.add_argument("--threads", type=int, default=2)
+    add_model_arguments(m, prompts=3, prompt_len=48, new_tokens=20, experts="Q4_0")
     m.add_argument("--out", default="bench_results/moe_bounds")
     m.set_defaults(func=run_bounds_cmd)
 
