@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bastion.adapters.gate import VettingGate
-from bastion.adapters.scan_worker import ProcessProbe, ScanWorkerError
+from bastion.adapters.scan_worker import ProcessProbe, ScanStopped, ScanWorkerError
 from bastion.adapters.scanner import AdapterView, Finding
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,7 +124,7 @@ def test_close_ends_a_scan_in_progress(probe):
     probe.close()
     t.join(30)
     assert not t.is_alive() and len(errors) == 1 and time.monotonic() - t0 < 15
-    assert "server shutdown" in str(errors[0]) and probe.pid is None
+    assert isinstance(errors[0], ScanStopped) and "server shutdown" in str(errors[0]) and probe.pid is None
 
 
 def test_an_orphaned_worker_exits_with_its_parent(tmp_path):

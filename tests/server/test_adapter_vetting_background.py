@@ -361,6 +361,7 @@ def test_sigterm_during_a_real_scan_ends_its_worker_process(adapters, tmp_path):
         time.sleep(2.0)  # well inside the scan
         out, seconds = _sigterm(proc)
     assert proc.returncode == 0 and "terminate called" not in out, out[-3000:]
+    assert "Traceback" not in out and "stopped: the gate was closed (server shutdown)" in out, out[-3000:]
     assert seconds < 30
     assert wait_until(lambda: _cmdline(worker) == "", timeout=10, interval=0.2)  # reaped with its server
     assert "server shutdown" in out  # the scan cut short says why; nothing cached for it

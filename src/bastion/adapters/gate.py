@@ -110,12 +110,16 @@ class _FailClosed:
         self.probe = probe
 
     def __call__(self, view, base):
+        from bastion.adapters.scan_worker import ScanStopped
         from bastion.adapters.scanner import Finding
 
         try:
             return self.probe(view, base)
         except Exception as e:  # whatever stopped the scan, the adapter is unvetted
-            log.exception("behaviour scan of %s could not run", view.path)
+            if isinstance(e, ScanStopped):  # shutdown mid-scan: expected, no traceback
+                log.info("behaviour scan of %s stopped: %s", view.path, e)
+            else:
+                log.exception("behaviour scan of %s could not run", view.path)
             return [Finding("behaviour", "fail", f"the behaviour scan could not run ({type(e).__name__}: {e}); "
                             "an adapter is not served before its scan passes")]
 

@@ -36,6 +36,10 @@ class ScanWorkerError(RuntimeError):
     """The scan did not complete in the worker: the probe raised there, or the worker died."""
 
 
+class ScanStopped(ScanWorkerError):
+    """The scan was abandoned because the gate was closed (server shutdown): expected, no fault."""
+
+
 class ProcessProbe:
     """A behaviour probe (`probe(view, base) -> findings`) that runs `factory(**kwargs)` in a
     spawned worker process. `fingerprint()` is the local probe's (same factory, same
@@ -67,7 +71,7 @@ class ProcessProbe:
                 kind, payload, last = conn.recv()
             except (EOFError, OSError, BrokenPipeError) as e:
                 if self._closing:
-                    raise ScanWorkerError("the scan was stopped: the gate was closed (server shutdown)") from None
+                    raise ScanStopped("the scan was stopped: the gate was closed (server shutdown)") from None
                 code = self._reap()
                 raise ScanWorkerError(f"the scan worker exited during the scan ({_exit_reason(code)})") from e
             if kind == "error":
