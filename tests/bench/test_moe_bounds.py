@@ -8,7 +8,8 @@ from itertools import combinations
 
 import pytest
 
-from bastion.bench.moe_bounds import belady_hits, hit_rates, recall
+from bastion.bench.moe_bounds import belady_hits, hit_rates, recall, record
+from tests.engine.models.test_moe_offload import V, tiny_mixtral  # noqa: F401 - the tiny HF Mixtral fixture
 
 
 def _exhaustive(trace, capacity):
@@ -62,3 +63,28 @@ def test_cli_refuses_a_budget_out_of_range(capsys):
 
     assert main(["bench", "moe-bounds", "--budget", "1.5"]) == 2
     assert "--budget" in capsys.readouterr().err
+
+
+def test_record_traces_the_experts_the_model_ran(tiny_mixtral):  # noqa: F811 - the imported fixture
+    """The trace is rebuilt from the routers' inputs: it must equal what the MoE layers
+    actually ran, step by step (bench moe's engine: bf16 for an HF directory)."""
+    from bastion.engine.models import moe_offload
+
+    ran = []
+    real = moe_offload.ExpertOffload.schedule
+
+    def spy(self, layer, active, counts, x):
+        if x.shape[0] == 1:
+            ran.append((layer, sorted(active)))
+        return real(self, layer, active, counts, x)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(V) for _ in range(12)] for _ in range(2)]
+    moe_offload.ExpertOffload.schedule = spy
+    try:
+        rec = record(tiny_mixtral, prompts, prompts[:1], new_tokens=5, threads=1)
+    finally:
+        moe_offload.ExpertOffload.schedule = real
+    steps = 2 * len(prompts) * 4  # two passes, 5 tokens = 4 decode steps each after the prefill's
+    assert rec["trace"] == ran[-steps * 3:] and len(rec["trace"]) == steps * 3  # 3 MoE layers
+    assert len(rec["used"]) == steps * 2 and all(len(g) == steps * 2 for g in rec["guesses"].values())
+    assert all(0.0 <= recall(g, rec["used"]) <= 1.0 for g in rec["guesses"].values())

@@ -115,12 +115,14 @@ def recall(guesses: list[set[int]], used: list[list[int]]) -> float:
     return named / max(1, sum(len(u) for u in used))
 
 
-def record(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict[str, Any]:
+def record(path: Path, prompts: list[list[int]], profile: list[list[int]], new_tokens: int,
+           threads: int) -> dict[str, Any]:
     """Serve the prompts twice with every expert resident; return the trace, each decode
-    step's per-layer predictor guesses, and the profile's popularity (bench moe's)."""
+    step's per-layer predictor guesses, and the popularity of the profile prompts' experts
+    (Fiddler's offline profile, as bench moe takes it)."""
     import torch
 
-    from bastion.bench.moe import _engine, _serve, _texts, _tokenizer  # the bench's own model and serving
+    from bastion.bench.moe import _engine, _serve  # the bench's own engine and serving
     from bastion.engine.models.expert_store import ExpertStore
     from bastion.engine.models.moe_cost import CostModel
 
@@ -129,8 +131,7 @@ def record(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) 
     engine, off = _engine(path, "resident", store.total_bytes, False, cost, threads)
     model = engine.runner.model
     layers, top_k = model.layers, off.top_k
-    tok = _tokenizer()
-    _serve(engine, off, [tok.encode(t)[:len(prompts[0])] for t in _texts()[4:6]], 8)
+    _serve(engine, off, profile, 8)
     popularity = dict(off.counts)
     steps: list[dict[int, dict[str, torch.Tensor]]] = []
     cur: dict[int, dict[str, torch.Tensor]] = {}
@@ -170,9 +171,7 @@ def record(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) 
         for t, s in enumerate(steps):
             for a, b in zip(moe, moe[1:]):
                 used.append(sorted(top(b, s[b]["x"])))
-                r = s[a]["r"]
-                normed = r * torch.rsqrt(r.float().pow(2).mean(-1, keepdim=True) + eps) * \
-                    layers[b].post_attention_layernorm
+                normed = model.ops.rms_norm(s[a]["r"], layers[b].post_attention_layernorm, eps)  # the model's own norm
                 guesses["this layer's MoE input"].append(top(b, s[a]["x"]))
                 guesses["residual after this layer"].append(top(b, normed))
                 prev = moe[moe.index(a) - 1] if a != moe[0] else a
@@ -192,8 +191,10 @@ def run_bounds(work: Path, *, budget_frac: float, prompts: int, prompt_len: int,
     torch.set_num_threads(threads)
     path = build_model_dir(work, skew=skew, expert_type=expert_type)
     tok = _tokenizer()
-    measured = [tok.encode(t)[:prompt_len] for t in _texts()[:prompts]]
-    rec = record(path, measured, new_tokens, threads)
+    texts = _texts()
+    measured = [tok.encode(t)[:prompt_len] for t in texts[:prompts]]
+    profile = [tok.encode(t)[:prompt_len] for t in texts[4:6]]  # as bench moe profiles
+    rec = record(path, measured, profile, new_tokens, threads)
     n = rec["expert_count"]
     capacity = int(budget_frac * n)  # every expert is the same size: the budget in experts
     trace = rec["trace"]
