@@ -9,7 +9,8 @@ from itertools import combinations
 import pytest
 
 from bastion.bench.moe_bounds import belady_hits, hit_rates, recall, record
-from tests.engine.models.test_moe_offload import V, tiny_mixtral  # noqa: F401 - the tiny HF Mixtral fixture
+from tests.support.moe import TINY_MIXTRAL_VOCAB as V
+from tests.support.moe import save_tiny_mixtral
 
 
 def _exhaustive(trace, capacity):
@@ -65,7 +66,12 @@ def test_cli_refuses_a_budget_out_of_range(capsys):
     assert "--budget" in capsys.readouterr().err
 
 
-def test_record_traces_the_experts_the_model_ran(tiny_mixtral):  # noqa: F811 - the imported fixture
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory):
+    return save_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+def test_record_traces_the_experts_the_model_ran(tiny_mixtral):
     """The trace is rebuilt from the routers' inputs: it must equal what the MoE layers
     actually ran, step by step (bench moe's engine: bf16 for an HF directory)."""
     from bastion.engine.models import moe_offload

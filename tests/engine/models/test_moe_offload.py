@@ -23,23 +23,15 @@ from bastion.engine.models.expert_store import ExpertStore
 from bastion.engine.models.loader import load_checkpoint
 from bastion.engine.models.moe_cost import CostModel, calibrate
 from bastion.engine.models.moe_offload import POLICIES, build_offloaded
-from tests.support.engines import build_model, decode_one_by_one, one_shot_logits, randomize, run_engine
+from tests.support.engines import build_model, decode_one_by_one, one_shot_logits, run_engine
+from tests.support.moe import TINY_MIXTRAL_VOCAB, save_tiny_mixtral
 
-V = 256
+V = TINY_MIXTRAL_VOCAB
 
 
 @pytest.fixture(scope="module")
 def tiny_mixtral(tmp_path_factory):
-    from transformers import AutoModelForCausalLM, MixtralConfig
-
-    cfg = MixtralConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
-    hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    randomize(hf, 3)
-    path = tmp_path_factory.mktemp("tiny-mixtral")
-    hf.save_pretrained(str(path))
-    return path
+    return save_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
 
 
 def _ids(n: int, seed: int = 0) -> list[int]:
