@@ -50,7 +50,8 @@ def _placed(popularity: dict | None, capacity: int) -> list:
 
 
 def _tier_hits(trace: list[Step], capacity: int, rule: str, popularity: dict | None, measure_from: int) -> float:
-    """The RamTier as the offload drives it (expert_offload.schedule/run), one byte per expert."""
+    """The RamTier as the offload drives it (moe_offload.ExpertOffload.schedule and run), one
+    unit of budget per expert."""
     from bastion.engine.models.expert_cache import RamTier
 
     tier = RamTier(capacity, rule)
