@@ -71,7 +71,7 @@ def tiny_mixtral(tmp_path_factory):
     return save_tiny_mixtral(tmp_path_factory.mktemp("tiny-mixtral"))
 
 
-def test_record_traces_the_experts_the_model_ran(tiny_mixtral):
+def test_record_traces_the_experts_the_model_ran(tiny_mixtral, monkeypatch):
     """The trace is rebuilt from the routers' inputs: it must equal what the MoE layers
     actually ran, step by step (bench moe's engine: bf16 for an HF directory)."""
     from bastion.engine.models import moe_offload
@@ -85,11 +85,8 @@ def test_record_traces_the_experts_the_model_ran(tiny_mixtral):
         return real(self, layer, active, counts, x)
     rng = random.Random(0)
     prompts = [[rng.randrange(V) for _ in range(12)] for _ in range(2)]
-    moe_offload.ExpertOffload.schedule = spy
-    try:
-        rec = record(tiny_mixtral, prompts, prompts[:1], new_tokens=5, threads=1)
-    finally:
-        moe_offload.ExpertOffload.schedule = real
+    monkeypatch.setattr(moe_offload.ExpertOffload, "schedule", spy)
+    rec = record(tiny_mixtral, prompts, prompts[:1], new_tokens=5, threads=1)
     steps = 2 * len(prompts) * 4  # two passes, 5 tokens = 4 decode steps each after the prefill's
     assert rec["trace"] == ran[-steps * 3:] and len(rec["trace"]) == steps * 3  # 3 MoE layers
     assert len(rec["used"]) == steps * 2 and all(len(g) == steps * 2 for g in rec["guesses"].values())

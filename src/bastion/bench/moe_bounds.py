@@ -45,10 +45,6 @@ def hit_rates(trace: list[Step], capacity: int, popularity: dict, measure_from: 
             "belady": belady_hits(trace[measure_from:], capacity)}
 
 
-def _placed(popularity: dict | None, capacity: int) -> list:
-    return sorted(popularity or {}, key=lambda k: -popularity[k])[:capacity]
-
-
 def _tier_hits(trace: list[Step], capacity: int, rule: str, popularity: dict | None, measure_from: int) -> float:
     """The RamTier as the offload drives it (moe_offload.ExpertOffload.schedule and run), one
     unit of budget per expert."""
@@ -58,7 +54,7 @@ def _tier_hits(trace: list[Step], capacity: int, rule: str, popularity: dict | N
     if popularity:  # ExpertOffload.place
         top = max(popularity.values())
         tier.seed({k: v / top for k, v in popularity.items()})
-        for k in _placed(popularity, capacity):
+        for k in sorted(popularity, key=lambda k: -popularity[k])[:capacity]:
             tier.put(k, (), 1)
     hits = uses = 0
     for i, (layer, experts) in enumerate(trace):
@@ -163,21 +159,20 @@ def record(path: Path, prompts: list[list[int]], profile: list[list[int]], new_t
         return set(torch.topk(layers[i].mlp.gate(v).float(), top_k, dim=-1).indices.reshape(-1).tolist())
 
     moe = [i for i, layer in enumerate(layers) if layer.mlp is not None]
-    trace = [(i, sorted(top(i, s[i]["x"]))) for s in steps for i in moe]
-    eps = layers[0].eps
     guesses: dict[str, list[set[int]]] = {"this layer's MoE input": [], "residual after this layer": [],
                                           "two layers ahead": [], "previous token": []}
     used = []
     with torch.inference_mode():
+        ran = [{i: top(i, s[i]["x"]) for i in moe} for s in steps]  # what each MoE layer ran, per step
         for t, s in enumerate(steps):
-            for a, b in zip(moe, moe[1:]):
-                used.append(sorted(top(b, s[b]["x"])))
-                normed = model.ops.rms_norm(s[a]["r"], layers[b].post_attention_layernorm, eps)  # the model's own norm
+            for n, (a, b) in enumerate(zip(moe, moe[1:])):
+                used.append(sorted(ran[t][b]))
+                normed = model.ops.rms_norm(s[a]["r"], layers[b].post_attention_layernorm, layers[b].eps)
                 guesses["this layer's MoE input"].append(top(b, s[a]["x"]))
-                guesses["residual after this layer"].append(top(b, normed))
-                prev = moe[moe.index(a) - 1] if a != moe[0] else a
-                guesses["two layers ahead"].append(top(b, s[prev]["x"]))
-                guesses["previous token"].append(top(b, steps[t - 1][b]["x"]) if t else top(b, s[a]["x"]))
+                guesses["residual after this layer"].append(top(b, normed))  # the model's own norm
+                guesses["two layers ahead"].append(top(b, s[moe[n - 1] if n else a]["x"]))
+                guesses["previous token"].append(ran[t - 1][b] if t else top(b, s[a]["x"]))
+    trace = [(i, sorted(r[i])) for r in ran for i in moe]
     off.close()
     return {"trace": trace, "popularity": popularity, "guesses": guesses, "used": used,
             "expert_count": len(store.spans), "expert_bytes_total": store.total_bytes}
