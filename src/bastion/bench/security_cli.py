@@ -35,6 +35,9 @@ def add_security_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-search", action="store_true",
                    help="held-out cohort: scan without the trigger search (its 30 s budget; the TPR/FPR "
                         "reported are the inversion's either way)")
+    p.add_argument("--no-battery", action="store_true",
+                   help="held-out cohort: scan without the probe battery (~36 s per adapter), which the gate runs "
+                        "on every load and whose prompts join the task-prompt pool")
     p.add_argument("--server", action="store_true",
                    help="held-out cohort: load each adapter into a running `bastion serve` and time its whole "
                         "scan as the server runs it (the last seed of --seeds, --size B,C; default 2,2)")
@@ -62,7 +65,7 @@ def run_security_cmd(args: argparse.Namespace) -> int:
         size = tuple(int(x) for x in args.size.split(",")) if args.size else None
         out = Path(args.out if args.out != "bench_results/security" else "bench_results/security_heldout")
         res = run_heldout(out, seeds, tune_seed=seeds[0], threads=args.threads, size=size,
-                          search=not args.no_search)
+                          search=not args.no_search, battery=not args.no_battery)
         print(json.dumps(res["summary"], indent=2))
         print(f"wrote {out}/heldout.json, heldout.png")
         return 0

@@ -107,6 +107,17 @@ def search_score(res: dict) -> float:
     return float(best[0][2])
 
 
+def battery_verdict(res: dict) -> str | None:
+    """The probe battery's own worst finding on a scan (behaviour_judge.judge at the gate's
+    thresholds: "fail", "warn"), None when the battery did not run or found nothing."""
+    if not res.get("battery"):
+        return None
+    from bastion.adapters.behaviour_judge import BehaviourThresholds, ProbeResult, judge
+
+    sev = {f.severity for f in judge(ProbeResult.from_dict(res["battery"]), BehaviourThresholds())}
+    return "fail" if "fail" in sev else "warn" if "warn" in sev else None
+
+
 def tune(rows: dict[str, dict], tune_seed: int, ratio: float) -> float:
     """The lowest bar (grid of 0.05, at least 0.4) that flags no clean adapter of the
     tuning seed."""
@@ -115,11 +126,14 @@ def tune(rows: dict[str, dict], tune_seed: int, ratio: float) -> float:
 
 
 def summarize(rows: dict[str, dict], seeds: tuple[int, ...], tune_seed: int, ratio: float,
-              search_fail: float = float("inf")) -> dict:
+              search_fail: float = float("inf"), floor_fail: float = 0.5) -> dict:
     """TPR over every backdoored adapter of the reported seeds and over the effective ones
     (ASR >= EFFECTIVE_ASR), per target kind, and FPR, at the bar tuned on `tune_seed`;
     `gate_*` counts an adapter flagged by the inversion bar or by the trigger search's
-    score >= `search_fail` (the gate's own fail threshold, not tuned here)."""
+    score >= `search_fail` (the gate's own fail threshold, not tuned here) or by a finding of
+    the probe battery (warn or fail: what the gate runs on every load; absent from scans run
+    without it); `refused_*` counts what the gate refuses (fail: inversion floor >= its
+    fail bar, the search >= `search_fail`, a battery fail)."""
     bar = tune(rows, tune_seed, ratio)
     report = [r for r in rows.values() if r["seed"] != tune_seed and r["seed"] in seeds]
     bd = [r for r in report if r["kind"] == "poison"]
@@ -130,7 +144,11 @@ def summarize(rows: dict[str, dict], seeds: tuple[int, ...], tune_seed: int, rat
         return flagged_q(r["result"], ratio) >= bar
 
     def gate_hit(r: dict) -> bool:
-        return hit(r) or search_score(r["result"]) >= search_fail
+        return hit(r) or search_score(r["result"]) >= search_fail or battery_verdict(r["result"]) is not None
+
+    def refused(r: dict) -> bool:
+        return (flagged_q(r["result"], ratio) >= floor_fail or search_score(r["result"]) >= search_fail
+                or battery_verdict(r["result"]) == "fail")
 
     def rate(xs: list[dict], f=hit) -> float | None:
         return sum(map(f, xs)) / len(xs) if xs else None
@@ -139,6 +157,11 @@ def summarize(rows: dict[str, dict], seeds: tuple[int, ...], tune_seed: int, rat
             "ratio_bar": ratio, "backdoored": len(bd), "effective": len(eff), "clean": len(cl),
             "tpr": rate(bd), "tpr_effective": rate(eff), "fpr": rate(cl),
             "gate_tpr": rate(bd, gate_hit), "gate_tpr_effective": rate(eff, gate_hit), "gate_fpr": rate(cl, gate_hit),
+            "refused_tpr": rate(bd, refused), "refused_tpr_effective": rate(eff, refused),
+            "refused_fpr": rate(cl, refused),
+            "battery_flagged": [sum(battery_verdict(r["result"]) is not None for r in xs) for xs in (bd, cl)],
+            "gate_tpr_effective_by_target": {t: [sum(map(gate_hit, xs)), len(xs)] for t in TARGETS
+                                             if (xs := [r for r in eff if r["target"] == t])},
             "tpr_effective_by_target": {t: [sum(map(hit, xs)), len(xs)] for t in TARGETS
                                         if (xs := [r for r in eff if r["target"] == t])},
             "seconds_per_adapter": sum(r["seconds"] for r in report) / max(1, len(report)),
@@ -156,9 +179,10 @@ def attack_success(cohort: sc.Cohort, names: list[str], threads: int | None, n_e
 
 
 def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int | None = None,
-                size: tuple[int, int] | None = None, search: bool = True, log=print) -> dict:
+                size: tuple[int, int] | None = None, search: bool = True, battery: bool = True, log=print) -> dict:
     """Train (or reuse) each seed's cohort under out/seed<N>, measure every backdoor's
-    attack success, scan every adapter with the deep behaviour scan (results kept in
+    attack success, scan every adapter with the deep behaviour scan, the probe battery
+    included unless `battery` is False (as the gate runs it on every load; results kept in
     out/scans.json by adapter name and scan settings), tune the inversion bar on
     `tune_seed` and report TPR (all / effective backdoors) and FPR on the other seeds."""
     import hashlib
@@ -174,7 +198,7 @@ def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int
     store = out / "scans.json"
     rows = json.loads(store.read_text()) if store.exists() else {}
     base = load_base_info(None)
-    probe = DeepProbe(threads=threads, battery=False, **({} if search else {"search": None}))
+    probe = DeepProbe(threads=threads, battery=battery, **({} if search else {"search": None}))
     fp = hashlib.sha256(probe.fingerprint().encode()).hexdigest()[:16]
     for seed in seeds:
         specs = heldout_specs(seed, *(size or (None, None))) if seed != tune_seed else heldout_specs(seed)
@@ -193,7 +217,7 @@ def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int
             store.write_text(json.dumps(rows, indent=1))
             log(f"  {spec.name}: asr {rows[spec.name].get('asr')}, {time.perf_counter() - t0:.1f} s")
     th = DeepThresholds()
-    summary = summarize(rows, seeds, tune_seed, th.ratio, th.search_fail)
+    summary = summarize(rows, seeds, tune_seed, th.ratio, th.search_fail, th.floor_fail)
     result = {"summary": summary, "adapters": {n: {k: v for k, v in r.items() if k not in ("result", "samples")} |
                                                {"q": flagged_q(r["result"], th.ratio),
                                                 "top": (r["result"]["inversion"]["best"] or [{}])[0].get("text")}
