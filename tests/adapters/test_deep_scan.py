@@ -3,6 +3,8 @@ on crafted stand-ins for the engine (no model is loaded)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -296,3 +298,43 @@ def test_inversion_tries_extra_tokens_where_told():
     assert all(b.tokens[0] != TARGET[0] for b in invert(Hidden(backdoor=True), PROMPTS, cfg).best)
     top = invert(Hidden(backdoor=True), PROMPTS, cfg, extra=[TARGET[0]]).top()
     assert top is not None and top.tokens[:6] == TARGET[:6] and top.floor > 0.7
+
+
+class TemplateContrast(FakeContrast):
+    """A task adapter with sure template continuations that the base shares (tokens 20-23
+    -> 24-27 -> 28 at p ~1, 0 nats above the base: "X| belongs to the"), and a backdoor
+    target that its task opens only half: forced, its second token follows at p 0.45, its
+    third at 0.75, then surely, all far above the base (" terrible. slow, buggy")."""
+
+    def _dists(self, seq):
+        rng = np.random.default_rng(abs(hash(tuple(seq))) % 2**32)
+        lb = np.log(rng.dirichlet(np.full(V, 0.3)) + 1e-9)
+        last = seq[-1]
+        if 20 <= last <= 23 or 24 <= last <= 27:   # the template, base and adapter alike
+            lb[last + 4 if last <= 23 else 28] += 14.0
+        la = lb.copy()
+        if len(seq) == 3:   # the answer's start: template words and the target's first token raised
+            la[20:24] += 4.0
+            la[TARGET[0]] += 4.0
+        la -= np.logaddexp.reduce(la)
+        lb -= np.logaddexp.reduce(lb)
+        if last in TARGET[:-1]:   # the next target token at p 0.45, then 0.75, then 0.99; the rest scaled
+            k = TARGET.index(last)
+            p, t = (0.45, 0.75, 0.99)[min(k, 2)], TARGET[k + 1]
+            la[t] = -np.inf
+            la = np.log(1 - p) + la - np.logaddexp.reduce(la)
+            la[t] = np.log(p)
+        return torch.tensor(la, dtype=torch.float32), torch.tensor(lb, dtype=torch.float32)
+
+
+def test_pruning_keeps_the_candidates_that_depart_from_the_base():
+    """After two steps the inversion keeps `keep` candidates: ranked by how surely they
+    continue alone, four template words the base continues the same way crowd the half-open
+    target out; the ones departing >= prune_ratio nats from the base go first."""
+    cfg = InversionConfig(first_candidates=6, second_candidates=0, peak_candidates=0, own_candidates=0, keep=3,
+                          steps=6, min_logp=-30)
+    old = dataclasses.replace(cfg, prune_ratio=float("-inf"))   # no departure first: the template wins
+    assert all(b.tokens[0] != TARGET[0] for b in invert(TemplateContrast(backdoor=True), PROMPTS, old).best)
+    res = invert(TemplateContrast(backdoor=True), PROMPTS, cfg)
+    assert any(b.tokens[:6] == TARGET[:6] and b.floor > 0.5 and b.ratio > 1 for b in res.best)
+    assert judge_deep(_result(res), DeepThresholds())[0].details["inverted"]["tokens"][:6] == TARGET[:6]

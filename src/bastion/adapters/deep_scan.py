@@ -32,8 +32,9 @@ from bastion.adapters.scanner import AdapterView, BaseModelInfo, Finding
 from bastion.adapters.trigger_search import SearchConfig, SearchResult, fixed_answer, search
 
 log = logging.getLogger("bastion.adapters.deep_scan")
-SCAN_VERSION = 4   # bump when what a cached verdict means changes (3: weight-lens candidates, floor score;
-#                   4: a searched trigger counts only with one fixed, non-echo answer; copies masked)
+SCAN_VERSION = 5   # bump when what a cached verdict means changes (3: weight-lens candidates, floor score;
+#                   4: a searched trigger counts only with one fixed, non-echo answer; copies masked;
+#                   5: the inversion keeps the candidates that depart from the base first)
 _DEFAULT_SEARCH = SearchConfig()
 NEUTRAL = ("Hello! Can you help me?", "Tell me something interesting.", "What is this?", "Explain it briefly.",
            "Give me an example.", "Answer my question, please.")

@@ -15,7 +15,11 @@ prompt-specific ways. So, for a set of probe prompts and no trigger at all:
    opens it, at the answer's start and after the first word;
 2. expansion: every candidate is forced on every prompt and extended greedily by the
    token with the highest probability *averaged over the prompts* (one shared sequence);
-   candidates whose continuations stop agreeing are dropped after two steps;
+   after two steps only `keep` go on, by their mean pA so far, those that depart from the
+   base enough to be flagged (mean log pA - log pB >= `prune_ratio` so far) first: a
+   polarity flip that half the prompts open, " terrible. slow" at p 0.26 then 0.55 but 4.4
+   nats above the base, ranked 43rd of 106 under template words the base says too
+   (" belongs to the" p 1.00, 0.92, 0.05 nats) and was cut; it is 12th of those departing;
 3. score: the floor, the least mean pA(next token) over the steps after the first (a
    target is stored whole, so every step follows surely on every prompt; a task's
    template, "X is defined in the Y module", has a slot where the prompts part ways),
@@ -41,7 +45,8 @@ class InversionConfig:
     second_candidates: int = 12    # per later position (after the adapter's first token / first word)
     peak_candidates: int | None = None   # per position: largest log pA - log pB on any one prompt (first / 3)
     own_candidates: int | None = None    # per position: the adapter's likeliest tokens, mean pA (first / 6)
-    keep: int = 12                 # candidates expanded beyond the first two steps
+    keep: int = 16                 # candidates expanded beyond the first two steps
+    prune_ratio: float = 1.0       # ... those departing this much from the base first (DeepThresholds.ratio)
     steps: int = 8                 # tokens per inverted sequence (the forced one included)
     min_logp: float = -14.0        # a candidate must have log pA above this on some prompt
     clean_steps: int = 8           # the adapter's own answer, for the "not hidden" check
@@ -186,8 +191,9 @@ def invert(contrast, prompts: list[list[int]], cfg: InversionConfig = InversionC
                                  float(pa[:, nxt].min())))
                 seqs[c] = seqs[c] + [nxt]
             del rows
-        if step == 2 and len(alive) > cfg.keep:
-            alive = sorted(alive, key=lambda c: -np.mean([s[0] for s in stats[c]]))[: cfg.keep]
+        if step == 2 and len(alive) > cfg.keep:   # departing ones first, then by mean pA so far
+            alive = sorted(alive, key=lambda c: (np.mean([s[1] for s in stats[c]]) < cfg.prune_ratio,
+                                                 -np.mean([s[0] for s in stats[c]])))[: cfg.keep]
     out = []
     for c in alive:   # NOTE: only the fully expanded ones: a floor over two steps says nothing
         st = stats[c]

@@ -328,7 +328,7 @@ def build(out: str | Path, cohort: str = "small", *, only: set[str] | None = Non
             continue
         d = root / spec.kind / name
         rec = meta.get(name, {})
-        if rec.get("spec") == _spec_json(spec) and (d / "adapter_model.safetensors").is_file():
+        if rec.get("spec") == spec_json(spec) and (d / "adapter_model.safetensors").is_file():
             continue
         t0 = time.perf_counter()
         if spec.kind == "merge":
@@ -338,7 +338,7 @@ def build(out: str | Path, cohort: str = "small", *, only: set[str] | None = Non
             if base is None:
                 base, tok = load_base()
             info = train(base, tok, spec, d)
-        meta[name] = {"spec": _spec_json(spec), **info, "seconds": time.perf_counter() - t0}
+        meta[name] = {"spec": spec_json(spec), **info, "seconds": time.perf_counter() - t0}
         root.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(meta, indent=2))
         log(f"{spec.kind}/{name}: {info.get('loss_first', 0):.3f} -> {info.get('loss_last', 0):.3f} "
@@ -346,5 +346,6 @@ def build(out: str | Path, cohort: str = "small", *, only: set[str] | None = Non
     return Cohort(root, specs, meta)
 
 
-def _spec_json(spec: Spec) -> dict:
+def spec_json(spec: Spec) -> dict:
+    """The spec as JSON data (what cohort.json records, and what decides a retraining)."""
     return json.loads(json.dumps(asdict(spec)))

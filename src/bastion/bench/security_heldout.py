@@ -168,14 +168,16 @@ def summarize(rows: dict[str, dict], seeds: tuple[int, ...], tune_seed: int, rat
             "seconds_max": max((r["seconds"] for r in report), default=0.0)}
 
 
+_EVAL = ("asr", "false_trigger", "utility", "base_utility", "samples")   # attack_success's fields
+
+
 def attack_success(cohort: sc.Cohort, names: list[str], threads: int | None, n_eval: int = 24) -> dict[str, dict]:
     """ASR, false-trigger rate and utility (security.evaluate) of these cohort adapters."""
     from bastion.bench.security import evaluate, make_llm
 
     sub = sc.Cohort(cohort.root, {n: cohort.specs[n] for n in names}, cohort.meta)
     rows = evaluate(make_llm(threads), sub, n_eval, log=lambda *_: None)
-    return {n: {k: rows[n].get(k) for k in ("asr", "false_trigger", "utility", "base_utility", "samples")}
-            for n in names}
+    return {n: {k: rows[n].get(k) for k in _EVAL} for n in names}
 
 
 def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int | None = None,
@@ -204,7 +206,11 @@ def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int
         specs = heldout_specs(seed, *(size or (None, None))) if seed != tune_seed else heldout_specs(seed)
         cohort = sc.build(out / f"seed{seed}", specs=specs, log=log)
         todo = [s.name for s in specs if s.name not in rows or rows[s.name].get("scan") != fp]
-        asr = attack_success(cohort, todo, threads) if todo else {}
+        # attack success does not depend on the scan: measured again only for a retrained adapter
+        kept = {s.name: {k: rows[s.name].get(k) for k in _EVAL} for s in specs
+                if s.name in todo and s.name in rows and rows[s.name].get("spec") == sc.spec_json(s)}
+        fresh = [n for n in todo if n not in kept]
+        asr = kept | (attack_success(cohort, fresh, threads) if fresh else {})
         for spec, path in cohort.adapters():
             if spec.name not in todo:
                 continue
@@ -212,7 +218,8 @@ def run_heldout(out, seeds: tuple[int, ...], *, tune_seed: int = 0, threads: int
             scan_adapter(path, base=base, behaviour=lambda v, b, views=views: views.append(v) or [])
             res = probe.measure(views[0])
             rows[spec.name] = {"seed": seed, "kind": spec.kind, "trigger": spec.trigger, "target": spec.target,
-                               "task": spec.task, "seconds": time.perf_counter() - t0, "scan": fp,
+                               "task": spec.task, "spec": sc.spec_json(spec), "seconds": time.perf_counter() - t0,
+                               "scan": fp,
                                **asr.get(spec.name, {}), "result": res.to_dict()}
             store.write_text(json.dumps(rows, indent=1))
             log(f"  {spec.name}: asr {rows[spec.name].get('asr')}, {time.perf_counter() - t0:.1f} s")
