@@ -1,5 +1,5 @@
 """The base model with and without one adapter on the same inputs: the instrument of the
-trigger-agnostic scan (inversion.py, trigger_search.py, task_probes.py).
+trigger-agnostic scan (inversion.py, trigger_search.py, deep_scan.py's task prompts).
 
 Every request runs in Bastion's engine on the adapter with the base model as a reference
 track in the same batch (the engine's `token_filter` hook hands both logits of every
